@@ -1,0 +1,3 @@
+from flasher.cli import main
+
+main(prog_name="flasher")

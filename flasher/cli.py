@@ -1,0 +1,192 @@
+"""Command line: parse options, call the library, print. Nothing else lives here.
+
+Data goes to stdout, people-facing text to stderr. One error funnel (:func:`main`)
+turns every :class:`FlasherError` and usage error into one line and an exit code:
+0 success, 1 failure, 2 bad usage or input. Heavy dependencies (the Azure SDK,
+Jinja2) are imported inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from flasher import __version__
+from flasher.errors import EXIT_FAILURE, EXIT_USAGE, FlasherError, InputError
+from flasher.secrets import Redactor
+
+log = logging.getLogger("flasher")
+
+GROUP_PRIMARY_ENV = "FLASHER_GROUP_PRIMARY_KEY"
+GROUP_SECONDARY_ENV = "FLASHER_GROUP_SECONDARY_KEY"
+
+
+def err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _setup_logging(verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(Redactor())
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # Third-party SDKs print their own tracebacks on disconnects: keep them quiet unless -vv.
+    for noisy in ("azure", "paho", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="flasher")
+@click.option("-v", "--verbose", count=True, help="Log what happens (repeat for SDK internals). Secrets are masked.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
+    """Provision Seeeduino LoRaWAN boards for Azure IoT DPS.
+
+    Group keys come from FLASHER_GROUP_PRIMARY_KEY / FLASHER_GROUP_SECONDARY_KEY,
+    a key file, or a hidden prompt; they are never printed or stored.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    _setup_logging(verbose)
+
+
+# --- shared option bundles ----------------------------------------------------
+
+def group_key_options(f):
+    """--group-key/--group-key-file and the secondary pair, resolved into ``group_keys``."""
+
+    @click.option("--group-key", "group_key", metavar="KEY", help=f"Group primary key (visible in the process list: prefer ${GROUP_PRIMARY_ENV}).")
+    @click.option("--group-key-file", type=click.Path(dir_okay=False), help="File holding the group primary key.")
+    @click.option("--secondary-key", "secondary_key", metavar="KEY", help=f"Group secondary key (prefer ${GROUP_SECONDARY_ENV}).")
+    @click.option("--secondary-key-file", type=click.Path(dir_okay=False), help="File holding the group secondary key.")
+    @functools.wraps(f)
+    def wrapper(*args, group_key, group_key_file, secondary_key, secondary_key_file, **kwargs):
+        kwargs["group_keys"] = GroupKeySource(group_key, group_key_file, secondary_key, secondary_key_file)
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+class GroupKeySource:
+    """Deferred resolution so a command asks for the key only when it needs one."""
+
+    def __init__(self, primary, primary_file, secondary, secondary_file):
+        self._args = (primary, primary_file, secondary, secondary_file)
+
+    def load(self, *, secondary: bool = True, required: bool = True) -> tuple[bytes | None, bytes | None]:
+        from flasher.keys import decode_symmetric_key
+        from flasher.secrets import resolve_secret
+
+        primary, primary_file, sec, sec_file = self._args
+        p = resolve_secret("group primary key", option=primary, option_name="--group-key", file=primary_file,
+                           env_var=GROUP_PRIMARY_ENV, prompt=True, required=required)
+        s = None
+        if secondary:
+            s = resolve_secret("group secondary key", option=sec, option_name="--secondary-key", file=sec_file,
+                               env_var=GROUP_SECONDARY_ENV, required=False)
+        return (decode_symmetric_key(p, "group primary key") if p else None,
+                decode_symmetric_key(s, "group secondary key") if s else None)
+
+
+def id_format_option(f):
+    return click.option("--registration-id-format", "id_format", default="{deveui}", show_default=True,
+                        help="How a DevEUI becomes a DPS registration id; {deveui} is 16 lower-case hex digits.")(f)
+
+
+# --- keys ----------------------------------------------------------------------
+
+@cli.command()
+@click.argument("ids", nargs=-1, metavar="[ID_OR_EUI]...")
+@click.option("--input", "input_file", type=click.File("r", encoding="utf-8"), help="Read ids, one per line ('-' for stdin).")
+@click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text", show_default=True)
+@click.option("--on-error", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
+              help="On a bad id: stop at once, or report it and go on. Either way the exit code is 1.")
+@id_format_option
+@group_key_options
+def keys(ids, input_file, fmt, on_error, id_format, group_keys):
+    """Derive DPS device keys from the enrollment group's keys.
+
+    Each ID_OR_EUI is a registration id, or a DevEUI that becomes one through
+    --registration-id-format. Output streams: any number of ids, constant memory.
+
+    \b
+    Example:
+      export FLASHER_GROUP_PRIMARY_KEY=...   # never on the command line
+      flasher keys 2CF7F12024900138 --format csv
+      flasher keys --input deveuis.txt --format json > keys.jsonl
+    """
+    from flasher.identity import RegistrationIdPolicy
+    from flasher.keys import derive_device_key
+
+    if not ids and input_file is None:
+        raise click.UsageError("give ids as arguments or --input FILE")
+    policy = RegistrationIdPolicy(id_format)
+    primary, secondary = group_keys.load()
+    out = click.get_text_stream("stdout")
+    write = out.write
+    if fmt == "csv":
+        write("registration_id,primary_device_key,secondary_device_key\n")
+
+    def lines():
+        for n, a in enumerate(ids, 1):
+            yield f"argument {n}", a
+        if input_file is not None:
+            for n, line in enumerate(input_file, 1):
+                if line.strip():
+                    yield f"line {n}", line
+
+    failed = 0
+    for where, text in lines():
+        try:
+            reg_id, _ = policy.resolve(text)
+        except InputError as exc:
+            failed += 1
+            err(f"error: {where}: {exc}")
+            if on_error == "stop":
+                return EXIT_FAILURE
+            continue
+        p = derive_device_key(primary, reg_id)
+        s = derive_device_key(secondary, reg_id) if secondary else ""
+        if fmt == "csv":
+            write(f"{reg_id},{p},{s}\n")  # ids cannot contain ',' or quotes; keys are base64
+        elif fmt == "json":
+            sj = f'"{s}"' if s else "null"  # ids and base64 keys need no JSON escaping
+            write(f'{{"registration_id": "{reg_id}", "primary_device_key": "{p}", "secondary_device_key": {sj}}}\n')
+        else:
+            write(f"{reg_id}\t{p}\t{s}\n" if s else f"{reg_id}\t{p}\n")
+    return EXIT_FAILURE if failed else 0
+
+
+# --- the error funnel ----------------------------------------------------------
+
+def main(argv: list[str] | None = None, prog_name: str = "flasher") -> None:
+    """Run the CLI and exit with its code; known failures become one line on stderr."""
+    try:
+        rv = cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Abort:
+        err("error: interrupted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err("error: interrupted")
+        sys.exit(130)
+    except click.UsageError as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx else ""
+        err(f"error: {where}{exc.format_message()}")
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        err(f"error: {exc.format_message()}")
+        sys.exit(exc.exit_code)
+    except FlasherError as exc:
+        err(f"error: {exc}")
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        # `flasher keys ... | head`: the reader left; that is not our failure.
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    sys.exit(rv if isinstance(rv, int) else 0)

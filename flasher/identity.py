@@ -1,0 +1,63 @@
+"""Registration ids: one policy that turns a DevEUI into the id a board registers with.
+
+The DPS device key is an HMAC over the exact registration id string, so every
+command must spell it the same way; this module is the only place that does.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+
+from flasher.errors import InputError
+from flasher.eui import EUI64
+
+DEFAULT_POLICY = "{deveui}"
+MAX_LENGTH = 128
+# DPS: up to 128 characters, alphanumerics and - . _ : ; the last one alphanumeric or '-'.
+# Upper case is case-insensitive on paper but rejected in practice, and the HMAC is over
+# the exact bytes, so only lower case is admitted.
+_ID = re.compile(r"[a-z0-9\-._:]*[a-z0-9\-]")
+
+
+def validate_registration_id(text: str) -> str:
+    if not isinstance(text, str) or not text:
+        raise InputError("registration id '': empty")
+    if len(text) > MAX_LENGTH:
+        raise InputError(f"registration id {text[:20]!r}...: longer than {MAX_LENGTH} characters")
+    if _ID.fullmatch(text):
+        return text
+    if text != text.lower() and _ID.fullmatch(text.lower()):
+        raise InputError(f"registration id {text!r}: upper-case letters (DPS ids must be lower case: the key is derived over the exact string)")
+    if text[-1] in "._:":
+        raise InputError(f"registration id {text!r}: must end with a letter, digit or '-'")
+    bad = next(c for c in text if not _ID.fullmatch(c) and c not in "._:")
+    raise InputError(f"registration id {text!r}: character {bad!r} not allowed (letters, digits, - . _ : only)")
+
+
+@dataclass(frozen=True)
+class RegistrationIdPolicy:
+    """A format string over the DevEUI; ``{deveui}`` is its 16 lower-case hex digits."""
+
+    template: str = DEFAULT_POLICY
+
+    def __post_init__(self) -> None:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+        except ValueError as exc:
+            raise InputError(f"registration id policy {self.template!r}: {exc}") from None
+        if fields != ["deveui"]:
+            raise InputError(f"registration id policy {self.template!r}: must contain {{deveui}} exactly once and no other field")
+        validate_registration_id(self.template.format(deveui="0" * 16))
+
+    def for_eui(self, dev_eui: EUI64) -> str:
+        return self.template.format(deveui=dev_eui.lower)
+
+    def resolve(self, text: str) -> tuple[str, EUI64 | None]:
+        """An argument that parses as an EUI goes through the policy; anything else must be a valid id."""
+        try:
+            eui = EUI64.parse(text)
+        except InputError:
+            return validate_registration_id(text.strip()), None
+        return self.for_eui(eui), eui

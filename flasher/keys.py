@@ -1,0 +1,70 @@
+"""Key material: DPS symmetric keys, group-derived device keys, LoRaWAN AppKeys.
+
+Pure functions; callers decide where secrets come from and where derived keys go.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import re
+
+from flasher.errors import InputError, SecretError
+from flasher.eui import EUI64
+
+MIN_KEY_BYTES, MAX_KEY_BYTES = 16, 64  # what DPS accepts for symmetric keys
+APPKEY_LABEL = b"flasher-appkey-v1"
+_B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+def decode_symmetric_key(text: str, what: str = "group key") -> bytes:
+    """Decode and check a DPS symmetric key; the error names ``what``, never the value."""
+    s = (text or "").strip()
+    if not s:
+        raise SecretError(f"{what}: empty")
+    if not _B64.fullmatch(s) or len(s) % 4:
+        raise SecretError(f"{what}: not valid base64")
+    try:
+        raw = base64.b64decode(s, validate=True)
+    except binascii.Error:
+        raise SecretError(f"{what}: not valid base64") from None
+    if not MIN_KEY_BYTES <= len(raw) <= MAX_KEY_BYTES:
+        raise SecretError(f"{what}: decodes to {len(raw)} bytes; DPS accepts {MIN_KEY_BYTES} to {MAX_KEY_BYTES}")
+    return raw
+
+
+def derive_device_key(group_key: bytes, registration_id: str) -> str:
+    """DPS group enrollment: base64(HMAC-SHA256(groupKey, registrationId as UTF-8))."""
+    mac = hmac.new(group_key, registration_id.encode("utf-8"), hashlib.sha256).digest()
+    return base64.b64encode(mac).decode("ascii")
+
+
+def parse_app_key(text: str) -> bytes:
+    s = (text or "").strip().replace(" ", "").replace(":", "")
+    if s[:2] in ("0x", "0X"):
+        s = s[2:]
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", s):
+        raise SecretError("AppKey: expected 32 hex digits (16 bytes)")
+    return bytes.fromhex(s)
+
+
+def check_master_secret(text: str) -> bytes:
+    raw = (text or "").encode("utf-8")
+    if len(raw) < 16:
+        raise SecretError("AppKey master secret: at least 16 bytes needed")
+    return raw
+
+
+def derive_app_key(master_secret: bytes, dev_eui: EUI64) -> bytes:
+    """AppKey = first 16 bytes of HMAC-SHA256(master secret, "flasher-appkey-v1" + DevEUI bytes).
+
+    Documented in the README so a network-server integration can recompute it.
+    """
+    return hmac.new(master_secret, APPKEY_LABEL + dev_eui.value, hashlib.sha256).digest()[:16]
+
+
+def random_app_key() -> bytes:
+    return os.urandom(16)

@@ -1,0 +1,89 @@
+"""Where secrets come from, and the safety net that keeps them out of logs.
+
+Order of precedence: a plain option (visible in the process list, so it warns),
+a file, an environment variable, then a hidden prompt when a person is there.
+Every secret that is loaded is also registered with :class:`Redactor`, which
+masks it in any log record, whatever the logger.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import sys
+from pathlib import Path
+
+from flasher.errors import SecretError
+
+MASK = "********"
+
+
+class Redactor(logging.Filter):
+    """Replace every known secret (and its derived keys) in a log record with a mask."""
+
+    _secrets: set[str] = set()
+
+    @classmethod
+    def add(cls, *values: str | bytes | None) -> None:
+        for v in values:
+            if isinstance(v, bytes):
+                v = v.hex()
+                cls._secrets.update({v, v.upper()})
+            elif v and len(v) >= 8:
+                cls._secrets.add(v)
+
+    @classmethod
+    def scrub(cls, text: str) -> str:
+        for s in cls._secrets:
+            if s in text:
+                text = text.replace(s, MASK)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._secrets:
+            record.msg = self.scrub(record.getMessage())
+            record.args = None
+        return True
+
+
+def read_secret_file(path: str | os.PathLike, what: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise SecretError(f"{what} file {str(path)!r}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecretError(f"{what} file {str(path)!r}: cannot read ({exc.__class__.__name__})") from None
+    if not text:
+        raise SecretError(f"{what} file {str(path)!r}: empty")
+    return text
+
+
+def resolve_secret(
+    what: str,
+    *,
+    option: str | None = None,
+    option_name: str | None = None,
+    file: str | os.PathLike | None = None,
+    env_var: str | None = None,
+    prompt: bool = False,
+    required: bool = True,
+    warn=lambda msg: print(msg, file=sys.stderr),
+) -> str | None:
+    """Return the secret text from the first source that has it."""
+    value: str | None = None
+    if option:
+        warn(f"warning: {option_name or what} on the command line is visible in the process list; "
+             f"prefer {env_var or 'an environment variable'} or a key file")
+        value = option
+    elif file:
+        value = read_secret_file(file, what)
+    elif env_var and os.environ.get(env_var, "").strip():
+        value = os.environ[env_var].strip()
+    elif prompt and sys.stdin is not None and sys.stdin.isatty():
+        value = getpass.getpass(f"{what}: ").strip() or None
+    if value is None and required:
+        hint = f"set {env_var}" if env_var else "give it"
+        raise SecretError(f"{what}: missing ({hint}, or use a key file)")
+    Redactor.add(value)
+    return value
