@@ -162,6 +162,25 @@ def keys(ids, input_file, fmt, on_error, id_format, group_keys):
     return EXIT_FAILURE if failed else 0
 
 
+# --- simulators ------------------------------------------------------------------
+
+@cli.group()
+def simulate():
+    """Run the built-in simulators: boards on pseudo-terminals, a local DPS + IoT Hub."""
+
+
+# --- board commands (ports, eui, verify, simulate boards) --------------------------
+
+
+# --- header --------------------------------------------------------------------------
+
+
+# --- DPS (register, simulate dps) ----------------------------------------------------
+
+
+# --- provisioning (provision, status, demo) ------------------------------------------
+
+
 # --- the error funnel ----------------------------------------------------------
 
 def main(argv: list[str] | None = None, prog_name: str = "flasher") -> None:

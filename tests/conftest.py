@@ -1,0 +1,2 @@
+# Fixtures live beside the adapters they exercise; this file only plugs them in.
+pytest_plugins = ["fixtures_board", "fixtures_dps"]

@@ -1,0 +1,1 @@
+"""Fixtures for simulated boards (see flasher.sim.board)."""

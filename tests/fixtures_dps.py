@@ -1,0 +1,1 @@
+"""Fixtures for the local DPS + IoT Hub emulator (see flasher.sim.dps)."""
