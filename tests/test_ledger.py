@@ -1,0 +1,74 @@
+import json
+import sqlite3
+import threading
+
+import pytest
+
+from flasher.errors import InputError
+from flasher.ledger import Ledger, export_csv, export_json
+
+
+def test_steps_are_recorded_and_survive_reopen(tmp_path):
+    path = tmp_path / "l.sqlite3"
+    with Ledger(path) as led:
+        led.begin("2CF7F12024900138", "2cf7f12024900138", port="/dev/pts/9", band="EU868")
+        led.step_started("2CF7F12024900138", "derive")
+        led.step_finished("2CF7F12024900138", "derive")
+        led.step_started("2CF7F12024900138", "render")
+    # a "crash": reopen from disk
+    with Ledger(path) as led:
+        rec = led.get("2CF7F12024900138")
+        assert rec.status == "in_progress" and rec.current_step == "render"
+        assert rec.done("derive") and not rec.done("render")
+        assert rec.attempts == 1 and rec.band == "EU868"
+        led.step_finished("2CF7F12024900138", "render", "failed", "disk full")
+        rec = led.get("2CF7F12024900138")
+        assert rec.status == "failed" and rec.last_error == "disk full"
+        led.begin("2CF7F12024900138", "2cf7f12024900138")
+        led.finish("2CF7F12024900138")
+        rec = led.get("2CF7F12024900138")
+        assert rec.status == "provisioned" and rec.attempts == 2 and rec.last_error is None
+    assert (path.stat().st_mode & 0o777) == 0o600
+
+
+def test_failed_transaction_leaves_nothing(tmp_path):
+    with Ledger(tmp_path / "l.sqlite3") as led:
+        led.begin("AA00000000000001", "aa00000000000001")
+        with pytest.raises(Exception):
+            led.step_finished("AA00000000000001", "derive", "ok", None, no_such_field=1)
+        assert led.get("AA00000000000001").steps == {}
+
+
+def test_concurrent_writers(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite3")
+
+    def work(i):
+        eui = f"{i:016X}"
+        led.begin(eui, eui.lower())
+        for step in ("derive", "render", "program"):
+            led.step_started(eui, step)
+            led.step_finished(eui, step)
+        led.finish(eui)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    recs = led.all()
+    assert len(recs) == 16 and all(r.status == "provisioned" and len(r.steps) == 3 for r in recs)
+    rows = export_csv(recs).splitlines()
+    assert rows[0].startswith("deveui,registration_id,status") and len(rows) == 17
+    assert all(json.loads(line)["status"] == "provisioned" for line in export_json(recs).splitlines())
+    led.close()
+
+
+def test_not_a_ledger(tmp_path):
+    bad = tmp_path / "x.sqlite3"
+    bad.write_text("this is not sqlite" * 100)
+    with pytest.raises(InputError, match="not a flasher ledger"):
+        Ledger(bad)
+    with pytest.raises(InputError, match="no such file"):
+        Ledger(tmp_path / "missing.sqlite3", create=False)
+    with pytest.raises(InputError, match="is a directory"):
+        Ledger(tmp_path)
