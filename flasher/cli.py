@@ -121,18 +121,14 @@ def keys(ids, input_file, fmt, on_error, id_format, group_keys):
       flasher keys --input deveuis.txt --format json > keys.jsonl
     """
     from flasher.identity import RegistrationIdPolicy
-    from flasher.keys import derive_device_key
+    from flasher.keys import key_rows
 
     if not ids and input_file is None:
         raise click.UsageError("give ids as arguments or --input FILE")
     policy = RegistrationIdPolicy(id_format)
     primary, secondary = group_keys.load()
-    out = click.get_text_stream("stdout")
-    write = out.write
-    if fmt == "csv":
-        write("registration_id,primary_device_key,secondary_device_key\n")
 
-    def lines():
+    def items():
         for n, a in enumerate(ids, 1):
             yield f"argument {n}", a
         if input_file is not None:
@@ -140,25 +136,32 @@ def keys(ids, input_file, fmt, on_error, id_format, group_keys):
                 if line.strip():
                     yield f"line {n}", line
 
-    failed = 0
-    for where, text in lines():
-        try:
-            reg_id, _ = policy.resolve(text)
-        except InputError as exc:
+    # ids cannot contain ',', quotes or backslashes and keys are base64: no CSV quoting or JSON escaping needed
+    if fmt == "csv":
+        row = "{1},{2},{3}\n".format
+    elif fmt == "json":
+        row = '{{"registration_id": "{1}", "primary_device_key": "{2}", "secondary_device_key": {3}}}\n'.format
+    else:
+        row = "{1}\t{2}\t{3}\n".format if secondary else "{1}\t{2}\n".format
+    null = "null" if fmt == "json" else ""
+    out, batch, failed = sys.stdout, [], 0
+    if fmt == "csv":
+        batch.append("registration_id,primary_device_key,secondary_device_key\n")
+    for where, rid, p, s, exc in key_rows(items(), policy, primary, secondary):
+        if exc is not None:
+            out.writelines(batch)
+            batch.clear()
+            out.flush()
             failed += 1
             err(f"error: {where}: {exc}")
             if on_error == "stop":
                 return EXIT_FAILURE
             continue
-        p = derive_device_key(primary, reg_id)
-        s = derive_device_key(secondary, reg_id) if secondary else ""
-        if fmt == "csv":
-            write(f"{reg_id},{p},{s}\n")  # ids cannot contain ',' or quotes; keys are base64
-        elif fmt == "json":
-            sj = f'"{s}"' if s else "null"  # ids and base64 keys need no JSON escaping
-            write(f'{{"registration_id": "{reg_id}", "primary_device_key": "{p}", "secondary_device_key": {sj}}}\n')
-        else:
-            write(f"{reg_id}\t{p}\t{s}\n" if s else f"{reg_id}\t{p}\n")
+        batch.append(row(where, rid, p, (f'"{s}"' if fmt == "json" else s) if s else null))
+        if len(batch) >= 1024:  # constant memory, few syscalls
+            out.writelines(batch)
+            batch.clear()
+    out.writelines(batch)
     return EXIT_FAILURE if failed else 0
 
 

@@ -18,6 +18,7 @@ MAX_LENGTH = 128
 # DPS: up to 128 characters, alphanumerics and - . _ : ; the last one alphanumeric or '-'.
 # Upper case is case-insensitive on paper but rejected in practice, and the HMAC is over
 # the exact bytes, so only lower case is admitted.
+_PLAIN_EUI = re.compile(r"[0-9A-Fa-f]{16}")
 _ID = re.compile(r"[a-z0-9\-._:]*[a-z0-9\-]")
 
 
@@ -41,6 +42,7 @@ class RegistrationIdPolicy:
     """A format string over the DevEUI; ``{deveui}`` is its 16 lower-case hex digits."""
 
     template: str = DEFAULT_POLICY
+    plain_eui = staticmethod(_PLAIN_EUI.fullmatch)  # 16 bare hex digits: the fast path of resolve()
 
     def __post_init__(self) -> None:
         try:

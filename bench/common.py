@@ -1,0 +1,35 @@
+"""Side-by-side timing: run a candidate and its baseline alternately, report medians and their ratio.
+
+Machines here are noisy, so absolute times are context only; the ratio, measured
+in the same run with interleaved repetitions, is the figure that means something.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+
+
+def time_command(cmd: list[str], env=None, stdin=None) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, stdin=stdin, stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t0
+
+
+def side_by_side(candidate, baseline, repeat: int) -> tuple[float, float]:
+    """Alternate the two callables ``repeat`` times each; return (median candidate, median baseline)."""
+    c, b = [], []
+    for _ in range(repeat):
+        c.append(candidate())
+        b.append(baseline())
+    return statistics.median(c), statistics.median(b)
+
+
+def report(name: str, cand: float, base: float, goal: float, what: str) -> bool:
+    ratio = cand / base
+    verdict = "meets" if ratio <= goal else "MISSES"
+    print(f"{name}: {ratio:.2f}x ({what}: {cand * 1000:.0f} ms vs {base * 1000:.0f} ms) — goal <= {goal}x: {verdict}")
+    sys.stdout.flush()
+    return ratio <= goal
