@@ -177,6 +177,108 @@ def simulate():
 
 # --- header --------------------------------------------------------------------------
 
+APP_KEY_ENV = "FLASHER_APP_KEY"
+APPKEY_MASTER_ENV = "FLASHER_APPKEY_MASTER"
+ID_SCOPE_ENV = "FLASHER_ID_SCOPE"
+
+
+def _app_key_choice(app_key, app_key_file, master_file, random_key) -> dict:
+    """Which AppKey source the options (or, failing them, the environment) chose: kwargs for resolve_app_key."""
+    import os
+
+    from flasher.secrets import Redactor, read_secret_file, resolve_secret
+
+    given = [n for n, v in (("--app-key", app_key), ("--app-key-file", app_key_file),
+                            ("--app-key-master-file", master_file), ("--random-app-key", random_key)) if v]
+    if len(given) > 1:
+        raise click.UsageError(f"{' and '.join(given)} exclude each other: choose one AppKey source")
+    if app_key:
+        return {"app_key_text": resolve_secret("AppKey", option=app_key, option_name="--app-key", env_var=APP_KEY_ENV,
+                                               warn=err)}
+    if app_key_file:
+        text = read_secret_file(app_key_file, "AppKey")
+        Redactor.add(text)
+        return {"app_key_text": text}
+    if master_file:
+        text = read_secret_file(master_file, "AppKey master secret")
+        Redactor.add(text)
+        return {"master_secret": text}
+    if random_key:
+        return {"random": True}
+    env_key = os.environ.get(APP_KEY_ENV, "").strip()
+    env_master = os.environ.get(APPKEY_MASTER_ENV, "").strip()
+    if env_key and env_master:
+        raise InputError(f"AppKey: both {APP_KEY_ENV} and {APPKEY_MASTER_ENV} are set; unset one or choose with an option")
+    if env_key:
+        Redactor.add(env_key)
+        return {"app_key_text": env_key}
+    if env_master:
+        Redactor.add(env_master)
+        return {"master_secret": env_master}
+    raise InputError(f"AppKey: no source; give --app-key-file FILE (or {APP_KEY_ENV}), --app-key-master-file FILE "
+                     f"(or {APPKEY_MASTER_ENV}) to derive it from the DevEUI, or --random-app-key")
+
+
+@cli.command()
+@click.argument("dev_eui", metavar="DEVEUI")
+@click.option("--join-eui", default="0000000000000000", show_default=True,
+              help="JoinEUI (AppEUI). All zeros suits LoRaWAN 1.0.x devices on TTN.")
+@click.option("--app-key", "app_key", metavar="HEX",
+              help=f"The AppKey, 32 hex digits (visible in the process list: prefer --app-key-file or ${APP_KEY_ENV}).")
+@click.option("--app-key-file", type=click.Path(dir_okay=False), help="File holding the AppKey (32 hex digits).")
+@click.option("--app-key-master-file", "master_file", type=click.Path(dir_okay=False),
+              help=f"Derive the AppKey from the master secret in this file and the DevEUI (or ${APPKEY_MASTER_ENV}): "
+                   "first 16 bytes of HMAC-SHA256(master, 'flasher-appkey-v1' + DevEUI bytes).")
+@click.option("--random-app-key", "random_key", is_flag=True,
+              help="A new random AppKey: it exists only in this header, so the network server must get it from there.")
+@click.option("--band", default="EU868", show_default=True,
+              help="LoRaWAN band as the RHF76 names it: EU868, US915, US915HYBRID, AU915, AS923, CN470, KR920, IN865, EU433.")
+@click.option("--id-scope", metavar="SCOPE", envvar=ID_SCOPE_ENV, help=f"DPS id scope, like 0ne0001A2B3 (or ${ID_SCOPE_ENV}).")
+@click.option("--template", default="seeed-lorawan", show_default=True, metavar="NAME|PATH",
+              help="A shipped template (seeed-lorawan, lmic, azure-dps) or a Jinja2 file.")
+@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Extra string macro #define NAME \"VALUE\" (repeatable).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here (atomically, mode 0600) instead of stdout.")
+@id_format_option
+@group_key_options
+def header(dev_eui, join_eui, app_key, app_key_file, master_file, random_key, band, id_scope, template, sets, output,
+           id_format, group_keys):
+    """Render a firmware config header (C) for one board.
+
+    It carries the DevEUI, JoinEUI, AppKey and band for the LoRaWAN library, and the DPS
+    id scope, registration id and device key (derived from the group key). The AppKey
+    source is always explicit. No secret appears in the header's comment, and the group
+    key never appears at all.
+
+    \b
+    Example:
+      export FLASHER_GROUP_PRIMARY_KEY=... FLASHER_APPKEY_MASTER=...
+      flasher header 2CF7F12024900138 --id-scope 0ne0001A2B3 -o firmware/flasher_otaa/config.h
+      flasher header 2CF7F12024900138 --random-app-key --template lmic --set WIFI_SSID=lab
+    """
+    from flasher.eui import EUI64
+    from flasher.header import build_header_data, parse_band, parse_sets, render_header, resolve_app_key, write_header
+    from flasher.identity import RegistrationIdPolicy
+    from flasher.keys import derive_device_key
+
+    dev = EUI64.parse(dev_eui, "DevEUI")
+    join = EUI64.parse(join_eui, "JoinEUI")
+    band = parse_band(band)
+    extras = parse_sets(sets)
+    reg_id = RegistrationIdPolicy(id_format).for_eui(dev)
+    key, source = resolve_app_key(dev, **_app_key_choice(app_key, app_key_file, master_file, random_key))
+    primary, _ = group_keys.load(secondary=False)
+    data = build_header_data(dev, join_eui=join, app_key=key, app_key_source=source, band=band, id_scope=id_scope,
+                             registration_id=reg_id, device_key=derive_device_key(primary, reg_id), extras=extras)
+    text = render_header(data, template)
+    log.debug("header for %s: template %s, AppKey %s, registration id %s", dev, template, source, reg_id)
+    if source == "random":
+        err("note: the AppKey is random and exists only in this header: hand it to the network server from there")
+    if output:
+        digest = write_header(text, output)
+        err(f"wrote {output} (sha256 {digest})")
+    else:
+        click.echo(text, nl=False)
+
 
 # --- DPS (register, simulate dps) ----------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Arduino sketches shipped with flasher (package data: */*.ino). See README.md beside them."""

@@ -1,0 +1,309 @@
+"""Firmware config headers: the data that goes into one, rendering it, writing it.
+
+Three steps the provisioning pipeline calls in order:
+
+* :func:`build_header_data` checks every input and returns a frozen :class:`HeaderData`;
+* :func:`render_header` renders a Jinja2 template (a shipped NAME or a PATH) with it;
+* :func:`write_header` writes the text atomically with mode 0600 and returns its SHA-256.
+
+Rendering is strict: an undefined variable is an error naming it, and every
+``{{ ... }}`` in a template must go through one of the C filters (``c_string``,
+``c_bytes``, ``c_ident``, ``c_comment``) or be a number - raw text is refused, so a
+template cannot forget to escape a value. Jinja2 is imported only when rendering.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from flasher import __version__
+from flasher.cliteral import c_bytes, c_comment, c_identifier, c_string
+from flasher.errors import FlasherError, InputError
+from flasher.eui import EUI64
+from flasher.identity import RegistrationIdPolicy, validate_registration_id
+from flasher.keys import check_master_secret, decode_symmetric_key, derive_app_key, parse_app_key, random_app_key
+from flasher.secrets import Redactor
+
+DEFAULT_TEMPLATE = "seeed-lorawan"
+TEMPLATE_SUFFIX = ".h.j2"
+DEFAULT_JOIN_EUI = "0000000000000000"
+DEFAULT_BAND = "EU868"
+APP_KEY_SOURCES = ("given", "derived", "random")
+
+# RHF76 `AT+DR=<band>` names -> the Seeed LoRaWan library's `_physical_type_t` enumerator.
+# The module calls the 433 MHz band EU433; the library's enum spells it EU434.
+BANDS: dict[str, str] = {
+    "EU868": "EU868",
+    "US915": "US915",
+    "US915HYBRID": "US915HYBRID",
+    "AU915": "AU915",
+    "AS923": "AS923",
+    "CN470": "CN470",
+    "KR920": "KR920",
+    "IN865": "IN865",
+    "EU433": "EU434",
+}
+
+_TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
+_ID_SCOPE = re.compile(r"[A-Za-z0-9]{1,64}")
+
+
+@dataclass(frozen=True)
+class HeaderData:
+    """Everything a config header carries, already checked. Build it with :func:`build_header_data`."""
+
+    dev_eui: EUI64
+    join_eui: EUI64
+    app_key: bytes = field(repr=False)
+    app_key_source: str
+    band: str
+    id_scope: str | None
+    registration_id: str
+    device_key: str | None = field(repr=False)
+    extras: Mapping[str, str] = field(default_factory=dict)
+    tool_version: str = __version__
+
+    @property
+    def band_seeed(self) -> str:
+        return BANDS[self.band]
+
+    def context(self) -> dict[str, object]:
+        """Template variables. Values that are absent (None) are left out, so a template
+        that needs one fails naming it, and ``{% if x is defined %}`` tests for it."""
+        ctx: dict[str, object] = {
+            "dev_eui": self.dev_eui,
+            "join_eui": self.join_eui,
+            "app_eui": self.join_eui,
+            "app_key": self.app_key,
+            "app_key_hex": self.app_key.hex().upper(),
+            "app_key_source": self.app_key_source,
+            "band": self.band,
+            "band_seeed": self.band_seeed,
+            "registration_id": self.registration_id,
+            "extras": list(self.extras.items()),
+            "tool_version": self.tool_version,
+            "guard": "FLASHER_CONFIG_H",
+        }
+        if self.id_scope is not None:
+            ctx["id_scope"] = self.id_scope
+        if self.device_key is not None:
+            ctx["device_key"] = self.device_key
+        return ctx
+
+
+def parse_band(text: str) -> str:
+    band = (text or "").strip().upper()
+    if band not in BANDS:
+        raise InputError(f"band {text!r}: unknown (one of {', '.join(BANDS)})")
+    return band
+
+
+def parse_sets(items: Iterable[str]) -> dict[str, str]:
+    """``--set NAME=VALUE`` items -> an ordered dict; names are checked, duplicates refused."""
+    extras: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--set {item!r}: expected NAME=VALUE")
+        c_identifier(name, "--set name")
+        if name in extras:
+            raise InputError(f"--set {name}: given twice")
+        c_string(value, f"--set {name}")
+        extras[name] = value
+    return extras
+
+
+def resolve_app_key(dev_eui: EUI64, *, app_key_text: str | None = None,
+                    master_secret: str | bytes | None = None, random: bool = False) -> tuple[bytes, str]:
+    """Return ``(app_key, source)`` from exactly one explicit choice.
+
+    * ``app_key_text``: 32 hex digits -> source ``"given"``;
+    * ``master_secret``: AppKey = :func:`flasher.keys.derive_app_key` (master, DevEUI) -> ``"derived"``
+      (text is taken as its UTF-8 bytes, at least 16);
+    * ``random=True``: 16 bytes from the OS -> ``"random"``.
+
+    None of them, or more than one, is an :class:`InputError`: an AppKey is never chosen silently.
+    """
+    chosen = [n for n, v in (("an AppKey", app_key_text), ("an AppKey master secret", master_secret),
+                             ("a random AppKey", random or None)) if v is not None and v != ""]
+    if len(chosen) != 1:
+        what = " and ".join(chosen) if chosen else "no source"
+        raise InputError(f"AppKey: choose exactly one source (a key, a master secret to derive it from, "
+                         f"or random); got {what}")
+    if app_key_text:
+        key, source = parse_app_key(app_key_text), "given"
+    elif master_secret:
+        raw = master_secret if isinstance(master_secret, bytes) else check_master_secret(master_secret)
+        if len(raw) < 16:
+            raise InputError("AppKey master secret: at least 16 bytes needed")
+        key, source = derive_app_key(raw, EUI64.coerce(dev_eui, "DevEUI")), "derived"
+    else:
+        key, source = random_app_key(), "random"
+    Redactor.add(key)
+    return key, source
+
+
+def build_header_data(dev_eui: EUI64 | str, *, app_key: bytes, app_key_source: str,
+                      join_eui: EUI64 | str = DEFAULT_JOIN_EUI, band: str = DEFAULT_BAND,
+                      id_scope: str | None = None, registration_id: str | None = None,
+                      device_key: str | None = None, extras: Mapping[str, str] | None = None,
+                      tool_version: str = __version__) -> HeaderData:
+    """Check every input and return the header's data. ``registration_id`` defaults to the
+    standard policy (16 lower-case hex digits of the DevEUI)."""
+    dev = EUI64.coerce(dev_eui, "DevEUI")
+    join = EUI64.coerce(join_eui, "JoinEUI")
+    if not isinstance(app_key, bytes) or len(app_key) != 16:
+        raise InputError("AppKey: expected 16 bytes")
+    if app_key_source == "file":  # the pipeline's name for a key that was given
+        app_key_source = "given"
+    if app_key_source not in APP_KEY_SOURCES:
+        raise InputError(f"AppKey source {app_key_source!r}: one of {', '.join(APP_KEY_SOURCES)}")
+    if id_scope is not None:
+        id_scope = id_scope.strip()
+        if not _ID_SCOPE.fullmatch(id_scope):
+            raise InputError(f"DPS id scope {id_scope!r}: expected letters and digits, like 0ne0001A2B3")
+    reg = validate_registration_id(registration_id) if registration_id is not None \
+        else RegistrationIdPolicy().for_eui(dev)
+    if device_key is not None:
+        decode_symmetric_key(device_key, "device key")
+    checked: dict[str, str] = {}
+    for name, value in (extras or {}).items():
+        c_identifier(name, "--set name")
+        c_string(value, f"--set {name}")
+        checked[name] = value
+    c_comment(tool_version, "tool version")
+    return HeaderData(dev_eui=dev, join_eui=join, app_key=app_key, app_key_source=app_key_source,
+                      band=parse_band(band), id_scope=id_scope, registration_id=reg, device_key=device_key,
+                      extras=checked, tool_version=tool_version)
+
+
+# --- rendering -------------------------------------------------------------------
+
+def shipped_templates() -> list[str]:
+    """Names of the templates shipped in the package (``flasher.templates``)."""
+    from importlib.resources import files
+
+    return sorted(p.name[: -len(TEMPLATE_SUFFIX)] for p in files("flasher.templates").iterdir()
+                  if p.name.endswith(TEMPLATE_SUFFIX) and not p.name.startswith("_"))
+
+
+def _shipped_source(filename: str) -> str | None:
+    from importlib.resources import files
+
+    res = files("flasher.templates").joinpath(filename)
+    try:
+        return res.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+class _CText(str):
+    """Text a C filter produced: the only kind of string a template may output."""
+
+
+def _load(template: str) -> tuple[str, str, Path | None]:
+    """``(label, source, directory)`` for a shipped NAME or a PATH."""
+    if _TEMPLATE_NAME.fullmatch(template):
+        src = _shipped_source(template + TEMPLATE_SUFFIX)
+        if src is None:
+            raise InputError(f"template {template!r}: no such shipped template "
+                             f"(shipped: {', '.join(shipped_templates())}; or give a path)")
+        return template, src, None
+    path = Path(template)
+    try:
+        return str(path), path.read_text(encoding="utf-8"), path.parent
+    except FileNotFoundError:
+        raise InputError(f"template {template!r}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"template {template!r}: cannot read ({exc.__class__.__name__})") from None
+
+
+def render_header(data: HeaderData, template: str = DEFAULT_TEMPLATE) -> str:
+    """Render ``template`` (a shipped name such as ``seeed-lorawan``, or a path) with ``data``."""
+    import jinja2
+
+    label, source, directory = _load(template)
+
+    def finalize(value):
+        if isinstance(value, (_CText, int)) and not isinstance(value, bool):
+            return value
+        raise InputError(f"template {label!r}: an expression outputs raw {type(value).__name__}; "
+                         f"pass it through c_string, c_bytes, c_ident or c_comment")
+
+    def shipped_loader(name: str):
+        src = _shipped_source(name)
+        return None if src is None else (src, None, lambda: True)
+
+    loaders: list = [jinja2.FunctionLoader(shipped_loader)]
+    if directory is not None:
+        loaders.insert(0, jinja2.FileSystemLoader(str(directory)))
+    env = jinja2.Environment(loader=jinja2.ChoiceLoader(loaders), undefined=jinja2.StrictUndefined,
+                             autoescape=False, keep_trailing_newline=True, trim_blocks=True,
+                             lstrip_blocks=True, finalize=finalize)
+    def c_filter(fn):
+        def apply(value, *args, **kwargs):
+            if isinstance(value, jinja2.Undefined):
+                str(value)  # StrictUndefined raises here, naming the missing variable
+            return _CText(fn(value, *args, **kwargs))
+        return apply
+
+    env.filters.update(
+        c_string=c_filter(lambda v, what="template value": c_string(v, what)),
+        c_bytes=c_filter(lambda v, lsb_first=False: c_bytes(v, lsb_first)),
+        c_ident=c_filter(lambda v, what="identifier": _plain_identifier(v, what)),
+        c_comment=c_filter(lambda v, what="comment text": c_comment(v, what)),
+    )
+    try:
+        return env.from_string(source).render(data.context())
+    except jinja2.TemplateSyntaxError as exc:
+        where = exc.name or label
+        raise InputError(f"template {where!r}: syntax error on line {exc.lineno}: {exc.message}") from None
+    except jinja2.UndefinedError as exc:
+        raise InputError(f"template {label!r}: {exc.message}") from None
+    except jinja2.TemplateNotFound as exc:
+        raise InputError(f"template {label!r}: includes {exc.name!r}, which is not found") from None
+    except jinja2.TemplateError as exc:
+        raise InputError(f"template {label!r}: {exc.message or exc.__class__.__name__}") from None
+
+
+def _plain_identifier(value: object, what: str) -> str:
+    text = str(value)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
+        raise InputError(f"{what} {text!r}: not a C identifier")
+    return text
+
+
+# --- writing ---------------------------------------------------------------------
+
+def write_header(text: str, path: str | os.PathLike) -> str:
+    """Write ``text`` to ``path`` atomically (temp file in the same directory, then rename),
+    mode 0600, creating the parent directory. Returns the SHA-256 (hex) of the bytes written."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"output {str(target)!r}: is a directory")
+    data = text.encode("utf-8")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise FlasherError(f"output {str(target)!r}: cannot create ({exc.strerror or exc.__class__.__name__})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise FlasherError(f"output {str(target)!r}: cannot write ({exc.strerror or exc.__class__.__name__})") from None
+    return hashlib.sha256(data).hexdigest()
