@@ -24,7 +24,7 @@ KNOWN = {
     "template": str,
     "band": str,
     "join_eui": str,
-    "app_key": str,               # policy: random | derived | file
+    "app_key": str,               # policy: random | derived | given
     "app_key_file": str,
     "app_key_master_env": str,
     "app_key_master_file": str,
@@ -52,7 +52,7 @@ INLINE_SECRETS = {
     "master_secret": "app_key_master_env or app_key_master_file",
     "device_key": "an environment variable or a key file",
 }
-APP_KEY_POLICIES = ("random", "derived", "file")
+APP_KEY_POLICIES = ("random", "derived", "given")
 
 
 @dataclass(frozen=True)
