@@ -174,6 +174,190 @@ def simulate():
 
 # --- board commands (ports, eui, verify, simulate boards) --------------------------
 
+def board_selection_options(f):
+    """``--port``/``--serial-number`` (both repeatable) and ``--all``, resolved into ``targets``.
+
+    ``targets`` is a list of device paths or pyserial URLs, duplicates dropped,
+    in the order given. Nothing selected is a usage error: never a prompt.
+    """
+
+    @click.option("--port", "ports", multiple=True, metavar="PORT",
+                  help="Serial port or pyserial URL (repeatable).")
+    @click.option("--serial-number", "serial_numbers", multiple=True, metavar="SN",
+                  help="Pick a board by its USB serial number (repeatable); survives re-enumeration.")
+    @click.option("--all", "all_boards", is_flag=True, help="Every Seeeduino LoRaWAN board running a sketch.")
+    @functools.wraps(f)
+    def wrapper(*args, ports, serial_numbers, all_boards, **kwargs):
+        from flasher.ports import resolve_targets
+
+        kwargs["targets"] = resolve_targets(list(ports), list(serial_numbers), all_boards)
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def board_timeout_option(f):
+    return click.option("--timeout", type=click.FloatRange(min=0.05), default=2.0, show_default=True, metavar="S",
+                        help="Seconds to wait for each AT answer.")(f)
+
+
+def _json_line(obj) -> None:
+    import json
+
+    click.echo(json.dumps(obj))
+
+
+@cli.command("ports")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per port.")
+def ports_cmd(as_json):
+    """List serial ports; Seeeduino LoRaWAN boards are recognised by USB id.
+
+    Columns: device, board (app, bootloader or -), USB serial number, description.
+    Simulated boards appear when FLASHER_SIMULATED_PORTS names the simulator's ports.json.
+
+    \b
+    Example:
+      flasher ports
+      flasher ports --json | jq -r 'select(.board == "app") | .serial_number'
+    """
+    from flasher.ports import list_ports
+
+    found = list_ports()
+    for p in found:
+        if as_json:
+            _json_line(p.to_json())
+        else:
+            desc = (p.description or "") + (" [simulated]" if p.simulated and "simulated" not in (p.description or "") else "")
+            click.echo(f"{p.device}\t{p.board or '-'}\t{p.serial_number or '-'}\t{desc}")
+    if not any(p.board for p in found):
+        err("no Seeeduino LoRaWAN board found")
+
+
+@cli.command()
+@board_selection_options
+@board_timeout_option
+@click.option("--json", "as_json", is_flag=True,
+              help='One object per board: {"port", "deveui", "appeui", "devaddr", "version"}.')
+def eui(targets, timeout, as_json):
+    """Print each selected board's DevEUI (16 upper-case hex digits).
+
+    With one board the output is the DevEUI alone; with several, DEVEUI<TAB>PORT
+    per board in the order selected. A board that cannot be read gets one error
+    line on stderr and makes the exit code 1; the others are still printed.
+
+    \b
+    Example:
+      flasher eui --port /dev/ttyACM0
+      flasher eui --all --json
+    """
+    from flasher.rhf76 import each_board, open_module
+
+    def read(port):
+        with open_module(port, timeout=timeout) as module:
+            return module.read_ids(), (module.version() if as_json else None)
+
+    failed = 0
+    for port, res, exc in each_board(targets, read):
+        if exc is not None:
+            failed += 1
+            err(f"error: {exc}")
+            continue
+        ids, version = res
+        if as_json:
+            _json_line({"port": port, **ids.to_json(), "version": version})
+        else:
+            click.echo(ids.dev_eui.hex if len(targets) == 1 else f"{ids.dev_eui.hex}\t{port}")
+    return EXIT_FAILURE if failed else 0
+
+
+@cli.command()
+@board_selection_options
+@board_timeout_option
+@click.option("--expect", multiple=True, metavar="EUI", help="An expected DevEUI (repeatable, any spelling).")
+@click.option("--expect-file", type=click.Path(dir_okay=False), help="Expected DevEUIs, one per line.")
+@click.option("--join-eui", metavar="EUI", help="Also check the module holds this JoinEUI (and OTAA mode).")
+@click.option("--band", metavar="BAND", help="Also check the module's band (and OTAA mode), e.g. EU868.")
+@click.option("--json", "as_json", is_flag=True, help='One object per board: {"port", "deveui", "ok", "problems"}.')
+def verify(targets, timeout, expect, expect_file, join_eui, band, as_json):
+    """Verify boards: DevEUI against the expected ones, settings against what was written.
+
+    One verdict per board on stdout: ok|FAIL, port, DevEUI, problems. Exit 1 if
+    any board differs or cannot be read.
+
+    \b
+    Example:
+      flasher verify --all --expect-file deveuis.txt --join-eui 70B3D57ED003F06A --band EU868
+    """
+    from flasher.eui import EUI64
+    from flasher.rhf76 import each_board
+    from flasher.verify import parse_expect_file, settings_expectation, verify_board
+
+    expected = None
+    if expect or expect_file:
+        expected = {EUI64.parse(e, "--expect") for e in expect}
+        if expect_file:
+            expected |= parse_expect_file(expect_file)
+    settings = settings_expectation(join_eui, band)
+    if expected is None and settings is None:
+        raise click.UsageError("nothing to verify against: give --expect, --expect-file or --join-eui/--band")
+    verdicts = [res for _, res, _ in each_board(
+        targets, lambda port: verify_board(port, expected_deveuis=expected, settings=settings, timeout=timeout))]
+    for v in verdicts:
+        if as_json:
+            _json_line(v.to_json())
+        else:
+            click.echo(v.line())
+    return 0 if all(v.ok for v in verdicts) else EXIT_FAILURE
+
+
+@simulate.command("boards")
+@click.option("--count", type=click.IntRange(1, 64), default=1, show_default=True, help="How many boards.")
+@click.option("--state", "state_dir", type=click.Path(file_okay=False),
+              help="EEPROM directory (board-N.json, ports.json), kept across runs. Default: a temporary one.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for serial numbers and DevEUIs.")
+@click.option("--latency", type=click.FloatRange(min=0), default=0.0, metavar="S", help="Delay before every answer.")
+@click.option("--boot-noise", is_flag=True, help="Banner and garbage before the first answer.")
+@click.option("--echo", "echo_", is_flag=True, help="Echo every command line.")
+@click.option("--silent", is_flag=True, help="Read commands, answer nothing.")
+@click.option("--corrupt", type=int, default=0, metavar="N", help="Mangle the next N answers (-1: all).")
+@click.option("--unplug-after", type=click.IntRange(min=0), metavar="N", help="Vanish on command N+1.")
+@click.option("--json", "as_json", is_flag=True, help='One object per board: {"port", "serial_number", "deveui"}.')
+def simulate_boards(count, state_dir, seed, latency, boot_noise, echo_, silent, corrupt, unplug_after, as_json):
+    """Simulated Seeeduino LoRaWAN boards on pseudo-terminals, until Ctrl-C or SIGTERM.
+
+    Prints each board's port path on stdout. To find them with --all or
+    --serial-number, export FLASHER_SIMULATED_PORTS=<state>/ports.json (printed on stderr).
+
+    \b
+    Example:
+      flasher simulate boards --count 3 --state ./boards &
+      FLASHER_SIMULATED_PORTS=./boards/ports.json flasher eui --all
+    """
+    import signal
+    import threading
+
+    from flasher.sim.board import BoardSimulator, Faults
+
+    faults = Faults(latency=latency, boot_noise=boot_noise, silent=silent, unplug_after=unplug_after,
+                    corrupt=corrupt, echo=echo_)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with BoardSimulator(count=count, state_dir=state_dir, seed=seed, faults=faults) as sim:
+            for b in sim.boards:
+                if as_json:
+                    _json_line({"port": b.port, "serial_number": b.serial_number, "deveui": b.deveui})
+                else:
+                    click.echo(b.port)
+            sys.stdout.flush()
+            err(f"simulating {count} board(s); export FLASHER_SIMULATED_PORTS={sim.ports_file} ; Ctrl-C to stop")
+            stop.wait()
+            err("stopping simulated boards")
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return 0
+
 
 # --- header --------------------------------------------------------------------------
 

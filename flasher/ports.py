@@ -1,0 +1,157 @@
+"""Find Seeeduino LoRaWAN boards among the host's serial ports.
+
+A board is recognised by its USB ids (Seeed's ``boards.txt``, board ``rolawan``):
+vendor 0x2886, product 0x800C while a sketch runs, 0x000C in the bootloader.
+Tty names change when a board re-enumerates (an upload, a replug), so a board
+is best picked by its USB serial number (``--serial-number``).
+
+Recognition is a pure function of ``comports()``-shaped records, so it is tested
+against recorded output from several operating systems, without hardware.
+
+Testing aid: simulated boards live on pseudo-terminals, which are not USB
+devices. When the environment variable ``FLASHER_SIMULATED_PORTS`` names a
+JSON file (``flasher simulate boards`` writes one: ``<state>/ports.json``, a list
+of ``{"device", "serial_number", "vid", "pid", ...}``), its entries are merged
+into discovery so ``--all`` and ``--serial-number`` work against the simulator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+from flasher.errors import FlasherError, InputError
+
+log = logging.getLogger("flasher.ports")
+
+SEEED_VID = 0x2886
+APP_PID = 0x800C
+BOOTLOADER_PID = 0x000C
+SIMULATED_PORTS_ENV = "FLASHER_SIMULATED_PORTS"
+
+APP = "app"
+BOOTLOADER = "bootloader"
+
+
+@dataclass(frozen=True)
+class PortInfo:
+    """One serial port; ``board`` is ``"app"``, ``"bootloader"`` or None for anything else."""
+
+    device: str
+    vid: int | None = None
+    pid: int | None = None
+    serial_number: str | None = None
+    location: str | None = None
+    description: str | None = None
+    board: str | None = None
+    simulated: bool = False
+
+    @property
+    def bootloader(self) -> bool:
+        return self.board == BOOTLOADER
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["vid"] = f"{self.vid:04X}" if self.vid is not None else None
+        d["pid"] = f"{self.pid:04X}" if self.pid is not None else None
+        return d
+
+
+def board_kind(vid: int | None, pid: int | None) -> str | None:
+    if vid != SEEED_VID:
+        return None
+    return {APP_PID: APP, BOOTLOADER_PID: BOOTLOADER}.get(pid)
+
+
+def _int(v) -> int | None:
+    if v is None or v == "":
+        return None
+    if isinstance(v, int):
+        return v
+    try:
+        return int(str(v), 16) if not str(v).lower().startswith("0x") else int(str(v), 0)
+    except ValueError:
+        return None
+
+
+def classify(ports: Iterable[object], *, simulated: bool = False) -> list[PortInfo]:
+    """``comports()``-like objects (or dicts) -> :class:`PortInfo`, boards recognised. Pure."""
+    out = []
+    for p in ports:
+        get = p.get if isinstance(p, dict) else (lambda k, _p=p: getattr(_p, k, None))
+        device = get("device")
+        if not device:
+            continue
+        vid, pid = _int(get("vid")), _int(get("pid"))
+        sn = get("serial_number")
+        out.append(PortInfo(device=str(device), vid=vid, pid=pid, serial_number=str(sn) if sn else None,
+                            location=get("location"), description=get("description"),
+                            board=board_kind(vid, pid), simulated=simulated or bool(get("simulated"))))
+    return out
+
+
+def load_simulated(path: str | os.PathLike | None = None) -> list[PortInfo]:
+    """Entries of the simulator's ports file; ones whose device has gone are left out."""
+    path = path if path is not None else os.environ.get(SIMULATED_PORTS_ENV)
+    if not path:
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+    except FileNotFoundError:
+        log.warning("%s=%s: no such file (is `flasher simulate boards` running?)", SIMULATED_PORTS_ENV, path)
+        return []
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{SIMULATED_PORTS_ENV}={path}: not a readable JSON file ({exc.__class__.__name__})") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise InputError(f"{SIMULATED_PORTS_ENV}={path}: expected a JSON list of objects")
+    live = [e for e in entries if not str(e.get("device", "")).startswith("/") or os.path.exists(e["device"])]
+    return classify(live, simulated=True)
+
+
+def list_ports() -> list[PortInfo]:
+    """Every serial port on the host, plus simulated ones (see the module docstring)."""
+    from serial.tools import list_ports as lp
+
+    return classify(lp.comports()) + load_simulated()
+
+
+def find_boards(ports: list[PortInfo] | None = None) -> list[PortInfo]:
+    """Recognised boards (app and bootloader), in discovery order."""
+    return [p for p in (list_ports() if ports is None else ports) if p.board]
+
+
+def resolve_targets(ports: list[str], serial_numbers: list[str], all_boards: bool,
+                    *, available: list[PortInfo] | None = None) -> list[str]:
+    """The devices to talk to, from ``--port``, ``--serial-number`` and ``--all``; duplicates dropped.
+
+    ``--port`` is taken as given (any path or pyserial URL); serial numbers and
+    ``--all`` are looked up among boards running a sketch. ``available`` replaces
+    discovery (tests). Never prompts.
+    """
+    ports, serial_numbers = list(ports or []), list(serial_numbers or [])
+    if not (ports or serial_numbers or all_boards):
+        raise InputError("no board selected: give --port, --serial-number or --all (see `flasher ports`)")
+    targets = list(ports)
+    if serial_numbers or all_boards:
+        boards = find_boards(available if available is not None else list_ports())
+        for sn in serial_numbers:
+            hits = [b for b in boards if b.serial_number and b.serial_number.lower() == sn.strip().lower()]
+            if not hits:
+                raise InputError(f"serial number {sn}: no such board connected (see `flasher ports`)")
+            apps = [b for b in hits if b.board == APP]
+            if not apps:
+                raise FlasherError(f"serial number {sn}: board is in its bootloader at {hits[0].device} "
+                                   "(no sketch running); upload the pass-through sketch first")
+            if len({b.device for b in apps}) > 1:
+                raise InputError(f"serial number {sn}: matches several ports ({', '.join(b.device for b in apps)})")
+            targets.append(apps[0].device)
+        if all_boards:
+            apps = [b.device for b in boards if b.board == APP]
+            if not apps:
+                raise InputError("--all: no Seeeduino LoRaWAN board running a sketch found (see `flasher ports`)")
+            targets.extend(apps)
+    return list(dict.fromkeys(targets))

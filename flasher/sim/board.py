@@ -1,0 +1,595 @@
+"""Simulated Seeeduino LoRaWAN boards on pseudo-terminals.
+
+Each board answers the RHF76 AT dialect the way the real module does (response
+lines, ``ERROR(-n)`` codes, multi-line answers, a fast ``AT+JOIN``), keeps its
+"EEPROM" in a JSON file per board (``board-<n>.json``, written atomically,
+reloaded on restart), and can misbehave on demand (:class:`Faults`): boot noise,
+latency, silence, an unplug after N commands, corrupted bytes, echo.
+
+Answers are decided by command, never popped off a list, so the client is
+exercised the way hardware would exercise it. One background thread runs one
+``select`` loop for every board; faults can be changed at any time.
+
+An unplug closes the pty master: a reader on the slave gets EIO/EOF, as pyserial
+does when a USB CDC device disappears. :meth:`BoardSimulator.replug` brings the
+board back on a new pty (a new path, like USB re-enumeration) with the same
+serial number and EEPROM.
+
+The simulator writes ``ports.json`` in its state directory for
+``FLASHER_SIMULATED_PORTS`` (see :mod:`flasher.ports`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import select
+import shutil
+import tempfile
+import threading
+import time
+import tty
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+log = logging.getLogger("flasher.sim.board")
+
+VID, PID = 0x2886, 0x800C
+FACTORY_APPEUI = "8000000000000006"
+DEFAULT_VERSION = "2.1.19"
+MAX_LINE = 528
+BANDS = ("EU868", "US915", "US915HYBRID", "AU915", "AS923", "CN470", "KR920", "IN865", "EU433")
+BOOT_NOISE = b"\x00\xf0\xff\r\nRisingHF RHF76-052 LoRaWAN modem\r\n+INFO: Input timeout\r\n\xfe\xff"
+PORTS_FILE = "ports.json"
+
+
+@dataclass
+class Faults:
+    """Ways a board misbehaves. Change any field at runtime (``sim.boards[i].faults.silent = True``).
+
+    latency: seconds before every answer. boot_noise: banner and garbage before the
+    first answer after a (re)plug or ``AT+RESET``. silent: read commands, answer
+    nothing. unplug_after: answer N commands, then vanish on the next one (cleared
+    by the unplug). corrupt: mangle the next N answers (-1: every answer). echo:
+    send each command line back before the answer.
+    """
+
+    latency: float = 0.0
+    boot_noise: bool = False
+    silent: bool = False
+    unplug_after: int | None = None
+    corrupt: int = 0
+    echo: bool = False
+
+
+@dataclass
+class Eeprom:
+    """What the module keeps across resets and restarts. Hex strings upper case, no separators."""
+
+    serial_number: str
+    deveui: str
+    factory_deveui: str
+    appeui: str = FACTORY_APPEUI
+    devaddr: str = ""
+    appkey: str | None = None
+    nwkskey: str | None = None
+    appskey: str | None = None
+    mode: str = "LWABP"
+    band: str = "EU868"
+    dr: int = 0
+    class_: str = "A"
+    adr: bool = True
+    version: str = DEFAULT_VERSION
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["class"] = d.pop("class_")
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Eeprom":
+        d = dict(d)
+        if "class" in d:
+            d["class_"] = d.pop("class")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _colon(hexstr: str) -> str:
+    return ":".join(hexstr[i:i + 2] for i in range(0, len(hexstr), 2))
+
+
+_CMD = re.compile(r"AT(?:\+([A-Za-z][A-Za-z0-9]*))?(\?|=\?|=(.*))?", re.IGNORECASE | re.DOTALL)
+
+
+class SimulatedBoard:
+    """One board: its EEPROM, its faults, and the dialect. :meth:`respond` is pure of I/O."""
+
+    def __init__(self, index: int, state_path: Path, rng: random.Random, faults: Faults,
+                 version: str = DEFAULT_VERSION, join_delay: float = 0.05):
+        self.index = index
+        self.state_path = state_path
+        self.faults = faults
+        self.join_delay = join_delay
+        self._rng = rng
+        if state_path.exists():
+            self.eeprom = Eeprom.from_json(json.loads(state_path.read_text(encoding="utf-8")))
+        else:
+            deveui = rng.randbytes(8).hex().upper()
+            self.eeprom = Eeprom(serial_number=rng.randbytes(16).hex().upper(), deveui=deveui,
+                                 factory_deveui=deveui, devaddr=deveui[8:], version=version)
+            self.save()
+        self.joined = False
+        self.port: str | None = None  # the pty path while plugged in
+        self.commands = 0  # commands received since the last (re)plug
+        self.booting = True  # next answer preceded by boot noise (if that fault is on)
+
+    @property
+    def serial_number(self) -> str:
+        return self.eeprom.serial_number
+
+    @property
+    def deveui(self) -> str:
+        return self.eeprom.deveui
+
+    @property
+    def state(self) -> dict:
+        return self.eeprom.to_json()
+
+    def save(self) -> None:
+        _atomic_write(self.state_path, json.dumps(self.eeprom.to_json(), indent=2) + "\n")
+
+    # --- the dialect --------------------------------------------------------------------
+
+    def respond(self, raw: bytes) -> list[tuple[float, str]]:
+        """One command line (without ``\\n``) -> [(delay in seconds, answer line without CRLF)]."""
+        line = raw.rstrip(b"\r")
+        if not line.strip():
+            return []
+        if len(line) > MAX_LINE:
+            return [(0, "+AT: ERROR(-21)")]
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError:
+            return [(0, "+AT: ERROR(-23)")]
+        if any(not (" " <= c <= "~") for c in text):
+            return [(0, "+AT: ERROR(-23)")]
+        m = _CMD.fullmatch(text.strip())
+        if not m:
+            return [(0, "+AT: ERROR(-10)")]
+        name = (m.group(1) or "AT").upper()
+        query = m.group(3) is None
+        arg = (m.group(3) or "").strip()
+        handler = getattr(self, f"_cmd_{name.lower()}", None)
+        if handler is None:
+            return [(0, "+AT: ERROR(-10)")]
+        out = handler(query, arg)
+        return [(0, f"+{name}: {x}") if isinstance(x, str) else (x[0], f"+{name}: {x[1]}") for x in out]
+
+    @staticmethod
+    def _unquote(s: str) -> str:
+        s = s.strip()
+        return s[1:-1] if len(s) >= 2 and s[0] == s[-1] == '"' else s
+
+    def _cmd_at(self, query, arg):
+        return ["OK"] if query else ["ERROR(-11)"]
+
+    def _cmd_ver(self, query, arg):
+        return [self.eeprom.version] if query else ["ERROR(-11)"]
+
+    def _id_line(self, field: str) -> str:
+        e = self.eeprom
+        value = {"devaddr": e.devaddr, "deveui": e.deveui, "appeui": e.appeui}[field.lower()]
+        proper = {"devaddr": "DevAddr", "deveui": "DevEui", "appeui": "AppEui"}[field.lower()]
+        return f"{proper}, {_colon(value)}"
+
+    def _cmd_id(self, query, arg):
+        if query:
+            return [self._id_line(f) for f in ("DevAddr", "DevEui", "AppEui")]
+        parts = [p.strip() for p in arg.split(",")]
+        field_ = parts[0].lower()
+        if field_ not in ("devaddr", "deveui", "appeui") or len(parts) > 2:
+            return ["ERROR(-1)"]
+        if len(parts) == 1:
+            return [self._id_line(field_)]
+        value = self._unquote(parts[1])
+        size = 8 if field_ == "devaddr" else 16
+        if not re.fullmatch(r"[0-9A-Fa-f]{%d}" % size, value):  # plain hex only, like real firmware
+            return ["ERROR(-1)"]
+        setattr(self.eeprom, field_, value.upper())
+        self.save()
+        return [self._id_line(field_)]
+
+    def _cmd_key(self, query, arg):
+        if query:
+            return ["ERROR(-11)"]  # keys are write-only
+        parts = [p.strip() for p in arg.split(",")]
+        if len(parts) != 2 or parts[0].upper() not in ("APPKEY", "NWKSKEY", "APPSKEY"):
+            return ["ERROR(-1)"]
+        value = self._unquote(parts[1])
+        if not re.fullmatch(r"[0-9A-Fa-f]{32}", value):
+            return ["ERROR(-1)"]
+        value = value.upper()
+        setattr(self.eeprom, parts[0].lower(), value)
+        self.save()
+        shown = " ".join(value[i:i + 2] for i in range(0, 32, 2)) if self.eeprom.version.startswith("2.0.") else value
+        return [f"{parts[0].upper()} {shown}"]
+
+    def _cmd_mode(self, query, arg):
+        if query:
+            return [self.eeprom.mode]
+        mode = arg.upper()
+        if mode not in ("LWABP", "LWOTAA", "TEST"):
+            return ["ERROR(-1)"]
+        self.eeprom.mode = mode
+        self.joined = False
+        self.save()
+        return [mode]
+
+    def _cmd_dr(self, query, arg):
+        e = self.eeprom
+        if query:
+            sf = f"SF{12 - e.dr} BW125K" if e.dr <= 5 else ("SF7 BW250K" if e.dr == 6 else "FSK 50kbps")
+            return [f"DR{e.dr}", f"{e.band} DR{e.dr}  {sf} "]
+        a = arg.upper()
+        if a in BANDS:
+            e.band, e.dr = a, 0
+            self.save()
+            return [a]
+        m = re.fullmatch(r"(?:DR)?(\d{1,2})", a)
+        if not m or int(m.group(1)) > 15:
+            return ["ERROR(-1)"]
+        e.dr = int(m.group(1))
+        self.save()
+        return [f"DR{e.dr}"]
+
+    def _cmd_class(self, query, arg):
+        if query:
+            return [self.eeprom.class_]
+        if arg.upper() not in ("A", "B", "C"):
+            return ["ERROR(-1)"]
+        self.eeprom.class_ = arg.upper()
+        self.save()
+        return [self.eeprom.class_]
+
+    def _cmd_adr(self, query, arg):
+        if query:
+            return ["ON" if self.eeprom.adr else "OFF"]
+        if arg.upper() not in ("ON", "OFF"):
+            return ["ERROR(-1)"]
+        self.eeprom.adr = arg.upper() == "ON"
+        self.save()
+        return [arg.upper()]
+
+    def _cmd_port(self, query, arg):
+        return ["8"] if query else ["ERROR(-11)"]
+
+    def _cmd_power(self, query, arg):
+        return ["14"] if query else ["ERROR(-11)"]
+
+    def _cmd_reset(self, query, arg):
+        self.joined = False
+        self.booting = True
+        return ["OK"]
+
+    def _cmd_fdefault(self, query, arg):
+        if not query and arg.upper() != "RISINGHF":
+            return ["ERROR(-1)"]
+        e = self.eeprom
+        self.eeprom = Eeprom(serial_number=e.serial_number, deveui=e.factory_deveui, factory_deveui=e.factory_deveui,
+                             devaddr=e.factory_deveui[8:], version=e.version)
+        self.joined = False
+        self.save()
+        return ["OK"]
+
+    def _cmd_join(self, query, arg):
+        e = self.eeprom
+        if e.mode == "TEST":
+            return ["ERROR(-12)"]
+        if e.mode != "LWOTAA":
+            return ["Not in OTAA mode"]
+        if self.joined and arg.upper() != "FORCE":
+            return ["Joined already"]
+        d = self.join_delay
+        if not e.appkey:
+            return ["Start", "NORMAL", (d, "Join failed"), (d, "Done")]
+        self.joined = True
+        e.devaddr = self._rng.randbytes(4).hex().upper()
+        self.save()
+        return ["Start", "NORMAL", (d, "Network joined"), (d, f"NetID 000013 DevAddr {_colon(e.devaddr)}"), (d, "Done")]
+
+    def _msg(self, query, arg):
+        if self.eeprom.mode == "TEST":
+            return ["ERROR(-12)"]
+        if query:
+            return ["ERROR(-11)"]
+        if self.eeprom.mode == "LWOTAA" and not self.joined:
+            return ["Please join network first"]
+        return ["Start", "FPENDING", (self.join_delay, "Done")]
+
+    _cmd_msg = _cmd_cmsg = _cmd_msghex = _cmd_cmsghex = _msg
+
+
+# --- the pty loop --------------------------------------------------------------------------
+
+@dataclass
+class _Plug:
+    """A board's live pty. ``out`` holds (due time, bytes) in due order."""
+
+    master: int
+    slave: int
+    path: str
+    inbuf: bytearray = field(default_factory=bytearray)
+    out: list = field(default_factory=list)
+
+
+class BoardSimulator:
+    """N simulated boards. A context manager; the pty loop runs in one background thread.
+
+    >>> with BoardSimulator(count=2, state_dir=tmp, seed=1) as sim:
+    ...     sim.ports          # ['/dev/pts/5', '/dev/pts/6']
+    ...     sim.boards[0].faults.latency = 0.3
+    ...     sim.unplug(1); sim.replug(1)
+    """
+
+    def __init__(self, count: int = 1, state_dir: str | os.PathLike | None = None, seed: int = 0,
+                 faults: Faults | None = None, *, version: str = DEFAULT_VERSION, join_delay: float = 0.05):
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        self._own_dir = state_dir is None
+        self.state_dir = Path(state_dir) if state_dir is not None else Path(tempfile.mkdtemp(prefix="flasher-sim-"))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.boards = [
+            SimulatedBoard(i, self.state_dir / f"board-{i}.json", random.Random(f"flasher-sim:{seed}:{i}"),
+                           Faults(**asdict(faults)) if faults else Faults(), version=version, join_delay=join_delay)
+            for i in range(count)
+        ]
+        self._plugs: dict[int, _Plug] = {}
+        self._lock = threading.Lock()
+        self._requests: list = []
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def ports_file(self) -> Path:
+        return self.state_dir / PORTS_FILE
+
+    @property
+    def ports(self) -> list[str | None]:
+        return [b.port for b in self.boards]
+
+    def start(self) -> "BoardSimulator":
+        for b in self.boards:
+            self._plug(b)
+        self._write_ports()
+        self._thread = threading.Thread(target=self._run, name="board-sim", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the loop, close every pty, remove the ports file. Safe to call twice."""
+        if self._thread is not None:
+            self._stopping = True
+            self._wake()
+            self._thread.join(timeout=10)
+            self._thread = None
+        for i in list(self._plugs):
+            self._unplug_now(self.boards[i])
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+        try:
+            self.ports_file.unlink()
+        except FileNotFoundError:
+            pass
+        if self._own_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def __enter__(self) -> "BoardSimulator":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- control from other threads --------------------------------------------------------
+
+    def unplug(self, i: int) -> None:
+        """Pull board ``i``'s cable: its pty master closes, readers get an error."""
+        self._call(lambda: self._unplug_now(self.boards[i]))
+
+    def replug(self, i: int) -> str:
+        """Plug board ``i`` back in, on a new pty; same serial number and EEPROM. Returns the new path."""
+        return self._call(lambda: self._plug(self.boards[i]) if self.boards[i].port is None else self.boards[i].port)
+
+    def _call(self, fn):
+        if self._thread is None:
+            return fn()
+        done = threading.Event()
+        box: list = []
+
+        def job():
+            try:
+                box.append(fn())
+            finally:
+                done.set()
+
+        with self._lock:
+            self._requests.append(job)
+        self._wake()
+        if not done.wait(10):
+            raise RuntimeError("board simulator loop is not responding")
+        return box[0] if box else None
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    # --- plugs (loop thread, or before it starts) -------------------------------------------
+
+    def _plug(self, b: SimulatedBoard) -> str:
+        master, slave = os.openpty()
+        tty.setraw(slave)  # no line discipline: no local echo, no CRLF translation
+        os.set_blocking(master, False)
+        path = os.ttyname(slave)
+        self._plugs[b.index] = _Plug(master, slave, path)
+        b.port, b.commands, b.booting = path, 0, True
+        if self._thread is not None:
+            self._write_ports()
+        log.debug("board %d plugged in at %s", b.index, path)
+        return path
+
+    def _unplug_now(self, b: SimulatedBoard) -> None:
+        plug = self._plugs.pop(b.index, None)
+        if plug is None:
+            return
+        for fd in (plug.master, plug.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        b.port = None
+        b.joined = False
+        b.faults.unplug_after = None
+        if not self._stopping:
+            self._write_ports()
+        log.debug("board %d unplugged", b.index)
+
+    def _write_ports(self) -> None:
+        entries = [{"device": b.port, "serial_number": b.serial_number, "vid": f"{VID:04X}", "pid": f"{PID:04X}",
+                    "description": "Seeeduino LoRaWAN (simulated)", "manufacturer": "Seeed Studio",
+                    "location": f"sim-{b.index}", "simulated": True}
+                   for b in self.boards if b.port]
+        _atomic_write(self.ports_file, json.dumps(entries, indent=2) + "\n")
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                with self._lock:
+                    jobs, self._requests = self._requests, []
+                for job in jobs:
+                    job()
+                now = time.monotonic()
+                # Output that is due waits for the pty to be writable (a full buffer means nobody
+                # reads); output that is not due yet sets the select timeout. No spinning either way.
+                ready = [p.master for p in self._plugs.values() if p.out and p.out[0][0] <= now]
+                later = [p.out[0][0] for p in self._plugs.values() if p.out and p.out[0][0] > now]
+                timeout = max(0.0, min(later) - now) if later else None
+                fds = {p.master: i for i, p in self._plugs.items()}
+                readable, writable, _ = select.select([self._wake_r, *fds], ready, [], timeout)
+                if self._wake_r in readable:
+                    try:
+                        os.read(self._wake_r, 512)
+                    except BlockingIOError:
+                        pass
+                for fd in readable:
+                    if fd in fds and fds[fd] in self._plugs:
+                        self._receive(self.boards[fds[fd]])
+                self._flush(time.monotonic(), set(writable))
+        except BaseException as exc:  # a simulator bug must not look like a silent board
+            self._error = exc
+            log.exception("board simulator loop died")
+
+    def _receive(self, b: SimulatedBoard) -> None:
+        plug = self._plugs[b.index]
+        try:
+            data = os.read(plug.master, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            return
+        plug.inbuf += data
+        while b.index in self._plugs and b"\n" in plug.inbuf:
+            i = plug.inbuf.index(b"\n")
+            line = bytes(plug.inbuf[:i])
+            del plug.inbuf[: i + 1]
+            self._command(b, plug, line)
+        if len(plug.inbuf) > MAX_LINE * 2:  # no LF for far too long
+            plug.inbuf.clear()
+            self._queue(b, plug, [(0, "+AT: ERROR(-21)")])
+
+    def _command(self, b: SimulatedBoard, plug: _Plug, line: bytes) -> None:
+        f = b.faults
+        if not line.rstrip(b"\r").strip():
+            return
+        if f.unplug_after is not None and b.commands >= f.unplug_after:
+            self._unplug_now(b)  # mid-command: the command arrived, no answer ever will
+            return
+        b.commands += 1
+        now = time.monotonic()
+        if f.echo:
+            self._send(plug, now, line.rstrip(b"\r") + b"\r\n")
+        if f.silent:
+            return
+        self._queue(b, plug, b.respond(line))
+
+    def _queue(self, b: SimulatedBoard, plug: _Plug, answers: list[tuple[float, str]]) -> None:
+        if not answers:
+            return
+        f = b.faults
+        start = time.monotonic() + f.latency
+        chunks = [(start + d, s.encode("ascii") + b"\r\n") for d, s in answers]
+        if f.corrupt:
+            k = b._rng.randrange(len(chunks))
+            t, data = chunks[k]
+            bad = bytearray(data)
+            for j in range(1, min(4, len(bad) - 2)):  # the "+NAME:" header: unrecognisable, still a line
+                bad[j] = 0x80 | b._rng.randrange(0x80)
+            chunks[k] = (t, bytes(bad))
+            if f.corrupt > 0:
+                f.corrupt -= 1
+        if f.boot_noise and b.booting:
+            t, data = chunks[0]
+            chunks[0] = (t, BOOT_NOISE + data)
+        b.booting = False
+        for t, data in chunks:
+            self._send(plug, t, data)
+
+    @staticmethod
+    def _send(plug: _Plug, due: float, data: bytes) -> None:
+        if plug.out and plug.out[-1][0] > due:
+            due = plug.out[-1][0]  # keep order
+        plug.out.append((due, data))
+
+    def _flush(self, now: float, writable: set[int]) -> None:
+        for plug in self._plugs.values():
+            while plug.master in writable and plug.out and plug.out[0][0] <= now:
+                data = plug.out[0][1]
+                try:
+                    n = os.write(plug.master, data)
+                except BlockingIOError:
+                    break  # nobody reading; try again later
+                except OSError:
+                    plug.out.clear()
+                    break
+                if n < len(data):
+                    plug.out[0] = (plug.out[0][0], data[n:])
+                    break
+                plug.out.pop(0)

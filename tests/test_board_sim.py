@@ -1,0 +1,192 @@
+"""The board simulator: its dialect, its EEPROM, its ptys, its faults, its cleanup."""
+
+import json
+import os
+import random
+import threading
+
+import pytest
+
+from flasher.at import ATClient, PortGone
+from flasher.rhf76 import open_module
+from flasher.sim.board import BoardSimulator, Faults, SimulatedBoard
+
+
+@pytest.fixture
+def board(tmp_path):
+    return SimulatedBoard(0, tmp_path / "b.json", random.Random(7), Faults())
+
+
+def answers(board, line):
+    return [text for _, text in board.respond(line.encode("latin-1"))]
+
+
+@pytest.mark.parametrize("line,expect", [
+    ("AT", ["+AT: OK"]),
+    ("at+ver", ["+VER: 2.1.19"]),
+    ("AT+VER?", ["+VER: 2.1.19"]),
+    ("AT+MODE=?", ["+MODE: LWABP"]),
+    ("AT+CLASS", ["+CLASS: A"]), ("AT+ADR", ["+ADR: ON"]), ("AT+PORT", ["+PORT: 8"]), ("AT+POWER", ["+POWER: 14"]),
+    ("AT+DR", ["+DR: DR0", "+DR: EU868 DR0  SF12 BW125K "]),
+    ("AT+DR=as923", ["+DR: AS923"]), ("AT+DR=5", ["+DR: DR5"]), ("AT+DR=DR16", ["+DR: ERROR(-1)"]),
+    ('AT+ID=AppEui,"70B3D57ED003F06A"', ["+ID: AppEui, 70:B3:D5:7E:D0:03:F0:6A"]),
+    ('AT+ID=AppEui,"70:B3:D5:7E:D0:03:F0:6A"', ["+ID: ERROR(-1)"]),  # plain hex only
+    ('AT+KEY=APPKEY,"2B7E151628AED2A6ABF7158809CF4F3C"', ["+KEY: APPKEY 2B7E151628AED2A6ABF7158809CF4F3C"]),
+    ('AT+KEY=APPKEY,"2B7E"', ["+KEY: ERROR(-1)"]),
+    ("AT+KEY", ["+KEY: ERROR(-11)"]),
+    ("AT+MODE=FOO", ["+MODE: ERROR(-1)"]),
+    ("AT+NOPE", ["+AT: ERROR(-10)"]), ("HELLO", ["+AT: ERROR(-10)"]),
+    ("AT+VER=" + "x" * 600, ["+AT: ERROR(-21)"]),
+    ("AT+MSG=\"\x01\"", ["+AT: ERROR(-23)"]),
+    ("AT+JOIN", ["+JOIN: Not in OTAA mode"]),
+    ('AT+MSG="hi"', ["+MSG: Start", "+MSG: FPENDING", "+MSG: Done"]),
+    ("AT+RESET", ["+RESET: OK"]), ("AT+FDEFAULT=RISINGHF", ["+FDEFAULT: OK"]), ("AT+FDEFAULT=X", ["+FDEFAULT: ERROR(-1)"]),
+    ("", []),
+])
+def test_dialect(board, line, expect):
+    assert answers(board, line) == expect
+
+
+def test_id_query_three_lines_in_order(board):
+    lines = answers(board, "AT+ID")
+    e = board.eeprom
+    assert lines == [f"+ID: DevAddr, {':'.join(e.devaddr[i:i+2] for i in range(0, 8, 2))}",
+                     f"+ID: DevEui, {':'.join(e.deveui[i:i+2] for i in range(0, 16, 2))}",
+                     "+ID: AppEui, 80:00:00:00:00:00:00:06"]
+
+
+def test_modes_and_join(board):
+    assert answers(board, "AT+MODE=TEST") == ["+MODE: TEST"]
+    assert answers(board, "AT+JOIN") == ["+JOIN: ERROR(-12)"]
+    assert answers(board, 'AT+MSG="x"') == ["+MSG: ERROR(-12)"]
+    answers(board, "AT+MODE=LWOTAA")
+    answers(board, 'AT+KEY=APPKEY,"2B7E151628AED2A6ABF7158809CF4F3C"')
+    assert answers(board, 'AT+MSG="x"') == ["+MSG: Please join network first"]
+    joined = answers(board, "AT+JOIN")
+    assert joined[:3] == ["+JOIN: Start", "+JOIN: NORMAL", "+JOIN: Network joined"] and joined[-1] == "+JOIN: Done"
+    assert answers(board, "AT+JOIN") == ["+JOIN: Joined already"]
+
+
+def test_2_0_10_echoes_key_space_separated(tmp_path):
+    b = SimulatedBoard(0, tmp_path / "b.json", random.Random(1), Faults(), version="2.0.10")
+    assert answers(b, 'AT+KEY=APPKEY,"2b7e151628aed2a6abf7158809cf4f3c"') == \
+        ["+KEY: APPKEY 2B 7E 15 16 28 AE D2 A6 AB F7 15 88 09 CF 4F 3C"]
+
+
+def test_eeprom_survives_restart_and_is_written_atomically(tmp_path):
+    state = tmp_path / "state"
+    with BoardSimulator(count=2, state_dir=state, seed=3) as sim:
+        first = [(b.serial_number, b.deveui) for b in sim.boards]
+        with open_module(sim.ports[1]) as m:
+            m.at.command('AT+ID=AppEui,"70B3D57ED003F06A"')
+            m.at.command("AT+MODE=LWOTAA")
+    with BoardSimulator(count=2, state_dir=state, seed=99) as sim:  # another seed: the EEPROM wins
+        assert [(b.serial_number, b.deveui) for b in sim.boards] == first
+        with open_module(sim.ports[1]) as m:
+            s = m.read_settings()
+            assert (s.join_eui.hex, s.mode) == ("70B3D57ED003F06A", "LWOTAA")
+    saved = json.loads((state / "board-1.json").read_text())
+    for key in ("deveui", "appeui", "devaddr", "appkey", "nwkskey", "appskey", "mode", "band", "dr", "class", "adr",
+                "version", "serial_number"):
+        assert key in saved
+    assert sorted(p.name for p in state.iterdir()) == ["board-0.json", "board-1.json"]  # no temp files, no ports.json
+
+
+def test_identities_come_from_the_seed_and_vary(tmp_path):
+    with BoardSimulator(count=8, state_dir=tmp_path / "a", seed=5) as a, \
+            BoardSimulator(count=8, state_dir=tmp_path / "b", seed=5) as b, \
+            BoardSimulator(count=8, state_dir=tmp_path / "c", seed=6) as c:
+        assert [x.deveui for x in a.boards] == [x.deveui for x in b.boards]
+        assert [x.deveui for x in a.boards] != [x.deveui for x in c.boards]
+        assert len({x.deveui[:6] for x in a.boards}) > 1  # no fixed prefix
+        assert len({x.serial_number for x in a.boards + c.boards}) == 16
+
+
+def test_ports_file_follows_plugs_and_goes_away(tmp_path):
+    with BoardSimulator(count=2, state_dir=tmp_path, seed=1) as sim:
+        entries = json.loads(sim.ports_file.read_text())
+        assert [e["device"] for e in entries] == sim.ports
+        assert {(e["vid"], e["pid"]) for e in entries} == {("2886", "800C")}
+        sim.unplug(0)
+        assert [e["device"] for e in json.loads(sim.ports_file.read_text())] == [sim.ports[1]]
+        sim.replug(0)
+        assert {e["serial_number"] for e in json.loads(sim.ports_file.read_text())} == \
+            {b.serial_number for b in sim.boards}
+    assert not sim.ports_file.exists()
+
+
+def test_unplug_and_replug_keep_identity_and_eeprom(sim_boards):
+    sim = sim_boards(1)
+    old = sim.ports[0]
+    with open_module(old) as m:
+        deveui = m.read_ids().dev_eui
+        m.at.command('AT+ID=AppEui,"0102030405060708"')
+        sim.unplug(0)
+        assert sim.ports[0] is None
+        with pytest.raises(PortGone):
+            m.read_ids()
+    new = sim.replug(0)
+    assert sim.ports[0] == new and sim.replug(0) == new  # replugging a plugged board is a no-op
+    with open_module(new) as m:
+        ids = m.read_ids()
+    assert ids.dev_eui == deveui and ids.app_eui.hex == "0102030405060708"
+
+
+def test_unplug_after_counts_commands_then_clears(sim_boards):
+    sim = sim_boards(1, faults=Faults(unplug_after=2))
+    with ATClient.open(sim.ports[0], timeout=2) as at:
+        at.command("AT")
+        at.command("AT+VER")
+        with pytest.raises(PortGone):
+            at.command("AT+ID")
+    assert sim.boards[0].faults.unplug_after is None
+    with open_module(sim.replug(0)) as m:
+        m.read_ids()
+
+
+def test_faults_change_at_runtime(sim_boards):
+    sim = sim_boards(1)
+    f = sim.boards[0].faults
+    with ATClient.open(sim.ports[0], timeout=0.3) as at:
+        assert at.command("AT") == ["OK"]
+        f.silent = True
+        with pytest.raises(Exception):
+            at.command("AT")
+        f.silent = False
+        f.echo = True
+        assert at.command("AT") == ["OK"]
+
+
+def test_close_releases_every_pty_and_thread(tmp_path):
+    before = threading.active_count()
+    sim = BoardSimulator(count=3, state_dir=tmp_path, seed=1).start()
+    ports = list(sim.ports)
+    assert all(os.path.exists(p) for p in ports)
+    at = ATClient.open(ports[0], timeout=1)
+    sim.close()
+    with pytest.raises(PortGone):
+        at.command("AT")
+    at.close()
+    assert not any(os.path.exists(p) for p in ports)
+    assert threading.active_count() == before
+    sim.close()  # twice is fine
+
+
+def test_temporary_state_dir_is_removed():
+    with BoardSimulator(count=1) as sim:
+        d = sim.state_dir
+        assert (d / "board-0.json").exists()
+    assert not d.exists()
+
+
+def test_nobody_reading_does_not_block_or_spin(sim_boards):
+    sim = sim_boards(1, faults=Faults(echo=True))
+    fd = os.open(sim.ports[0], os.O_RDWR | os.O_NOCTTY)
+    try:
+        for _ in range(400):  # ~8 KiB of answers nobody reads: more than the pty buffer holds
+            os.write(fd, b"AT+VER\r\n")
+        with ATClient.open(sim.ports[0], timeout=5) as at:  # the backlog drains once someone reads
+            assert at.command("AT") == ["OK"]
+        assert sim.replug(0) == sim.ports[0]  # the loop thread is responsive
+    finally:
+        os.close(fd)

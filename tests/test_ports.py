@@ -1,0 +1,123 @@
+"""Port discovery over recorded comports() output from three operating systems; no hardware."""
+
+import json
+
+import pytest
+from serial.tools.list_ports_common import ListPortInfo
+
+from flasher.errors import FlasherError, InputError
+from flasher.ports import (APP, BOOTLOADER, SIMULATED_PORTS_ENV, classify, find_boards, list_ports, load_simulated,
+                           resolve_targets)
+
+
+def port(device, vid=None, pid=None, serial_number=None, location=None, description="n/a", **extra):
+    """A real pyserial ListPortInfo, filled in as pyserial fills it on that OS."""
+    p = ListPortInfo(device, skip_link_detection=True)
+    p.vid, p.pid, p.serial_number, p.location, p.description = vid, pid, serial_number, location, description
+    for k, v in extra.items():
+        setattr(p, k, v)
+    return p
+
+
+# Recorded shapes: Linux (sysfs), macOS (IOKit, cu.* devices), Windows (SetupAPI, COMn).
+LINUX = [
+    port("/dev/ttyS0"),
+    port("/dev/ttyACM0", 0x2886, 0x800C, "6D3F2A1B5150484735202020FF0B1C2A", "1-1.2:1.0", "Seeeduino LoRaWAN",
+         manufacturer="Seeed Studio", product="Seeeduino LoRaWAN", hwid="USB VID:PID=2886:800C SER=6D3F2A1B LOCATION=1-1.2:1.0"),
+    port("/dev/ttyACM1", 0x2886, 0x000C, "88AA22CC5150484735202020FF0B0F11", "1-1.3:1.0", "Seeeduino LoRaWAN"),
+    port("/dev/ttyUSB0", 0x0403, 0x6001, "A50285BI", "1-1.4:1.0", "FT232R USB UART"),
+    port("/dev/ttyACM2", 0x2341, 0x8057, "ABCDEF", "1-1.5:1.0", "Arduino Nano 33 IoT"),
+]
+MACOS = [
+    port("/dev/cu.Bluetooth-Incoming-Port"),
+    port("/dev/cu.usbmodem14201", 0x2886, 0x800C, "B1C2D3E45150484735202020FF0A0B0C", "20-2", "Seeeduino LoRaWAN"),
+]
+WINDOWS = [
+    port("COM1", description="Communications Port (COM1)"),
+    port("COM7", 0x2886, 0x800C, "0F1E2D3C5150484735202020FF101112", "1-4:x.0", "USB Serial Device (COM7)"),
+    port("COM8", 0x2886, 0x000C, "0F1E2D3C5150484735202020FF101113", "1-5:x.0", "USB Serial Device (COM8)"),
+]
+
+
+@pytest.mark.parametrize("records,expect", [
+    (LINUX, {"/dev/ttyACM0": APP, "/dev/ttyACM1": BOOTLOADER}),
+    (MACOS, {"/dev/cu.usbmodem14201": APP}),
+    (WINDOWS, {"COM7": APP, "COM8": BOOTLOADER}),
+])
+def test_recognises_boards_by_usb_id(records, expect):
+    infos = classify(records)
+    assert len(infos) == len(records)
+    assert {p.device: p.board for p in infos if p.board} == expect
+    assert [p.device for p in find_boards(infos)] == list(expect)
+
+
+def test_port_info_fields_and_json():
+    p = classify(LINUX)[1]
+    assert (p.serial_number, p.location, p.bootloader) == ("6D3F2A1B5150484735202020FF0B1C2A", "1-1.2:1.0", False)
+    assert classify(LINUX)[2].bootloader
+    assert p.to_json()["vid"] == "2886" and p.to_json()["pid"] == "800C" and p.to_json()["board"] == "app"
+    assert classify(LINUX)[0].to_json()["vid"] is None
+
+
+def test_resolve_by_port_serial_number_and_all():
+    avail = classify(LINUX + WINDOWS)
+    assert resolve_targets(["loop://", "loop://"], [], False, available=avail) == ["loop://"]
+    assert resolve_targets([], ["6d3f2a1b5150484735202020ff0b1c2a"], False, available=avail) == ["/dev/ttyACM0"]
+    assert resolve_targets(["/dev/ttyACM0"], [], True, available=avail) == ["/dev/ttyACM0", "COM7"]
+
+
+@pytest.mark.parametrize("ports,sns,all_,exc,match", [
+    ([], [], False, InputError, "no board selected"),
+    ([], ["NOPE"], False, InputError, "serial number NOPE: no such board"),
+    ([], ["88AA22CC5150484735202020FF0B0F11"], False, FlasherError, "bootloader at /dev/ttyACM1"),
+])
+def test_resolve_errors(ports, sns, all_, exc, match):
+    with pytest.raises(exc, match=match):
+        resolve_targets(ports, sns, all_, available=classify(LINUX))
+
+
+def test_all_without_boards():
+    with pytest.raises(InputError, match="--all: no Seeeduino"):
+        resolve_targets([], [], True, available=classify(MACOS[:1]))
+
+
+def test_same_serial_on_two_ports_is_ambiguous():
+    twin = port("/dev/ttyACM9", 0x2886, 0x800C, "6D3F2A1B5150484735202020FF0B1C2A")
+    with pytest.raises(InputError, match="several ports"):
+        resolve_targets([], ["6D3F2A1B5150484735202020FF0B1C2A"], False, available=classify(LINUX + [twin]))
+
+
+def test_simulated_ports_file(tmp_path, monkeypatch):
+    live = tmp_path / "tty-live"
+    live.write_text("")
+    f = tmp_path / "ports.json"
+    f.write_text(json.dumps([
+        {"device": str(live), "serial_number": "SIM1", "vid": "2886", "pid": "800C", "simulated": True},
+        {"device": str(tmp_path / "gone"), "serial_number": "SIM2", "vid": "2886", "pid": "800C"},
+    ]))
+    sims = load_simulated(f)
+    assert [(p.device, p.board, p.simulated) for p in sims] == [(str(live), APP, True)]
+    monkeypatch.setenv(SIMULATED_PORTS_ENV, str(f))
+    assert str(live) in [p.device for p in list_ports()]
+    assert resolve_targets([], ["sim1"], False) == [str(live)]
+
+
+def test_simulated_ports_file_problems(tmp_path, monkeypatch):
+    assert load_simulated(tmp_path / "missing.json") == []
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(InputError, match=SIMULATED_PORTS_ENV):
+        load_simulated(bad)
+    bad.write_text('{"device": "x"}')
+    with pytest.raises(InputError, match="list of objects"):
+        load_simulated(bad)
+    monkeypatch.delenv(SIMULATED_PORTS_ENV, raising=False)
+    assert load_simulated() == []
+
+
+def test_discovery_finds_a_running_simulator(sim_boards, sim_env):
+    sim = sim_boards(2)
+    sim_env(sim)
+    boards = [b for b in find_boards() if b.simulated]
+    assert [b.device for b in boards] == sim.ports
+    assert resolve_targets([], [sim.boards[1].serial_number], False) == [sim.ports[1]]

@@ -1,0 +1,192 @@
+"""RHF76 operations against the simulator and against the independent MiniModule."""
+
+import json
+import logging
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flasher.at import ATError, ATTimeout, PortGone, ProtocolError
+from flasher.errors import InputError
+from flasher.eui import EUI64
+from flasher.rhf76 import (ModuleIds, ModuleSettings, ModuleVerifyError, each_board, open_module, parse_dr_query,
+                           parse_id_line, parse_ids, parse_key_echo, parse_version)
+from flasher.sim.board import Faults
+
+JOIN_EUI = EUI64.parse("70B3D57ED003F06A")
+APP_KEY = bytes.fromhex("2B7E151628AED2A6ABF7158809CF4F3C")
+
+
+def test_read_ids_version_settings(sim_boards):
+    sim = sim_boards(1)
+    board = sim.boards[0]
+    with open_module(sim.ports[0]) as m:
+        ids = m.read_ids()
+        assert ids == ModuleIds(EUI64.parse(board.deveui), EUI64.parse("8000000000000006"), board.deveui[8:])
+        assert m.version() == "2.1.19"
+        assert m.read_settings() == ModuleSettings(EUI64.parse("8000000000000006"), "LWABP", "EU868", 0)
+
+
+@pytest.mark.parametrize("version", ["2.1.19", "2.0.10"])
+def test_program_writes_and_reads_back(sim_boards, version):
+    sim = sim_boards(1, version=version)
+    with open_module(sim.ports[0]) as m:
+        m.program(JOIN_EUI, APP_KEY, band="us915", data_rate=3)
+        assert m.read_settings() == ModuleSettings(JOIN_EUI, "LWOTAA", "US915", 3)
+    state = json.loads(sim.boards[0].state_path.read_text())
+    assert (state["appeui"], state["appkey"], state["mode"], state["band"], state["dr"]) == \
+        (JOIN_EUI.hex, APP_KEY.hex().upper(), "LWOTAA", "US915", 3)
+
+
+def test_program_masks_key_in_every_log_line(sim_boards, caplog):
+    sim = sim_boards(1, faults=Faults(echo=True))
+    caplog.set_level(logging.DEBUG, logger="flasher")
+    with open_module(sim.ports[0]) as m:
+        m.program(JOIN_EUI, APP_KEY)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "programmed JoinEUI 70B3D57ED003F06A" in text
+    assert APP_KEY.hex().upper() not in text.upper()
+
+
+def test_program_rejects_bad_input_before_touching_the_module(sim_boards):
+    sim = sim_boards(1)
+    with open_module(sim.ports[0]) as m:
+        with pytest.raises(InputError, match="band 'XX868'"):
+            m.program(JOIN_EUI, APP_KEY, band="XX868")
+        with pytest.raises(InputError, match="16 bytes"):
+            m.program(JOIN_EUI, APP_KEY[:8])
+        with pytest.raises(InputError, match="DR0..DR15"):
+            m.program(JOIN_EUI, APP_KEY, data_rate=16)
+    assert sim.boards[0].state["appeui"] == "8000000000000006"
+
+
+def test_join_and_message(sim_boards):
+    sim = sim_boards(1)
+    with open_module(sim.ports[0]) as m:
+        r = m.join()
+        assert not r.joined and r.lines == ("Not in OTAA mode",)
+        assert m.at.command('AT+MSG="hi"') == ["Start", "FPENDING", "Done"]  # ABP sends without a join
+        m.program(JOIN_EUI, APP_KEY)
+        assert m.at.command('AT+MSG="hi"') == ["Please join network first"]
+        r = m.join()
+        assert r.joined and r.lines[-1] == "Done" and r.lines[2] == "Network joined"
+        assert m.join().lines == ("Joined already",)
+        assert m.at.command('AT+MSG="hi"')[-1] == "Done"
+
+
+def test_join_fails_without_key(sim_boards):
+    sim = sim_boards(1)
+    with open_module(sim.ports[0]) as m:
+        m.at.command("AT+MODE=LWOTAA")
+        r = m.join()
+    assert not r.joined and r.lines[-2:] == ("Join failed", "Done")
+
+
+def test_factory_default(sim_boards):
+    sim = sim_boards(1)
+    with open_module(sim.ports[0]) as m:
+        before = m.read_ids()
+        m.program(JOIN_EUI, APP_KEY)
+        m.at.command('AT+ID=DevEui,"0011223344556677"')
+        m.factory_default()
+        assert m.read_ids() == before
+        assert m.read_settings().mode == "LWABP"
+    assert sim.boards[0].state["appkey"] is None
+
+
+def test_retries_recover_from_corruption(sim_boards):
+    sim = sim_boards(1, faults=Faults(corrupt=2))
+    with open_module(sim.ports[0], retries=2) as m:
+        assert m.read_ids().dev_eui.hex == sim.boards[0].deveui
+    sim.boards[0].faults.corrupt = -1
+    with pytest.raises(ProtocolError, match="garbled"):
+        with open_module(sim.ports[0], retries=2) as m:
+            pass
+
+
+def test_silent_module_fails_once_within_timeout(sim_boards):
+    sim = sim_boards(1, faults=Faults(silent=True))
+    with pytest.raises(ATTimeout) as e:
+        with open_module(sim.ports[0], timeout=0.3, retries=5):
+            pass
+    assert "no answer to AT within 0.3 s" in str(e.value)
+    assert sim.boards[0].commands == 1  # silence is not retried
+
+
+def test_unplug_during_program(sim_boards):
+    sim = sim_boards(1, faults=Faults(unplug_after=3))
+    with pytest.raises(PortGone, match="lost during"):
+        with open_module(sim.ports[0]) as m:
+            m.program(JOIN_EUI, APP_KEY)
+
+
+def test_each_board_keeps_order_and_captures_at_errors(sim_boards):
+    sim = sim_boards(3)
+    sim.boards[1].faults.silent = True
+    ports = sim.ports
+
+    def read(port):
+        with open_module(port, timeout=0.3) as m:
+            return m.read_ids().dev_eui.hex
+
+    results = each_board(ports, read)
+    assert [p for p, _, _ in results] == ports
+    assert results[0][1] == sim.boards[0].deveui and results[2][1] == sim.boards[2].deveui
+    assert isinstance(results[1][2], ATTimeout)
+
+
+# --- the independent responder --------------------------------------------------------
+
+def test_independent_module_read_and_program(mini_module):
+    mod = mini_module()
+    with open_module(mod.path) as m:
+        ids = m.read_ids()
+        assert ids.dev_eui.hex == "4786C58B00112233" and ids.dev_addr == "00112233"
+        assert m.version() == "2.0.10"
+        m.program(JOIN_EUI, APP_KEY, band="EU868", data_rate=5)
+        assert m.read_settings() == ModuleSettings(JOIN_EUI, "LWOTAA", "EU868", 5)
+    assert mod.values["appkey"] == APP_KEY.hex().upper()
+    assert f'AT+ID=AppEui,"{JOIN_EUI.hex}"' in mod.received  # plain upper hex, quoted
+
+
+@pytest.mark.parametrize("lie,field", [({"appeui"}, "JoinEUI"), ({"mode"}, "mode"), ({"band"}, "band")])
+def test_read_back_difference_names_the_field(mini_module, lie, field):
+    mod = mini_module(lie=lie)
+    with open_module(mod.path) as m:
+        with pytest.raises(ModuleVerifyError) as e:
+            m.program(JOIN_EUI, APP_KEY, band="US915")
+    assert e.value.field == field and "reads back" in str(e.value)
+
+
+def test_key_echo_difference(mini_module):
+    mod = mini_module(mangle_key_echo=True)
+    with open_module(mod.path) as m:
+        with pytest.raises(ModuleVerifyError, match="AppKey echo differs") as e:
+            m.program(JOIN_EUI, APP_KEY)
+    assert e.value.field == "AppKey" and APP_KEY.hex().upper()[2:] not in str(e.value).upper()
+
+
+# --- parsers -----------------------------------------------------------------------------
+
+def test_parsers():
+    ids = parse_ids(["DevAddr, 24:90:01:38", "DevEui, 2C:F7:F1:20:24:90:01:38", "AppEui, 80:00:00:00:00:00:00:06"])
+    assert ids.dev_eui.hex == "2CF7F12024900138" and ids.dev_addr == "24900138"
+    assert parse_id_line("appeui, 70b3d57ed003f06a", "AppEui") == "70B3D57ED003F06A"
+    assert parse_key_echo("APPKEY 2B 7E 15 16 28 AE D2 A6 AB F7 15 88 09 CF 4F 3C") == APP_KEY.hex().upper()
+    assert parse_dr_query(["DR0", "EU868 DR0  SF12 BW125K "]) == (0, "EU868")
+    assert parse_version("2.1.19") == "2.1.19"
+    with pytest.raises(ProtocolError, match="lacks a valid devaddr"):
+        parse_ids(["DevEui, 2C:F7:F1:20:24:90:01:38", "AppEui, 80:00:00:00:00:00:00:06"])
+
+
+@given(st.lists(st.text(max_size=60), max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_fuzz_dialect_parsers_raise_only_client_errors(lines):
+    for fn in (lambda: parse_ids(lines), lambda: parse_dr_query(lines),
+               lambda: parse_id_line(lines[0] if lines else "", "AppEui"),
+               lambda: parse_key_echo(lines[0] if lines else ""), lambda: parse_version(lines[0] if lines else "")):
+        try:
+            fn()
+        except ATError:
+            pass
