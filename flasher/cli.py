@@ -466,6 +466,198 @@ def header(dev_eui, join_eui, app_key, app_key_file, master_file, random_key, ba
 
 # --- DPS (register, simulate dps) ----------------------------------------------------
 
+DEVICE_KEY_ENV = "FLASHER_DEVICE_KEY"
+
+
+class _LiveLine:
+    """One status line rewritten in place on a terminal (stderr); silent on a pipe."""
+
+    def __init__(self, total: int):
+        import threading
+
+        self.on = sys.stderr.isatty()
+        self.total, self.done, self.phases = total, 0, {}
+        self._lock = threading.Lock()
+
+    def phase(self, reg_id: str, name: str) -> None:
+        with self._lock:
+            self.phases[reg_id] = name
+            self._draw()
+
+    def finished(self, reg_id: str, line: str | None = None, to_err: bool = False) -> None:
+        with self._lock:
+            self.phases.pop(reg_id, None)
+            self.done += 1
+            self._clear()
+            if line is not None:
+                click.echo(line, err=to_err)
+            self._draw()
+
+    def close(self) -> None:
+        with self._lock:
+            self._clear()
+            self.on = False
+
+    def _clear(self) -> None:
+        if self.on:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+    def _draw(self) -> None:
+        if not self.on or not self.phases:
+            return
+        shown = ", ".join(f"{r}: {p}" for r, p in list(self.phases.items())[:3])
+        more = f" +{len(self.phases) - 3}" if len(self.phases) > 3 else ""
+        import shutil
+
+        width = max(20, shutil.get_terminal_size((80, 24)).columns - 1)
+        sys.stderr.write(f"\r\x1b[K[{self.done}/{self.total}] {shown}{more}"[:width + 5])  # +5: the escape sequence takes no columns
+        sys.stderr.flush()
+
+
+@cli.command()
+@click.argument("ids", nargs=-1, required=True, metavar="ID_OR_EUI...")
+@click.option("--enrollment", type=click.Choice(["group", "individual"]), default="group", show_default=True,
+              help="Group: the device key is derived from the group key. Individual: the enrollment's own key.")
+@click.option("--id-scope", envvar="FLASHER_ID_SCOPE", metavar="SCOPE", help="DPS ID scope, e.g. 0ne0001A2B3 [env FLASHER_ID_SCOPE].")
+@click.option("--dps-host", envvar="FLASHER_DPS_HOST", default="global.azure-devices-provisioning.net", show_default=True,
+              help="DPS endpoint (port 8883, fixed by the SDK) [env FLASHER_DPS_HOST].")
+@click.option("--ca-cert", type=click.Path(dir_okay=False), help="PEM root of trust for a private endpoint (emulator, gateway).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True, help="Seconds allowed per device, all phases.")
+@click.option("--no-test-message", is_flag=True, help="Register only; do not connect to the hub and send 'TestMessage'.")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=8, show_default=True, help="Registrations in flight at once.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per device on stdout.")
+@click.option("--device-key", metavar="KEY", help=f"Individual enrollment key (visible in the process list: prefer ${DEVICE_KEY_ENV}).")
+@click.option("--device-key-file", type=click.Path(dir_okay=False), help="File holding the individual enrollment key.")
+@id_format_option
+@group_key_options
+def register(ids, enrollment, id_scope, dps_host, ca_cert, timeout, no_test_message, concurrency, as_json,
+             device_key, device_key_file, id_format, group_keys):
+    """Register devices with Azure DPS, then prove each with one hub message.
+
+    Each ID_OR_EUI is a registration id, or a DevEUI that becomes one through
+    --registration-id-format. Several ids are registered concurrently and each is
+    reported as it finishes; the exit code is 1 if any failed.
+
+    \b
+    Example:
+      export FLASHER_GROUP_PRIMARY_KEY=...   # never on the command line
+      flasher register 2CF7F12024900138 2CF7F12024900139 --id-scope 0ne0001A2B3
+      flasher simulate dps --enrollments enrollments.json &   # a local DPS + hub
+      flasher register 2CF7F12024900138 --id-scope 0ne00000001 --dps-host 127.0.0.1 \\
+          --ca-cert ~/.cache/flasher/dps-emulator/ca.pem --json
+    """
+    import json
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from flasher.dps import DpsError, read_ca_cert, register_device, validate_id_scope
+    from flasher.identity import RegistrationIdPolicy
+    from flasher.keys import decode_symmetric_key, derive_device_key
+    from flasher.secrets import resolve_secret
+
+    if not id_scope:
+        raise click.UsageError("--id-scope is required (or set FLASHER_ID_SCOPE)")
+    scope = validate_id_scope(id_scope)
+    if ca_cert:
+        read_ca_cert(ca_cert)  # a bad path fails once, before any registration
+    policy = RegistrationIdPolicy(id_format)
+    reg_ids = list(dict.fromkeys(policy.resolve(a)[0] for a in ids))
+    if enrollment == "individual":
+        if len(reg_ids) != 1:
+            raise click.UsageError("--enrollment individual takes one id: each individual enrollment has its own key")
+        key = resolve_secret("device key", option=device_key, option_name="--device-key", file=device_key_file,
+                             env_var=DEVICE_KEY_ENV, prompt=True)
+        decode_symmetric_key(key, "device key")
+        keys = {reg_ids[0]: key.strip()}
+    else:
+        if device_key or device_key_file:
+            raise click.UsageError("--device-key is for --enrollment individual; group device keys are derived")
+        primary, _ = group_keys.load(secondary=False)
+        keys = {r: derive_device_key(primary, r) for r in reg_ids}
+
+    live = _LiveLine(len(reg_ids))
+    failed = 0
+
+    def one(reg_id: str):
+        return register_device(reg_id, keys[reg_id], id_scope=scope, dps_host=dps_host, ca_cert=ca_cert, timeout=timeout,
+                               test_message=None if no_test_message else "TestMessage",
+                               on_phase=lambda p: live.phase(reg_id, p))
+
+    pool = ThreadPoolExecutor(max_workers=min(concurrency, len(reg_ids)), thread_name_prefix="flasher-register")
+    try:
+        futures = {pool.submit(one, r): r for r in reg_ids}
+        for fut in as_completed(futures):
+            reg_id = futures[fut]
+            try:
+                reg = fut.result()
+            except DpsError as exc:
+                failed += 1
+                if as_json:
+                    live.finished(reg_id, json.dumps({"registration_id": reg_id, "ok": False, "error": exc.kind, "message": str(exc)}))
+                    err(f"error: {exc}")
+                else:
+                    live.finished(reg_id, f"error: {exc}", to_err=True)
+                continue
+            if as_json:
+                live.finished(reg_id, json.dumps({**reg.to_dict(), "ok": True}))
+            else:
+                t = ", ".join(f"{k} {v:.2f} s" for k, v in reg.timings.items())
+                live.finished(reg_id, f"{reg.registration_id}\t{reg.status}\t{reg.assigned_hub}\t{reg.device_id}\t"
+                                      f"{reg.substatus or '-'}\t({t})")
+    finally:
+        live.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+    return EXIT_FAILURE if failed else 0
+
+
+@simulate.command("dps")
+@click.option("--enrollments", "enrollments_file", required=True, type=click.Path(dir_okay=False),
+              help="JSON: {id_scope, groups: [{name, primary_key, secondary_key, enabled}], individual: [...]}.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; also the assigned hub's host name.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8883, show_default=True, help="The SDK only dials 8883.")
+@click.option("--cert-dir", type=click.Path(file_okay=False), help="Where the CA and server certificate live [~/.cache/flasher/dps-emulator].")
+@click.option("--ca-cert-out", type=click.Path(dir_okay=False), help="Also copy the CA certificate (PEM) here, for --ca-cert.")
+@click.option("--state", "state_file", type=click.Path(dir_okay=False), help="Keep registrations, devices and messages in this JSON file.")
+@click.option("--assign-delay", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Seconds DPS spends 'assigning'.")
+def simulate_dps(enrollments_file, host, port, cert_dir, ca_cert_out, state_file, assign_delay):
+    """Run a local DPS + IoT Hub emulator (MQTT over TLS) until Ctrl-C or SIGTERM.
+
+    Prints its CA certificate's path on stdout: pass it to `flasher register --ca-cert`.
+    """
+    import os
+    import signal
+    import tempfile
+    import threading
+    from pathlib import Path
+
+    from flasher.sim.dps import DpsEmulator, default_cert_dir
+
+    emu = DpsEmulator(enrollments_file, host=host, port=port, cert_dir=cert_dir or default_cert_dir(),
+                      assign_delay=assign_delay, state_file=state_file)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with emu:
+            ca = emu.ca_cert_path
+            if ca_cert_out:
+                out = Path(ca_cert_out)
+                fd, tmp = tempfile.mkstemp(dir=out.parent or ".", prefix=f".{out.name}.")
+                with os.fdopen(fd, "wb") as f:
+                    f.write(ca.read_bytes())
+                os.replace(tmp, out)
+                ca = out
+            click.echo(str(ca))
+            sys.stdout.flush()
+            err(f"DPS + IoT Hub emulator on {emu.host}:{emu.port}, ID scope {emu.id_scope}, hub {emu.hub_name}")
+            err(f"try: flasher register ID --id-scope {emu.id_scope} --dps-host {emu.host} --ca-cert {ca}")
+            err("Ctrl-C to stop")
+            stop.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    err("DPS emulator stopped")
+    return 0
+
 
 # --- provisioning (provision, status, demo) ------------------------------------------
 

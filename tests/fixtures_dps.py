@@ -1,1 +1,101 @@
-"""Fixtures for the local DPS + IoT Hub emulator (see flasher.sim.dps)."""
+"""Fixtures for the local DPS + IoT Hub emulator (see flasher.sim.dps).
+
+The SDK always dials port 8883, so emulators never share an address: each one binds
+its own loopback address (127.0.0.2, 127.0.0.3, ...; Linux routes all of 127/8 to lo).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import itertools
+import os
+import socket
+import threading
+
+import pytest
+
+from flasher.keys import derive_device_key
+
+ID_SCOPE = "0ne00000001"
+# Fixed, test-only keys (not secrets): derived from a label so they are stable across runs.
+GROUP_NAME = "fleet"
+GROUP_PRIMARY = base64.b64encode(hashlib.sha512(b"flasher tests: group primary").digest()).decode()
+GROUP_SECONDARY = base64.b64encode(hashlib.sha512(b"flasher tests: group secondary").digest()).decode()
+INDIVIDUAL_ID = "solo-0001"
+INDIVIDUAL_PRIMARY = base64.b64encode(hashlib.sha256(b"flasher tests: individual primary").digest()).decode()
+INDIVIDUAL_SECONDARY = base64.b64encode(hashlib.sha256(b"flasher tests: individual secondary").digest()).decode()
+DISABLED_ID = "solo-disabled"
+DISABLED_KEY = base64.b64encode(hashlib.sha256(b"flasher tests: disabled").digest()).decode()
+SDK_THREADS = {"pipeline", "callback", "azure_iot_http"}  # the SDK's process-wide executors
+
+ENROLLMENTS = {
+    "id_scope": ID_SCOPE,
+    "groups": [{"name": GROUP_NAME, "primary_key": GROUP_PRIMARY, "secondary_key": GROUP_SECONDARY, "enabled": True}],
+    "individual": [
+        {"registration_id": INDIVIDUAL_ID, "primary_key": INDIVIDUAL_PRIMARY, "secondary_key": INDIVIDUAL_SECONDARY,
+         "enabled": True},
+        {"registration_id": DISABLED_ID, "primary_key": DISABLED_KEY, "enabled": False},
+    ],
+}
+
+_counter = itertools.count(os.getpid() % 200)
+_lock = threading.Lock()
+
+
+def group_device_key(registration_id: str, primary: bool = True) -> str:
+    return derive_device_key(base64.b64decode(GROUP_PRIMARY if primary else GROUP_SECONDARY), registration_id)
+
+
+def free_loopback(port: int = 8883) -> str:
+    """A loopback address on which ``port`` can be bound right now."""
+    with _lock:
+        for _ in range(250):
+            host = f"127.0.0.{2 + next(_counter) % 250}"
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            return host
+    raise RuntimeError(f"no free loopback address for port {port}")
+
+
+def leftover_threads(baseline: set[threading.Thread]) -> list[str]:
+    """Threads started since ``baseline`` that are still alive, ignoring the SDK's shared executors."""
+    return sorted(t.name for t in threading.enumerate()
+                  if t not in baseline and t.is_alive() and t.name not in SDK_THREADS and not t.name.startswith("dps-emulator"))
+
+
+@pytest.fixture
+def make_dps_emulator(tmp_path):
+    """Factory for private emulators (for fault knobs that would disturb others); all stopped at teardown."""
+    from flasher.sim.dps import DpsEmulator
+
+    with contextlib.ExitStack() as stack:
+        n = itertools.count()
+
+        def make(**kwargs):
+            kwargs.setdefault("enrollments", ENROLLMENTS)
+            kwargs.setdefault("host", free_loopback())
+            kwargs.setdefault("cert_dir", tmp_path / f"certs{next(n)}")
+            return stack.enter_context(DpsEmulator(**kwargs))
+
+        yield make
+
+
+@pytest.fixture(scope="session")
+def dps_emulator(tmp_path_factory):
+    """One emulator for the session: group 'fleet' (GROUP_PRIMARY/SECONDARY), individual INDIVIDUAL_ID, disabled DISABLED_ID."""
+    from flasher.sim.dps import DpsEmulator
+
+    d = tmp_path_factory.mktemp("dps")
+    with DpsEmulator(ENROLLMENTS, host=free_loopback(), cert_dir=d / "certs", state_file=d / "state.json") as emu:
+        yield emu
+
+
+@pytest.fixture
+def dps_target(dps_emulator):
+    """Keyword arguments that point register_device at the session emulator."""
+    return {"id_scope": ID_SCOPE, "dps_host": dps_emulator.host, "ca_cert": str(dps_emulator.ca_cert_path)}

@@ -1,0 +1,611 @@
+"""A local Azure DPS + IoT Hub emulator, the way Azurite stands in for Azure Storage.
+
+It speaks the DPS MQTT registration protocol that azure-iot-device uses, over TLS on
+port 8883 (the SDK's fixed port), with its own root of trust:
+
+* CONNECT with user name ``{idScope}/registrations/{registrationId}/api-version=...`` and
+  a SAS token as password. An unknown ID scope is refused with CONNACK 3 ("server
+  unavailable"), as DPS does; a bad token is accepted at CONNECT and answered 401 on the
+  response topic, as DPS does.
+* ``$dps/registrations/PUT/iotdps-register/?$rid={n}`` -> ``res/202`` ``{"operationId",
+  "status": "assigning"}`` with ``retry-after``; ``.../GET/iotdps-get-operationstatus/?
+  $rid={n}&operationId={id}`` -> 202 while assigning, then 200 ``assigned`` with the
+  registration state (after ``assign_delay`` seconds). A disabled enrollment answers 200
+  ``disabled``; throttling answers 429 with ``retry-after``.
+* SAS tokens are checked as DPS checks them: ``sr`` is ``{idScope}/registrations/{id}``,
+  ``se`` in the future, ``sig`` an HMAC-SHA256 by the individual enrollment's primary or
+  secondary key or, when there is no individual enrollment for the id, by a key derived
+  from some group's primary or secondary key.
+* The assigned hub is this same server (its host name is the bound host): the device's
+  hub CONNECT (user name ``{hub}/{deviceId}/?api-version=...``, SAS over
+  ``{hub}/devices/{deviceId}``) is checked against the keys it registered with, refused
+  with CONNACK 5 otherwise, and every telemetry message is recorded.
+
+State (registration records, devices, messages; never a key) is available from
+:meth:`DpsEmulator.state` and, if ``state_file`` is given, rewritten atomically on every
+change. Use in-process as a context manager (its event loop runs in a thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import copy
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import secrets as _secrets
+import ssl
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flasher.errors import FlasherError, InputError
+from flasher.keys import decode_symmetric_key, derive_device_key
+from flasher.sim import certs
+from flasher.sim.mqtt import (ACCEPTED, REFUSED_BAD_USERNAME_PASSWORD, REFUSED_NOT_AUTHORIZED,
+                              REFUSED_SERVER_UNAVAILABLE, ConnectRequest, Connection, MqttApplication,
+                              MqttServer, ProtocolError)
+
+log = logging.getLogger("flasher.sim.dps")
+
+DEFAULT_PORT = 8883  # fixed by the SDK for MQTT over TLS
+RES_PREFIX = "$dps/registrations/res/"
+REGISTER_PATH = "$dps/registrations/PUT/iotdps-register"
+STATUS_PATH = "$dps/registrations/GET/iotdps-get-operationstatus"
+REGISTER_RETRY_AFTER = 3  # what DPS sends with the first 202
+
+
+def default_cert_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "flasher" / "dps-emulator"
+
+
+def _utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# --- enrollments --------------------------------------------------------------------
+
+@dataclass
+class Enrollment:
+    kind: str  # "group" | "individual"
+    name: str  # group name, or the individual enrollment's registration id
+    primary: bytes
+    secondary: bytes | None
+    enabled: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+@dataclass
+class Enrollments:
+    id_scope: str
+    groups: list[Enrollment] = field(default_factory=list)
+    individual: dict[str, Enrollment] = field(default_factory=dict)
+
+
+def load_enrollments(source: dict | str | os.PathLike) -> Enrollments:
+    """Parse and check an enrollments document (a dict, or the path of a JSON file)."""
+    where = "enrollments"
+    if not isinstance(source, dict):
+        where = f"enrollments file {str(source)!r}"
+        try:
+            source = json.loads(Path(source).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"{where}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{where}: cannot read ({exc.__class__.__name__})") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(source, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    from flasher.dps import validate_id_scope
+
+    try:
+        scope = validate_id_scope(source.get("id_scope", ""))
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    out = Enrollments(scope)
+
+    def keys(entry: dict, what: str) -> tuple[bytes, bytes | None]:
+        p = decode_symmetric_key(entry.get("primary_key", ""), f"{where}: {what} primary_key")
+        s = entry.get("secondary_key")
+        return p, (decode_symmetric_key(s, f"{where}: {what} secondary_key") if s else None)
+
+    groups, individual = source.get("groups", []), source.get("individual", [])
+    if not isinstance(groups, list) or not isinstance(individual, list):
+        raise InputError(f"{where}: 'groups' and 'individual' must be lists")
+    for n, g in enumerate(groups, 1):
+        if not isinstance(g, dict) or not isinstance(g.get("name"), str) or not g["name"]:
+            raise InputError(f"{where}: group {n} needs a 'name'")
+        if any(x.name == g["name"] for x in out.groups):
+            raise InputError(f"{where}: group {g['name']!r} appears twice")
+        p, s = keys(g, f"group {g['name']!r}")
+        out.groups.append(Enrollment("group", g["name"], p, s, bool(g.get("enabled", True))))
+    for n, e in enumerate(individual, 1):
+        rid = e.get("registration_id") if isinstance(e, dict) else None
+        if not isinstance(rid, str) or not rid:
+            raise InputError(f"{where}: individual enrollment {n} needs a 'registration_id'")
+        if rid in out.individual:
+            raise InputError(f"{where}: individual enrollment {rid!r} appears twice")
+        p, s = keys(e, f"individual enrollment {rid!r}")
+        out.individual[rid] = Enrollment("individual", rid, p, s, bool(e.get("enabled", True)))
+    return out
+
+
+# --- SAS tokens ---------------------------------------------------------------------
+
+def check_sas(token: str | None, resource: str, keys: list[bytes], now: float | None = None) -> str | None:
+    """None if ``token`` is a valid SAS for ``resource`` signed by one of ``keys``; else why not."""
+    prefix = "SharedAccessSignature "
+    if not token or not token.startswith(prefix):
+        return "not a SharedAccessSignature"
+    fields: dict[str, str] = {}
+    for part in token[len(prefix):].split("&"):
+        k, sep, v = part.partition("=")
+        if not sep or k in fields:
+            return "malformed token"
+        fields[k] = v
+    if not {"sr", "sig", "se"} <= fields.keys():
+        return "token lacks sr, sig or se"
+    sr_raw, se = fields["sr"], fields["se"]
+    if urllib.parse.unquote(sr_raw).lower() != resource.lower():
+        return "token is for another resource"
+    try:
+        expiry = int(se)
+        sig = base64.b64decode(urllib.parse.unquote(fields["sig"]), validate=True)
+    except (ValueError, binascii.Error):
+        return "malformed token"
+    if expiry <= (time.time() if now is None else now):
+        return "token expired"
+    decoded = urllib.parse.unquote(sr_raw)
+    signed = {sr_raw, urllib.parse.quote(decoded, safe=""), urllib.parse.quote(decoded.lower(), safe="")}
+    for key in keys:
+        for sr in signed:
+            mac = hmac.new(key, f"{sr}\n{se}".encode("utf-8"), hashlib.sha256).digest()
+            if hmac.compare_digest(mac, sig):
+                return None
+    return "signature does not match"
+
+
+def _key_pair(e: Enrollment, registration_id: str) -> list[bytes]:
+    """The device keys an enrollment grants a registration id (raw bytes)."""
+    if e.kind == "individual":
+        return [k for k in (e.primary, e.secondary) if k]
+    return [base64.b64decode(derive_device_key(k, registration_id)) for k in (e.primary, e.secondary) if k]
+
+
+# --- the emulator -------------------------------------------------------------------
+
+@dataclass
+class _Operation:
+    operation_id: str
+    registration_id: str
+    enrollment: Enrollment
+    ready_at: float
+    keys: list[bytes]
+    result: dict | None = None
+
+
+class DpsEmulator(MqttApplication):
+    """DPS + IoT Hub on one TLS MQTT endpoint. ``with DpsEmulator(...) as emu:`` runs it in a thread."""
+
+    def __init__(self, enrollments: dict | str | os.PathLike, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                 cert_dir: str | os.PathLike | None = None, assign_delay: float = 0.0,
+                 state_file: str | os.PathLike | None = None, hub_name: str | None = None):
+        self.enrollments = load_enrollments(enrollments)
+        self.id_scope = self.enrollments.id_scope
+        self.host, self.port = host, port
+        self.hub_name = hub_name or ("localhost" if host in ("", "0.0.0.0", "::") else host)
+        self.assign_delay = float(assign_delay)
+        self.state_file = Path(state_file) if state_file else None
+        self._tmp_cert_dir: tempfile.TemporaryDirectory | None = None
+        if cert_dir is None:
+            self._tmp_cert_dir = tempfile.TemporaryDirectory(prefix="flasher-dps-")
+            cert_dir = self._tmp_cert_dir.name
+        self.cert_dir = Path(cert_dir)
+        self._creds: certs.ServerCredentials | None = None
+        self._lock = threading.RLock()
+        self._registrations: dict[str, dict] = {}
+        self._devices: dict[str, dict] = {}
+        self._device_keys: dict[str, list[bytes]] = {}
+        self._messages: list[dict] = []
+        self._operations: dict[str, _Operation] = {}
+        self._stats = {"register_requests": 0, "status_requests": 0, "throttled": 0, "unauthorized": 0,
+                       "hub_connections": 0, "hub_refused": 0}
+        self._throttle: dict[str | None, list[int]] = {}  # registration id (None: any) -> [remaining, retry_after]
+        self._refused: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: MqttServer | None = None
+
+    # --- lifecycle ---------------------------------------------------------------
+    @property
+    def ca_cert_path(self) -> Path:
+        if self._creds is None:
+            raise RuntimeError("the emulator is not started")
+        return self._creds.ca_cert
+
+    def start(self) -> "DpsEmulator":
+        if self._thread is not None:
+            raise RuntimeError("already started")
+        hosts = [h for h in (self.hub_name, self.host, "localhost", "127.0.0.1") if h and h not in ("0.0.0.0", "::")]
+        self._creds = certs.ensure_server_credentials(self.cert_dir, hosts)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self._creds.cert, self._creds.key)
+        self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(self._loop_exception)
+        self._server = MqttServer(self, self.host, self.port, ctx)
+        started: list[BaseException | None] = []
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(self._server.start())
+            except OSError as exc:
+                started.append(exc)
+                ready.set()
+                self._loop.close()
+                return
+            started.append(None)
+            ready.set()
+            try:
+                self._loop.run_forever()
+            finally:
+                self._loop.run_until_complete(self._server.stop())
+                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+                self._loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"dps-emulator-{self.host}", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if started[0] is not None:
+            self._thread.join()
+            self._thread = None
+            exc = started[0]
+            raise FlasherError(f"DPS emulator: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}")
+        self.port = self._server.port
+        self._write_state()
+        log.info("DPS emulator on %s:%d (hub %s), ID scope %s", self.host, self.port, self.hub_name, self.id_scope)
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(30)
+            self._thread = None
+        if self._tmp_cert_dir is not None:
+            self._tmp_cert_dir.cleanup()
+            self._tmp_cert_dir = None
+
+    def __enter__(self) -> "DpsEmulator":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @staticmethod
+    def _loop_exception(loop, context) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, (ssl.SSLError, ConnectionError, OSError)):
+            log.debug("connection error: %s", context.get("message"))  # e.g. a client that rejects our CA
+        else:
+            loop.default_exception_handler(context)
+
+    # --- fault knobs (thread-safe) -----------------------------------------------
+    def throttle(self, count: int, retry_after: int = 1, registration_id: str | None = None) -> None:
+        """Answer the next ``count`` register requests (of one id, or of anyone) with 429."""
+        with self._lock:
+            self._throttle[registration_id] = [int(count), int(retry_after)]
+
+    def refuse_hub(self, *device_ids: str) -> None:
+        """Refuse hub connections (CONNACK 5) for these devices from now on."""
+        with self._lock:
+            self._refused.update(device_ids)
+
+    def accept_hub(self, *device_ids: str) -> None:
+        with self._lock:
+            self._refused.difference_update(device_ids)
+
+    def set_enrollment_enabled(self, name: str, enabled: bool) -> None:
+        """Enable or disable an individual enrollment (by registration id) or a group (by name)."""
+        with self._lock:
+            e = self.enrollments.individual.get(name) or next((g for g in self.enrollments.groups if g.name == name), None)
+            if e is None:
+                raise InputError(f"enrollment {name!r}: no such group or individual enrollment")
+            e.enabled = bool(enabled)
+        self._write_state()
+
+    def disable(self, name: str) -> None:
+        self.set_enrollment_enabled(name, False)
+
+    def enable(self, name: str) -> None:
+        self.set_enrollment_enabled(name, True)
+
+    # --- state ---------------------------------------------------------------------
+    def state(self) -> dict:
+        with self._lock:
+            return copy.deepcopy({
+                "id_scope": self.id_scope,
+                "endpoint": f"{self.host}:{self.port}",
+                "hub": self.hub_name,
+                "enrollments": {"groups": [{"name": g.name, "enabled": g.enabled} for g in self.enrollments.groups],
+                                "individual": [{"registration_id": e.name, "enabled": e.enabled}
+                                               for e in self.enrollments.individual.values()]},
+                "registrations": list(self._registrations.values()),
+                "devices": list(self._devices.values()),
+                "messages": self._messages,
+                "stats": self._stats,
+            })
+
+    def connections(self) -> list[dict]:
+        """Open connections: [{"kind": "dps"|"hub", "client_id": ...}]."""
+        if self._server is None:
+            return []
+        return [{"kind": c.info.get("kind"), "client_id": c.client_id} for c in list(self._server.connections)]
+
+    def _write_state(self) -> None:
+        if self.state_file is None:
+            return
+        with self._lock:  # one writer at a time, so the newest state lands last
+            data = json.dumps(self.state(), indent=2, sort_keys=True) + "\n"
+            d = self.state_file.parent
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{self.state_file.name}.")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(data)
+                os.replace(tmp, self.state_file)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+    # --- MQTT: CONNECT -------------------------------------------------------------
+    async def on_connect(self, conn: Connection, req: ConnectRequest) -> int:
+        parts = (req.username or "").split("/")
+        if len(parts) >= 3 and parts[1] == "registrations":
+            return self._connect_dps(conn, req, parts[0], parts[2])
+        if len(parts) >= 2 and parts[0].lower() == self.hub_name.lower():
+            return self._connect_hub(conn, req, parts[1])
+        log.info("CONNECT from %s refused: user name is neither DPS nor hub %s", conn.peer, self.hub_name)
+        return REFUSED_BAD_USERNAME_PASSWORD
+
+    def _connect_dps(self, conn: Connection, req: ConnectRequest, scope: str, reg_id: str) -> int:
+        if scope != self.id_scope:
+            log.info("DPS CONNECT %r refused: unknown ID scope %r", reg_id, scope)
+            return REFUSED_SERVER_UNAVAILABLE  # what DPS answers for an unknown ID scope
+        conn.info.update(kind="dps", registration_id=reg_id)
+        conn.session_key = ("dps", req.client_id)
+        reason, enrollment = "client id differs from the registration id", None
+        if req.client_id == reg_id:
+            reason, enrollment = self._authenticate(reg_id, req.password)
+        conn.info["auth_error"], conn.info["enrollment"] = reason, enrollment
+        if reason:
+            log.info("DPS %r: authentication failed (%s); will answer 401", reg_id, reason)
+        return ACCEPTED  # DPS answers a bad token with 401 on the response topic, not at CONNECT
+
+    def _authenticate(self, reg_id: str, password: str | None) -> tuple[str | None, Enrollment | None]:
+        resource = f"{self.id_scope}/registrations/{reg_id}"
+        with self._lock:
+            individual = self.enrollments.individual.get(reg_id)
+            if individual is not None:  # an individual enrollment wins over any group
+                why = check_sas(password, resource, _key_pair(individual, reg_id))
+                return (why, None) if why else (None, individual)
+            why = "no enrollment matches"
+            for g in self.enrollments.groups:
+                why = check_sas(password, resource, _key_pair(g, reg_id))
+                if why is None:
+                    return None, g
+                if why != "signature does not match":
+                    break
+        return why, None
+
+    def _connect_hub(self, conn: Connection, req: ConnectRequest, device_id: str) -> int:
+        conn.info.update(kind="hub", device_id=device_id)
+        conn.session_key = ("hub", device_id)
+        with self._lock:
+            keys = self._device_keys.get(device_id)
+            if req.client_id != device_id:
+                why = "client id differs from the device id"
+            elif keys is None:
+                why = "no such device"
+            elif device_id in self._refused:
+                why = "refused by the emulator's fault knob"
+            else:
+                why = check_sas(req.password, f"{self.hub_name}/devices/{device_id}", keys)
+            if why:
+                self._stats["hub_refused"] += 1
+                log.info("hub CONNECT %r refused: %s", device_id, why)
+                return REFUSED_NOT_AUTHORIZED
+            self._stats["hub_connections"] += 1
+            dev = self._devices[device_id]
+            dev["connected"] = True
+            dev["connection_count"] += 1
+            dev["last_activity_utc"] = _utc_now()
+        self._write_state()
+        return ACCEPTED
+
+    def on_close(self, conn: Connection, reason: str) -> None:
+        if conn.info.get("kind") == "hub":
+            with self._lock:
+                dev = self._devices.get(conn.info["device_id"])
+                if dev is not None:
+                    dev["connected"] = False
+            self._write_state()
+
+    async def on_subscribe(self, conn: Connection, topic_filter: str, qos: int) -> int:
+        if conn.info.get("kind") == "dps":
+            return min(qos, 1) if topic_filter == RES_PREFIX + "#" else 0x80
+        dev = conn.info.get("device_id")
+        allowed = (f"devices/{dev}/messages/devicebound/#", "$iothub/twin/res/#", "$iothub/methods/POST/#",
+                   "$iothub/twin/PATCH/properties/desired/#")
+        return min(qos, 1) if topic_filter in allowed else 0x80
+
+    # --- MQTT: PUBLISH -------------------------------------------------------------
+    async def on_publish(self, conn: Connection, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        if conn.info.get("kind") == "dps":
+            await self._dps_request(conn, topic, payload)
+        else:
+            self._hub_publish(conn, topic, payload)
+
+    async def _respond(self, conn: Connection, status: int, rid: str, body: dict, retry_after: int | None = None) -> None:
+        topic = f"{RES_PREFIX}{status}/?$rid={urllib.parse.quote(rid, safe='')}"
+        if retry_after is not None:
+            topic += f"&retry-after={retry_after}"
+        await conn.publish(topic, json.dumps(body).encode("utf-8"), qos=1)
+
+    @staticmethod
+    def _error(code: int, message: str) -> dict:
+        return {"errorCode": code, "trackingId": str(uuid.uuid4()), "message": message, "timestampUtc": _utc_now()}
+
+    async def _dps_request(self, conn: Connection, topic: str, payload: bytes) -> None:
+        path, _, query = topic.partition("/?")
+        params = {k: v[0] for k, v in urllib.parse.parse_qs(query, keep_blank_values=True).items()}
+        rid = params.get("$rid")
+        if rid is None or path not in (REGISTER_PATH, STATUS_PATH):
+            raise ProtocolError(f"DPS: unexpected publish to {topic!r}")
+        reg_id = conn.info["registration_id"]
+        with self._lock:
+            self._stats["register_requests" if path == REGISTER_PATH else "status_requests"] += 1
+            throttle = None
+            if path == REGISTER_PATH:
+                for key in (reg_id, None):
+                    t = self._throttle.get(key)
+                    if t and t[0] > 0:
+                        t[0] -= 1
+                        throttle = t[1]
+                        self._stats["throttled"] += 1
+                        break
+            if throttle is None and conn.info["auth_error"]:
+                self._stats["unauthorized"] += 1
+        if throttle is not None:
+            log.info("DPS %r: throttled (429, retry-after %d)", reg_id, throttle)
+            return await self._respond(conn, 429, rid, self._error(429001, "Operations are being throttled for this tenant."), throttle)
+        if conn.info["auth_error"]:
+            return await self._respond(conn, 401, rid, self._error(
+                401002, "The specified SAS token has an invalid signature. It does not match either the primary or secondary key."))
+        if path == REGISTER_PATH:
+            await self._register(conn, rid, reg_id, payload)
+        else:
+            await self._status(conn, rid, reg_id, params.get("operationId", ""))
+
+    async def _register(self, conn: Connection, rid: str, reg_id: str, payload: bytes) -> None:
+        try:
+            body = json.loads(payload.decode("utf-8") or "{}")
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            body = None
+        if not isinstance(body, dict) or body.get("registrationId") != reg_id:
+            return await self._respond(conn, 400, rid, self._error(400004, "The registration id in the request body does not match the token."))
+        enrollment: Enrollment = conn.info["enrollment"]
+        now = _utc_now()
+        with self._lock:
+            if not enrollment.enabled:
+                record = self._record(reg_id, enrollment, status="disabled", now=now)
+                op_id = self._new_operation_id()
+                response = {"operationId": op_id, "status": "disabled",
+                            "registrationState": self._registration_state(record)}
+            else:
+                op_id = self._new_operation_id()
+                self._operations[op_id] = _Operation(op_id, reg_id, enrollment, time.monotonic() + self.assign_delay,
+                                                     _key_pair(enrollment, reg_id))
+                response = None
+        if response is not None:
+            log.info("DPS %r: enrollment %s is disabled", reg_id, enrollment.label)
+            self._write_state()
+            return await self._respond(conn, 200, rid, response)
+        log.info("DPS %r: assigning (operation %s, %s)", reg_id, op_id, enrollment.label)
+        await self._respond(conn, 202, rid, {"operationId": op_id, "status": "assigning"}, REGISTER_RETRY_AFTER)
+
+    async def _status(self, conn: Connection, rid: str, reg_id: str, op_id: str) -> None:
+        changed = False
+        with self._lock:
+            op = self._operations.get(op_id)
+            if op is None or op.registration_id != reg_id:
+                op = None
+            elif op.result is None:
+                remaining = op.ready_at - time.monotonic()
+                if remaining <= 0:
+                    op.result = self._assign(op)
+                    changed = True
+        if op is None:
+            return await self._respond(conn, 404, rid, self._error(404201, "Operation not found."))
+        if changed:
+            self._write_state()
+        if op.result is None:
+            return await self._respond(conn, 202, rid, {"operationId": op_id, "status": "assigning"},
+                                       max(1, min(3, math.ceil(remaining))))
+        await self._respond(conn, 200, rid, op.result)
+
+    def _new_operation_id(self) -> str:
+        return f"5.{_secrets.token_hex(8)}.{uuid.uuid4()}"
+
+    def _record(self, reg_id: str, e: Enrollment, *, status: str, now: str, substatus: str | None = None) -> dict:
+        """The registration record, shaped like DPS's DeviceRegistrationState (plus enrollment and attempts)."""
+        rec = self._registrations.get(reg_id)
+        if rec is None:
+            rec = self._registrations[reg_id] = {"registrationId": reg_id, "createdDateTimeUtc": now, "attempts": 0}
+        rec.update(enrollment=e.label, status=status, lastUpdatedDateTimeUtc=now, attempts=rec["attempts"] + 1,
+                   etag=f'"{uuid.uuid4()}"')
+        if status == "assigned":
+            rec.update(deviceId=reg_id, assignedHub=self.hub_name, substatus=substatus)
+        return rec
+
+    @staticmethod
+    def _registration_state(rec: dict) -> dict:
+        """What the device is told: the record without the emulator's extras."""
+        return {k: v for k, v in rec.items() if k not in ("enrollment", "attempts")}
+
+    def _assign(self, op: _Operation) -> dict:
+        """Complete an operation (lock held): create or update the device in the hub."""
+        now, reg_id = _utc_now(), op.registration_id
+        if not op.enrollment.enabled:
+            rec = self._record(reg_id, op.enrollment, status="disabled", now=now)
+            return {"operationId": op.operation_id, "status": "disabled", "registrationState": self._registration_state(rec)}
+        rec = self._record(reg_id, op.enrollment, status="assigned", now=now, substatus="initialAssignment")
+        dev = self._devices.get(reg_id)
+        if dev is None:
+            dev = self._devices[reg_id] = {"device_id": reg_id, "hub": self.hub_name, "created_utc": now,
+                                           "connected": False, "connection_count": 0, "message_count": 0}
+        dev.update(registration_id=reg_id, enrollment=op.enrollment.label, status="enabled", last_activity_utc=now)
+        self._device_keys[reg_id] = op.keys
+        log.info("DPS %r: assigned to %s", reg_id, self.hub_name)
+        return {"operationId": op.operation_id, "status": "assigned", "registrationState": self._registration_state(rec)}
+
+    def _hub_publish(self, conn: Connection, topic: str, payload: bytes) -> None:
+        device_id = conn.info["device_id"]
+        prefix = f"devices/{device_id}/messages/events/"
+        if not topic.startswith(prefix):
+            if topic.startswith("$iothub/"):
+                log.debug("hub %r: %s ignored (twin and methods are not emulated)", device_id, topic)
+                return
+            raise ProtocolError(f"device {device_id!r} published to {topic!r}")  # IoT Hub disconnects too
+        props = {}
+        for pair in filter(None, topic[len(prefix):].split("&")):
+            k, _, v = pair.partition("=")
+            props[urllib.parse.unquote(k)] = urllib.parse.unquote(v)
+        try:
+            text, encoding = payload.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            text, encoding = base64.b64encode(payload).decode("ascii"), "base64"
+        with self._lock:
+            self._messages.append({"device_id": device_id, "topic": topic, "payload": text, "payload_encoding": encoding,
+                                   "properties": props, "received_utc": _utc_now()})
+            dev = self._devices.get(device_id)
+            if dev is not None:
+                dev["message_count"] += 1
+                dev["last_activity_utc"] = _utc_now()
+        log.info("hub %r: telemetry (%d bytes)", device_id, len(payload))
+        self._write_state()
