@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 
 import click
@@ -22,6 +23,7 @@ log = logging.getLogger("flasher")
 
 GROUP_PRIMARY_ENV = "FLASHER_GROUP_PRIMARY_KEY"
 GROUP_SECONDARY_ENV = "FLASHER_GROUP_SECONDARY_KEY"
+DEFAULT_LEDGER_NAME = "flasher-ledger.sqlite3"  # in the working directory
 
 
 def err(msg: str) -> None:
@@ -78,17 +80,21 @@ class GroupKeySource:
     def __init__(self, primary, primary_file, secondary, secondary_file):
         self._args = (primary, primary_file, secondary, secondary_file)
 
-    def load(self, *, secondary: bool = True, required: bool = True) -> tuple[bytes | None, bytes | None]:
+    def load(self, *, secondary: bool = True, required: bool = True, config=None) -> tuple[bytes | None, bytes | None]:
+        """Options first, then what flasher.toml references (a file or an env var name), then the default env vars."""
         from flasher.keys import decode_symmetric_key
         from flasher.secrets import resolve_secret
 
         primary, primary_file, sec, sec_file = self._args
-        p = resolve_secret("group primary key", option=primary, option_name="--group-key", file=primary_file,
-                           env_var=GROUP_PRIMARY_ENV, prompt=True, required=required)
+        cfg = config
+        p = resolve_secret("group primary key", option=primary, option_name="--group-key",
+                           file=primary_file or (cfg and cfg.group_key_file),
+                           env_var=(cfg and cfg.group_key_env) or GROUP_PRIMARY_ENV, prompt=True, required=required)
         s = None
         if secondary:
-            s = resolve_secret("group secondary key", option=sec, option_name="--secondary-key", file=sec_file,
-                               env_var=GROUP_SECONDARY_ENV, required=False)
+            s = resolve_secret("group secondary key", option=sec, option_name="--secondary-key",
+                               file=sec_file or (cfg and cfg.secondary_key_file),
+                               env_var=(cfg and cfg.secondary_key_env) or GROUP_SECONDARY_ENV, required=False)
         return (decode_symmetric_key(p, "group primary key") if p else None,
                 decode_symmetric_key(s, "group secondary key") if s else None)
 
@@ -277,8 +283,10 @@ def eui(targets, timeout, as_json):
 @click.option("--expect-file", type=click.Path(dir_okay=False), help="Expected DevEUIs, one per line.")
 @click.option("--join-eui", metavar="EUI", help="Also check the module holds this JoinEUI (and OTAA mode).")
 @click.option("--band", metavar="BAND", help="Also check the module's band (and OTAA mode), e.g. EU868.")
+@click.option("--ledger", "ledger_path", type=click.Path(dir_okay=False),
+              help=f"Expect what the ledger says was written (default when nothing else is given: {DEFAULT_LEDGER_NAME}).")
 @click.option("--json", "as_json", is_flag=True, help='One object per board: {"port", "deveui", "ok", "problems"}.')
-def verify(targets, timeout, expect, expect_file, join_eui, band, as_json):
+def verify(targets, timeout, expect, expect_file, join_eui, band, ledger_path, as_json):
     """Verify boards: DevEUI against the expected ones, settings against what was written.
 
     One verdict per board on stdout: ok|FAIL, port, DevEUI, problems. Exit 1 if
@@ -298,10 +306,18 @@ def verify(targets, timeout, expect, expect_file, join_eui, band, as_json):
         if expect_file:
             expected |= parse_expect_file(expect_file)
     settings = settings_expectation(join_eui, band)
-    if expected is None and settings is None:
-        raise click.UsageError("nothing to verify against: give --expect, --expect-file or --join-eui/--band")
+    provisioned = None
+    if ledger_path or (expected is None and settings is None and os.path.exists(DEFAULT_LEDGER_NAME)):
+        from flasher.ledger import Ledger
+        from flasher.verify import ledger_expectations
+
+        with Ledger(ledger_path or DEFAULT_LEDGER_NAME, create=False) as ledger:
+            provisioned = ledger_expectations(ledger.all())
+    if expected is None and settings is None and provisioned is None:
+        raise click.UsageError("nothing to verify against: give --expect, --expect-file, --join-eui/--band or --ledger")
     verdicts = [res for _, res, _ in each_board(
-        targets, lambda port: verify_board(port, expected_deveuis=expected, settings=settings, timeout=timeout))]
+        targets, lambda port: verify_board(port, expected_deveuis=expected, settings=settings,
+                                           provisioned=provisioned, timeout=timeout))]
     for v in verdicts:
         if as_json:
             _json_line(v.to_json())
@@ -368,8 +384,6 @@ ID_SCOPE_ENV = "FLASHER_ID_SCOPE"
 
 def _app_key_choice(app_key, app_key_file, master_file, random_key) -> dict:
     """Which AppKey source the options (or, failing them, the environment) chose: kwargs for resolve_app_key."""
-    import os
-
     from flasher.secrets import Redactor, read_secret_file, resolve_secret
 
     given = [n for n, v in (("--app-key", app_key), ("--app-key-file", app_key_file),
@@ -624,7 +638,6 @@ def simulate_dps(enrollments_file, host, port, cert_dir, ca_cert_out, state_file
 
     Prints its CA certificate's path on stdout: pass it to `flasher register --ca-cert`.
     """
-    import os
     import signal
     import tempfile
     import threading
@@ -661,6 +674,159 @@ def simulate_dps(enrollments_file, host, port, cert_dir, ca_cert_out, state_file
 
 # --- provisioning (provision, status, demo) ------------------------------------------
 
+def _config(path):
+    from flasher.config import load_config
+
+    return load_config(path)
+
+
+def _parse_extras(pairs):
+    extras = {}
+    for item in pairs:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r}: expected NAME=VALUE", param_hint="--set")
+        extras[name] = value
+    return extras
+
+
+@cli.command()
+@board_selection_options
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Defaults file (default: ./flasher.toml if present).")
+@click.option("--id-scope", envvar=ID_SCOPE_ENV, help=f"DPS ID scope, e.g. 0ne0001A2B3 (or ${ID_SCOPE_ENV}).")
+@click.option("--dps-host", help="DPS endpoint [default: global.azure-devices-provisioning.net].")
+@click.option("--ca-cert", type=click.Path(dir_okay=False), help="PEM root certificate for a private DPS (the emulator, a gateway).")
+@click.option("--template", help="Header template: a shipped name or a file path [default: seeed-lorawan].")
+@click.option("--band", help="LoRaWAN band [default: EU868].")
+@click.option("--join-eui", help="JoinEUI/AppEUI to program [default: 0000000000000000].")
+@click.option("--app-key-source", type=click.Choice(["random", "derived", "given"]),
+              help="AppKey per board: random; derived from the master secret and the DevEUI; or given (one key for all). "
+                   "[default: derived when a master secret is set, else random]")
+@click.option("--app-key-file", type=click.Path(dir_okay=False), help="File holding the AppKey for --app-key-source given (or $FLASHER_APP_KEY).")
+@click.option("--app-key-master-file", type=click.Path(dir_okay=False), help="File holding the AppKey master secret (or $FLASHER_APPKEY_MASTER).")
+@click.option("--out-dir", type=click.Path(file_okay=False), help="Where headers go, one per board [default: headers].")
+@click.option("--ledger", "ledger_path", type=click.Path(dir_okay=False), help=f"Ledger file [default: {DEFAULT_LEDGER_NAME}].")
+@click.option("--registration-id-format", "id_format", help="How a DevEUI becomes a registration id [default: {deveui}].")
+@click.option("--timeout", type=float, help="Seconds for each board's DPS registration and test message [default: 60].")
+@click.option("--no-test-message", is_flag=True, help="Register only; do not send the proof message.")
+@click.option("--upload", is_flag=True, help="Build and upload the firmware sketch with the header through arduino-cli.")
+@click.option("--fqbn", help="Board FQBN for --upload [default: Seeeduino:samd:rolawan].")
+@click.option("--sketch", type=click.Path(file_okay=False), help="Sketch folder for --upload [default: the shipped flasher_otaa].")
+@click.option("--arduino-cli", help="arduino-cli executable [default: found on PATH].")
+@click.option("--set", "extras", multiple=True, metavar="NAME=VALUE", help="Extra header value (repeatable).")
+@click.option("--force", is_flag=True, help="Provision again boards the ledger says are done.")
+@click.option("--concurrency", type=click.IntRange(1, 64), help="Boards at once [default: 16].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per board on stdout as each finishes.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@group_key_options
+def provision(config_path, id_scope, dps_host, ca_cert, template, band, join_eui, app_key_source, app_key_file,
+              app_key_master_file, out_dir, ledger_path, id_format, timeout, no_test_message, upload, fqbn, sketch,
+              arduino_cli, extras, force, concurrency, as_json, quiet, group_keys, targets):
+    """Provision boards in one step: read DevEUI, derive key, render header, program, register, prove, record.
+
+    Each board's steps are recorded in the ledger as they happen; a rerun resumes
+    where a board stopped and skips finished boards (unless --force).
+
+    \b
+    Example:
+      export FLASHER_GROUP_PRIMARY_KEY=...
+      flasher provision --all --id-scope 0ne0001A2B3
+      flasher provision --port /dev/ttyACM0 --json > result.jsonl
+    """
+    from pathlib import Path
+
+    from flasher import progress as progress_mod
+    from flasher.dps import validate_id_scope
+    from flasher.eui import EUI64
+    from flasher.identity import RegistrationIdPolicy
+    from flasher.keys import check_master_secret, parse_app_key
+    from flasher.ledger import Ledger
+    from flasher.pipeline import Settings, Upload, provision_boards
+    from flasher.secrets import resolve_secret
+
+    cfg = _config(config_path)
+    scope = cfg.get("id_scope", id_scope)
+    if not scope:
+        raise click.UsageError("--id-scope is required (or id_scope in flasher.toml)")
+    policy_name = cfg.get("app_key", app_key_source)
+    master = None
+    if policy_name in (None, "derived"):
+        master = resolve_secret("AppKey master secret", file=app_key_master_file or cfg.app_key_master_file,
+                                env_var=cfg.app_key_master_env or APPKEY_MASTER_ENV, required=policy_name == "derived")
+    policy_name = policy_name or ("derived" if master else "random")
+    given = None
+    if policy_name == "given":
+        given = parse_app_key(resolve_secret("AppKey", file=app_key_file or cfg.app_key_file, env_var=APP_KEY_ENV))
+    ports = targets
+    primary, _ = group_keys.load(secondary=False, config=cfg)
+    upload_cfg = None
+    if upload:
+        from flasher.arduino import DEFAULT_FQBN, default_sketch, find_arduino_cli
+
+        upload_cfg = Upload(sketch=str(cfg.get("sketch", sketch, default_sketch())), fqbn=cfg.get("fqbn", fqbn, DEFAULT_FQBN),
+                            arduino_cli=find_arduino_cli(cfg.get("arduino_cli", arduino_cli)))
+    settings = Settings(
+        id_scope=validate_id_scope(scope), group_key=primary,
+        dps_host=cfg.get("dps_host", dps_host, "global.azure-devices-provisioning.net"),
+        ca_cert=cfg.get("ca_cert", ca_cert), template=cfg.get("template", template, "seeed-lorawan"),
+        band=cfg.get("band", band, "EU868"), join_eui=EUI64.parse(cfg.get("join_eui", join_eui, "0" * 16), "JoinEUI"),
+        app_key_policy=policy_name, app_key=given, master_secret=check_master_secret(master) if master else None,
+        out_dir=Path(cfg.get("out_dir", out_dir, "headers")), id_policy=RegistrationIdPolicy(cfg.get("registration_id_format", id_format, "{deveui}")),
+        timeout=cfg.get("timeout", timeout, 60.0), test_message=None if no_test_message else cfg.get("test_message", None, "TestMessage"),
+        upload=upload_cfg, force=force, extras=_parse_extras(extras))
+    ledger = Ledger(cfg.get("ledger", ledger_path, DEFAULT_LEDGER_NAME))
+    show = progress_mod.for_stream(quiet=quiet)
+    failed = 0
+    try:
+        for result in provision_boards(ports, settings, ledger, show, concurrency=cfg.get("concurrency", concurrency, 16)):
+            failed += not result.ok
+            if as_json:
+                _json_line(result.to_dict())
+    finally:
+        if hasattr(show, "close"):
+            show.close()
+        ledger.close()
+    if not as_json and not quiet:
+        err(f"{len(ports) - failed}/{len(ports)} boards provisioned" + (f"; {failed} failed (rerun to resume)" if failed else ""))
+    return EXIT_FAILURE if failed else 0
+
+
+@cli.command()
+@click.option("--ledger", "ledger_path", type=click.Path(dir_okay=False), help=f"Ledger file [default: {DEFAULT_LEDGER_NAME}].")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per board.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV (doubles as an onboarding list for the network server).")
+def status(ledger_path, config_path, as_json, as_csv):
+    """List the boards in the ledger and where each one stands."""
+    from flasher.ledger import Ledger, export_csv, export_json
+
+    if as_json and as_csv:
+        raise click.UsageError("--json and --csv are exclusive")
+    cfg = _config(config_path)
+    with Ledger(cfg.get("ledger", ledger_path, DEFAULT_LEDGER_NAME), create=False) as ledger:
+        records = ledger.all()
+    if as_json:
+        click.echo(export_json(records), nl=False)
+    elif as_csv:
+        click.echo(export_csv(records), nl=False)
+    else:
+        click.echo(f"{'DEVEUI':<16}  {'STATUS':<12} {'STEP':<9} {'HUB':<28} {'DEVICE':<18} ATTEMPTS  LAST ERROR")
+        for r in records:
+            click.echo(f"{r.deveui:<16}  {r.status:<12} {r.current_step or '-':<9} {r.assigned_hub or '-':<28} "
+                       f"{r.device_id or '-':<18} {r.attempts:>8}  {r.last_error or ''}")
+    return 0
+
+
+@cli.command()
+@click.option("--boards", type=click.IntRange(1, 16), default=3, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), help="Keep the headers, ledger and emulator state here (default: a temporary folder, removed).")
+def demo(boards, workdir):
+    """Provision simulated boards end to end against the local DPS emulator (no hardware, no Azure)."""
+    from flasher import progress as progress_mod
+    from flasher.demo import run_demo
+
+    return run_demo(workdir, boards, progress_mod.for_stream(), lambda line: click.echo(line))
+
 
 # --- the error funnel ----------------------------------------------------------
 
@@ -686,7 +852,6 @@ def main(argv: list[str] | None = None, prog_name: str = "flasher") -> None:
         sys.exit(exc.exit_code)
     except BrokenPipeError:
         # `flasher keys ... | head`: the reader left; that is not our failure.
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     sys.exit(rv if isinstance(rv, int) else 0)

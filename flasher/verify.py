@@ -123,3 +123,10 @@ def settings_expectation(join_eui: str | None, band: str | None) -> Expectation 
         return None
     return Expectation(join_eui=EUI64.parse(join_eui, "--join-eui") if join_eui else None,
                        band=check_band(band) if band else None)
+
+
+def ledger_expectations(records) -> dict[EUI64, Expectation]:
+    """From the ledger: every board whose module was programmed, with what was written to it."""
+    return {EUI64.parse(r.deveui): Expectation(join_eui=EUI64.parse(r.join_eui) if r.join_eui else None,
+                                               band=r.band)
+            for r in records if r.done("program")}

@@ -466,14 +466,15 @@ class BoardSimulator:
         plug = self._plugs.pop(b.index, None)
         if plug is None:
             return
+        # State first: whoever sees the port die must also see the board unplugged.
+        b.port = None
+        b.joined = False
+        b.faults.unplug_after = None
         for fd in (plug.master, plug.slave):
             try:
                 os.close(fd)
             except OSError:
                 pass
-        b.port = None
-        b.joined = False
-        b.faults.unplug_after = None
         if not self._stopping:
             self._write_ports()
         log.debug("board %d unplugged", b.index)

@@ -1,0 +1,232 @@
+"""`flasher provision` end to end: simulated boards on real ptys, the DPS emulator over TLS
+through the real SDK, a real SQLite ledger, headers compiled with the real gcc."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures_dps import GROUP_PRIMARY, ID_SCOPE
+from flasher.eui import EUI64
+from flasher.ledger import Ledger
+from flasher.pipeline import Settings, provision_boards
+
+GROUP_KEY = base64.b64decode(GROUP_PRIMARY)
+JOIN_EUI = "70B3D57ED003F06A"
+
+
+def settings_for(emu, tmp_path, **over) -> Settings:
+    kw = dict(id_scope=ID_SCOPE, group_key=GROUP_KEY, dps_host=emu.host, ca_cert=str(emu.ca_cert_path),
+              out_dir=tmp_path / "headers", join_eui=EUI64.parse(JOIN_EUI), timeout=30.0)
+    kw.update(over)
+    return Settings(**kw)
+
+
+def run_cli(*args, env_extra=None, cwd=None, timeout=120):
+    env = dict(os.environ, FLASHER_GROUP_PRIMARY_KEY=GROUP_PRIMARY)
+    env.pop("FLASHER_APPKEY_MASTER", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "flasher", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout)
+
+
+def registrations_of(emu, reg_id):
+    return [r for r in emu.state()["registrations"] if r.get("registrationId") == reg_id]
+
+
+def compile_header(header: Path, tmp_path: Path) -> str:
+    """Compile a host program around the header; return what it prints (DevEUI and AppEUI)."""
+    gcc = shutil.which("gcc")
+    assert gcc, "gcc is part of the test environment"
+    src = tmp_path / "main.c"
+    src.write_text(f'#include <stdio.h>\n#include "{header}"\n'
+                   'int main(void) { printf("%s %s\\n", FLASHER_DEV_EUI, FLASHER_APP_EUI); return 0; }\n')
+    exe = tmp_path / "main"
+    subprocess.run([gcc, "-std=c99", "-Wall", "-Werror", str(src), "-o", str(exe)], check=True, capture_output=True)
+    return subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_three_boards_end_to_end_via_cli(sim_boards, dps_emulator, tmp_path):
+    sim = sim_boards(3, seed=11)
+    ledger = tmp_path / "ledger.sqlite3"
+    ports = [a for p in sim.ports for a in ("--port", p)]
+    common = ["--id-scope", ID_SCOPE, "--dps-host", dps_emulator.host, "--ca-cert", str(dps_emulator.ca_cert_path),
+              "--join-eui", JOIN_EUI, "--ledger", str(ledger), "--out-dir", str(tmp_path / "h")]
+    proc = run_cli("provision", *ports, *common, "--json")
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert sorted(r["deveui"] for r in results) == sorted(b.deveui for b in sim.boards)
+    for r in results:
+        assert {"deveui", "registration_id", "status", "assigned_hub", "device_id", "header", "error"} <= set(r)
+        assert r["status"] == "provisioned" and r["error"] is None
+        assert r["registration_id"] == r["deveui"].lower() == r["device_id"]
+        assert r["assigned_hub"] == dps_emulator.host
+        # the module was programmed: JoinEUI, OTAA, band, and the AppKey the header carries
+        board = next(b for b in sim.boards if b.deveui == r["deveui"])
+        state = board.state
+        assert state["appeui"] == JOIN_EUI and state["mode"] == "LWOTAA" and state["band"] == "EU868"
+        header = Path(r["header"])
+        assert f'"{state["appkey"]}"' in header.read_text()
+        assert oct(header.stat().st_mode & 0o777) == "0o600"
+        assert compile_header(header, tmp_path) == f"{r['deveui']} {JOIN_EUI}"
+        # DPS knows the DevEUI-derived identity and the hub got the proof message
+        assert any(x.get("status") == "assigned" for x in registrations_of(dps_emulator, r["registration_id"]))
+        assert any(m["device_id"] == r["device_id"] and m["payload"] == "TestMessage"
+                   for m in dps_emulator.state()["messages"])
+    # the ledger agrees, and rerunning is a no-op
+    before = len(dps_emulator.state()["registrations"])
+    again = run_cli("provision", *ports, *common, "--json")
+    assert again.returncode == 0, again.stderr
+    assert {json.loads(line)["status"] for line in again.stdout.splitlines()} == {"already_provisioned"}
+    assert len(dps_emulator.state()["registrations"]) == before
+    status = run_cli("status", "--ledger", str(ledger), "--json")
+    rows = [json.loads(line) for line in status.stdout.splitlines()]
+    assert len(rows) == 3 and all(r["status"] == "provisioned" and r["attempts"] == 1 for r in rows)
+    assert all(r["steps"]["upload"] == "skipped" and r["steps"]["message"] == "ok" for r in rows)
+    csv_out = run_cli("status", "--ledger", str(ledger), "--csv").stdout.splitlines()
+    assert csv_out[0].startswith("deveui,registration_id,status") and len(csv_out) == 4
+
+
+def _steps(ledger: Ledger, eui: str) -> dict:
+    return ledger.get(eui).steps
+
+
+def test_unplug_during_program_then_resume(sim_boards, dps_emulator, tmp_path):
+    sim = sim_boards(1, seed=21)
+    board = sim.boards[0]
+    board.faults.unplug_after = 2  # AT+ID answered, then the cable goes during programming
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path), ledger)
+        assert r.status == "failed" and r.failed_step == "program"
+        assert r.error and "\n" not in r.error
+        rec = ledger.get(board.deveui)
+        assert rec.status == "failed" and rec.current_step == "program" and rec.last_error == r.error
+        assert _steps(ledger, board.deveui)["render"] == "ok" and _steps(ledger, board.deveui)["program"] == "failed"
+        assert not registrations_of(dps_emulator, board.deveui.lower())
+        port = sim.replug(0)
+        [r] = provision_boards([port], settings_for(dps_emulator, tmp_path), ledger)
+        assert r.status == "provisioned", r.error
+        rec = ledger.get(board.deveui)
+        assert rec.status == "provisioned" and rec.attempts == 2
+        assert board.state["mode"] == "LWOTAA"
+        assert f'"{board.state["appkey"]}"' in Path(rec.header_path).read_text()
+
+
+def test_dps_refusal_resumes_at_register_without_reprogramming(sim_boards, dps_emulator, tmp_path):
+    sim = sim_boards(1, seed=31)
+    board = sim.boards[0]
+    wrong = os.urandom(64)
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, group_key=wrong), ledger)
+        assert r.status == "failed" and r.failed_step == "register"
+        assert "401" in r.error or "unauthorized" in r.error.lower()
+        programmed_key = board.state["appkey"]
+        header_sha = ledger.get(board.deveui).header_sha256
+        [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path), ledger)
+        assert r.status == "provisioned", r.error
+        assert board.state["appkey"] == programmed_key  # the module was not written again
+        rec = ledger.get(board.deveui)
+        assert rec.header_sha256 == header_sha and rec.attempts == 2
+        assert rec.assigned_hub == dps_emulator.host
+
+
+def test_changed_header_after_programming_is_refused(sim_boards, dps_emulator, tmp_path):
+    sim = sim_boards(1, seed=41)
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, dps_host="127.0.0.254", timeout=5.0),
+                               ledger)
+        assert r.status == "failed" and r.failed_step == "register"
+        Path(r.header).write_text("/* edited */\n")
+        [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path), ledger)
+        assert r.status == "failed" and "changed since the module was programmed" in r.error
+        [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, force=True), ledger)
+        assert r.status == "provisioned", r.error
+
+
+def test_one_failing_board_does_not_stop_the_others(sim_boards, dps_emulator, tmp_path):
+    sim = sim_boards(4, seed=51)
+    sim.boards[2].faults.silent = True
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        results = list(provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, at_timeout=0.5), ledger))
+    by_port = {r.port: r for r in results}
+    assert by_port[sim.ports[2]].status == "failed" and by_port[sim.ports[2]].failed_step == "identify"
+    assert sim.ports[2] in by_port[sim.ports[2]].error
+    assert sum(r.status == "provisioned" for r in results) == 3
+
+
+def test_sixteen_boards_at_once(sim_boards, dps_emulator, tmp_path):
+    sim = sim_boards(16, seed=61)
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        results = list(provision_boards(sim.ports, settings_for(dps_emulator, tmp_path), ledger))
+        assert [r.status for r in results] == ["provisioned"] * 16, [r.error for r in results if r.error]
+        assert len({r.deveui for r in results}) == 16
+        assert all(rec.status == "provisioned" for rec in ledger.all())
+    ids = {r.registration_id for r in results}
+    assert ids <= {x["registrationId"] for x in dps_emulator.state()["registrations"]}
+
+
+def test_kill_during_register_then_rerun_completes(sim_boards, make_dps_emulator, tmp_path):
+    emu = make_dps_emulator(assign_delay=3.0)  # long enough to be caught in the middle of registering
+    sim = sim_boards(1, seed=71)
+    ledger_path = tmp_path / "l.sqlite3"
+    args = [sys.executable, "-m", "flasher", "provision", "--port", sim.ports[0], "--id-scope", ID_SCOPE,
+            "--dps-host", emu.host, "--ca-cert", str(emu.ca_cert_path), "--ledger", str(ledger_path),
+            "--out-dir", str(tmp_path / "h"), "--json"]
+    env = dict(os.environ, FLASHER_GROUP_PRIMARY_KEY=GROUP_PRIMARY)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        step = None
+        while time.monotonic() < deadline:
+            if ledger_path.exists():
+                try:
+                    row = sqlite3.connect(ledger_path).execute("SELECT current_step FROM boards").fetchone()
+                except sqlite3.OperationalError:
+                    row = None
+                step = row[0] if row else None
+                if step == "register":
+                    break
+            time.sleep(0.05)
+        assert step == "register"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with Ledger(ledger_path) as ledger:
+        rec = ledger.get(sim.boards[0].deveui)
+        assert rec.status == "in_progress" and rec.current_step == "register"
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "provisioned"
+    with Ledger(ledger_path) as ledger:
+        rec = ledger.get(sim.boards[0].deveui)
+        assert rec.status == "provisioned" and rec.attempts == 2
+
+
+def test_config_file_supplies_defaults_and_refuses_inline_secrets(sim_boards, dps_emulator, tmp_path):
+    sim = sim_boards(1, seed=81)
+    cfg = tmp_path / "flasher.toml"
+    cfg.write_text(f'id_scope = "{ID_SCOPE}"\ndps_host = "{dps_emulator.host}"\nca_cert = "{dps_emulator.ca_cert_path}"\n'
+                   f'band = "EU868"\njoin_eui = "{JOIN_EUI}"\nledger = "ledger.sqlite3"\nout_dir = "headers"\n'
+                   f'template = "lmic"\n')
+    proc = run_cli("provision", "--port", sim.ports[0], "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["header"].startswith(str(tmp_path / "headers")) and "APPEUI" in Path(out["header"]).read_text()
+    assert (tmp_path / "ledger.sqlite3").exists()
+    cfg.write_text(cfg.read_text() + f'group_key = "{GROUP_PRIMARY}"\n')
+    proc = run_cli("provision", "--port", sim.ports[0], cwd=tmp_path)
+    assert proc.returncode == 2 and "inline" in proc.stderr and GROUP_PRIMARY not in proc.stderr + proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1
