@@ -243,12 +243,19 @@ class _Run:
         return None, {}, f"JoinEUI {self.s.join_eui.hex}, {self.s.band}, OTAA"
 
     def _upload(self, header):
-        from flasher.arduino import ArduinoCli
+        """Build with the header and upload; the tty may change name, so follow the USB serial number."""
+        from flasher.arduino import ArduinoCli, wait_for_serial_number
+        from flasher.ports import find_boards
 
         path, _ = header
         up = self.s.upload
+        serial_number = next((b.serial_number for b in find_boards() if b.device == self.port), None)
         ArduinoCli(up.arduino_cli, up.fqbn).build_and_upload(up.sketch, path, self.port)
-        return None, {}, up.fqbn
+        fields = {}
+        if serial_number:
+            self.port = wait_for_serial_number(serial_number)
+            fields = {"port": self.port, "serial_number": serial_number}
+        return None, fields, f"{up.fqbn} on {self.port}"
 
     def _register(self, device_key: str):
         from flasher import dps

@@ -230,3 +230,39 @@ def test_config_file_supplies_defaults_and_refuses_inline_secrets(sim_boards, dp
     proc = run_cli("provision", "--port", sim.ports[0], cwd=tmp_path)
     assert proc.returncode == 2 and "inline" in proc.stderr and GROUP_PRIMARY not in proc.stderr + proc.stdout
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_verify_against_the_ledger(sim_boards, dps_emulator, tmp_path):
+    from flasher.rhf76 import open_module
+
+    sim = sim_boards(2, seed=101)
+    ledger = tmp_path / "l.sqlite3"
+    with Ledger(ledger) as led:
+        results = list(provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, test_message=None), led))
+    assert all(r.ok for r in results)
+    ports = [a for p in sim.ports for a in ("--port", p)]
+    proc = run_cli("verify", *ports, "--ledger", str(ledger), "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [json.loads(line)["ok"] for line in proc.stdout.splitlines()] == [True, True]
+    # someone reprograms one module's JoinEUI behind our back
+    with open_module(sim.ports[1]) as m:
+        m.at.command('AT+ID=AppEui,"0102030405060708"')
+    proc = run_cli("verify", *ports, "--ledger", str(ledger), "--json")
+    assert proc.returncode == 1
+    verdicts = {v["port"]: v for v in map(json.loads, proc.stdout.splitlines())}
+    assert verdicts[sim.ports[0]]["ok"] and not verdicts[sim.ports[1]]["ok"]
+    assert any("0102030405060708" in p for p in verdicts[sim.ports[1]]["problems"])
+    # a board the ledger has never seen is not "verified"
+    other = sim_boards(1, seed=102, state_dir=tmp_path / "other")
+    proc = run_cli("verify", "--port", other.ports[0], "--ledger", str(ledger))
+    assert proc.returncode == 1 and "FAIL" in proc.stdout
+
+
+def test_all_finds_simulated_boards_through_discovery(sim_boards, dps_emulator, tmp_path):
+    sim = sim_boards(2, seed=111)
+    proc = run_cli("provision", "--all", "--id-scope", ID_SCOPE, "--dps-host", dps_emulator.host,
+                   "--ca-cert", str(dps_emulator.ca_cert_path), "--ledger", str(tmp_path / "l.sqlite3"),
+                   "--out-dir", str(tmp_path / "h"), "--no-test-message", "--json",
+                   env_extra={"FLASHER_SIMULATED_PORTS": str(sim.ports_file)})
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(json.loads(line)["deveui"] for line in proc.stdout.splitlines()) == sorted(b.deveui for b in sim.boards)
