@@ -168,6 +168,8 @@ class _Run:
                 self._record("message", self._message, done=record.done("message"), device_key=device_key)
             self.ledger.finish(dev_eui.hex)
             self.result.status = "provisioned"
+            self.step = "done"
+            self._emit("ok", f"{self.result.device_id} @ {self.result.assigned_hub}")
         except FlasherError as exc:
             self._fail(str(exc))
         except Exception as exc:  # a bug: still leave the ledger saying where it stopped, then re-raise
@@ -262,7 +264,8 @@ class _Run:
 
         s = self.s
         reg = dps.register_device(self.result.registration_id, device_key, id_scope=s.id_scope, dps_host=s.dps_host,
-                                  ca_cert=s.ca_cert, timeout=s.timeout, test_message=None)
+                                  ca_cert=s.ca_cert, timeout=s.timeout, test_message=None,
+                                  on_phase=lambda phase: self._emit("running", phase))
         self.result.assigned_hub, self.result.device_id = reg.assigned_hub, reg.device_id
         return reg, {"assigned_hub": reg.assigned_hub, "device_id": reg.device_id}, f"{reg.device_id}@{reg.assigned_hub}"
 

@@ -15,25 +15,35 @@ STATE_MARK = {"running": "…", "ok": "ok", "skipped": "–", "failed": "FAILED"
 
 
 class LiveTable:
-    def __init__(self, stream=None, steps: tuple[str, ...] = ()):
+    TICK = 0.25  # seconds between redraws while something runs, so the clocks move
+
+    def __init__(self, stream=None):
         self.stream = stream or sys.stderr
-        self.steps = steps
         self.rows: dict[str, dict] = {}
         self._lock = threading.Lock()
         self._drawn = 0
-        self._last = 0.0
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
 
     def __call__(self, port: str, deveui: str | None, step: str, state: str, detail: str) -> None:
         with self._lock:
-            row = self.rows.setdefault(port, {"deveui": "", "step": "", "state": "", "detail": "", "t0": time.monotonic()})
+            row = self.rows.setdefault(port, {"deveui": "", "step": "", "state": "", "detail": "",
+                                              "t0": time.monotonic(), "t1": None})
             row.update(deveui=deveui or row["deveui"], step=step, state=state, detail=detail)
-            now = time.monotonic()
-            if state != "running" or now - self._last > 0.1:
+            if step == "done" or state == "failed":
+                row["t1"] = time.monotonic()
+            self._draw()
+            if self._ticker is None:
+                self._ticker = threading.Thread(target=self._tick, name="progress", daemon=True)
+                self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.TICK):
+            with self._lock:
                 self._draw()
-                self._last = now
 
     def _line(self, port: str, row: dict) -> str:
-        secs = time.monotonic() - row["t0"]
+        secs = (row["t1"] or time.monotonic()) - row["t0"]
         detail = row["detail"][:60]
         return f"{port[-22:]:<22} {row['deveui'] or '?':<16} {row['step']:<9} {STATE_MARK.get(row['state'], row['state']):<6} {secs:5.1f}s  {detail}"
 
@@ -49,6 +59,10 @@ class LiveTable:
         self._drawn = len(lines)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+            self._ticker = None
         with self._lock:
             if self.rows:
                 self._draw()

@@ -266,3 +266,45 @@ def test_all_finds_simulated_boards_through_discovery(sim_boards, dps_emulator, 
                    env_extra={"FLASHER_SIMULATED_PORTS": str(sim.ports_file)})
     assert proc.returncode == 0, proc.stderr
     assert sorted(json.loads(line)["deveui"] for line in proc.stdout.splitlines()) == sorted(b.deveui for b in sim.boards)
+
+
+def test_progress_is_a_live_table_on_a_terminal_and_plain_lines_on_a_pipe(sim_boards, dps_emulator, tmp_path):
+    import pty
+    import select
+
+    sim = sim_boards(2, seed=121)
+    base = ["provision", *[a for p in sim.ports for a in ("--port", p)], "--id-scope", ID_SCOPE,
+            "--dps-host", dps_emulator.host, "--ca-cert", str(dps_emulator.ca_cert_path), "--no-test-message"]
+    piped = run_cli(*base, "--ledger", str(tmp_path / "a.sqlite3"), "--out-dir", str(tmp_path / "a"))
+    assert piped.returncode == 0, piped.stderr
+    assert "\x1b[" not in piped.stderr and piped.stdout == ""
+    for b in sim.boards:
+        assert f"{b.deveui}: register: ok" in piped.stderr and f"{b.deveui}: done: ok" in piped.stderr
+    # on a terminal: the table is redrawn in place (cursor movement), and ends with every board done
+    master, slave = pty.openpty()
+    env = dict(os.environ, FLASHER_GROUP_PRIMARY_KEY=GROUP_PRIMARY)
+    proc = subprocess.Popen([sys.executable, "-m", "flasher", *base, "--ledger", str(tmp_path / "b.sqlite3"),
+                             "--out-dir", str(tmp_path / "b")], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=slave, env=env)
+    os.close(slave)
+    screen = b""
+    try:
+        while True:
+            r, _, _ = select.select([master], [], [], 60)
+            if not r:
+                break
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child closed its end
+                break
+            if not chunk:
+                break
+            screen += chunk
+    finally:
+        os.close(master)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    text = screen.decode(errors="replace")
+    assert "\x1b[" in text and "DEVEUI" in text and text.count("assigning") >= 1
+    final = text.rsplit("DEVEUI", 1)[1]
+    assert all(b.deveui in final for b in sim.boards) and final.count(" done ") == 2
