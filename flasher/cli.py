@@ -694,7 +694,7 @@ def _parse_extras(pairs):
 @board_selection_options
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Defaults file (default: ./flasher.toml if present).")
 @click.option("--id-scope", envvar=ID_SCOPE_ENV, help=f"DPS ID scope, e.g. 0ne0001A2B3 (or ${ID_SCOPE_ENV}).")
-@click.option("--dps-host", help="DPS endpoint [default: global.azure-devices-provisioning.net].")
+@click.option("--dps-host", envvar="FLASHER_DPS_HOST", help="DPS endpoint (or $FLASHER_DPS_HOST) [default: global.azure-devices-provisioning.net].")
 @click.option("--ca-cert", type=click.Path(dir_okay=False), help="PEM root certificate for a private DPS (the emulator, a gateway).")
 @click.option("--template", help="Header template: a shipped name or a file path [default: seeed-lorawan].")
 @click.option("--band", help="LoRaWAN band [default: EU868].")
