@@ -469,13 +469,13 @@ def header(dev_eui, join_eui, app_key, app_key_file, master_file, random_key, ba
                              registration_id=reg_id, device_key=derive_device_key(primary, reg_id), extras=extras)
     text = render_header(data, template)
     log.debug("header for %s: template %s, AppKey %s, registration id %s", dev, template, source, reg_id)
-    if source == "random":
-        err("note: the AppKey is random and exists only in this header: hand it to the network server from there")
     if output:
         digest = write_header(text, output)
         err(f"wrote {output} (sha256 {digest})")
     else:
         click.echo(text, nl=False)
+    if source == "random":
+        err("note: the AppKey is random and exists only in this header: hand it to the network server from there")
 
 
 # --- DPS (register, simulate dps) ----------------------------------------------------
@@ -680,16 +680,6 @@ def _config(path):
     return load_config(path)
 
 
-def _parse_extras(pairs):
-    extras = {}
-    for item in pairs:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise click.BadParameter(f"{item!r}: expected NAME=VALUE", param_hint="--set")
-        extras[name] = value
-    return extras
-
-
 @cli.command()
 @board_selection_options
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Defaults file (default: ./flasher.toml if present).")
@@ -741,7 +731,7 @@ def provision(config_path, id_scope, dps_host, ca_cert, template, band, join_eui
     from flasher.identity import RegistrationIdPolicy
     from flasher.keys import check_master_secret, parse_app_key
     from flasher.ledger import Ledger
-    from flasher.pipeline import Settings, Upload, provision_boards
+    from flasher.pipeline import Settings, Upload, preflight, provision_boards
     from flasher.secrets import resolve_secret
 
     cfg = _config(config_path)
@@ -765,30 +755,37 @@ def provision(config_path, id_scope, dps_host, ca_cert, template, band, join_eui
 
         upload_cfg = Upload(sketch=str(cfg.get("sketch", sketch, default_sketch())), fqbn=cfg.get("fqbn", fqbn, DEFAULT_FQBN),
                             arduino_cli=find_arduino_cli(cfg.get("arduino_cli", arduino_cli)))
+    from flasher.header import parse_band, parse_sets
+
     settings = Settings(
         id_scope=validate_id_scope(scope), group_key=primary,
         dps_host=cfg.get("dps_host", dps_host, "global.azure-devices-provisioning.net"),
         ca_cert=cfg.get("ca_cert", ca_cert), template=cfg.get("template", template, "seeed-lorawan"),
-        band=cfg.get("band", band, "EU868"), join_eui=EUI64.parse(cfg.get("join_eui", join_eui, "0" * 16), "JoinEUI"),
+        band=parse_band(cfg.get("band", band, "EU868")), join_eui=EUI64.parse(cfg.get("join_eui", join_eui, "0" * 16), "JoinEUI"),
         app_key_policy=policy_name, app_key=given, master_secret=check_master_secret(master) if master else None,
         out_dir=Path(cfg.get("out_dir", out_dir, "headers")), id_policy=RegistrationIdPolicy(cfg.get("registration_id_format", id_format, "{deveui}")),
         timeout=cfg.get("timeout", timeout, 60.0), test_message=None if no_test_message else cfg.get("test_message", None, "TestMessage"),
-        upload=upload_cfg, force=force, extras=_parse_extras(extras))
+        upload=upload_cfg, force=force, extras=parse_sets(extras))
+    preflight(settings, ports)  # everything checkable is checked before a board or the ledger is touched
     ledger = Ledger(cfg.get("ledger", ledger_path, DEFAULT_LEDGER_NAME))
     show = progress_mod.for_stream(quiet=quiet)
-    failed = 0
+    failures = []
     try:
         for result in provision_boards(ports, settings, ledger, show, concurrency=cfg.get("concurrency", concurrency, 16)):
-            failed += not result.ok
+            if not result.ok:
+                failures.append(result)
             if as_json:
                 _json_line(result.to_dict())
     finally:
         if hasattr(show, "close"):
             show.close()
         ledger.close()
+    for r in failures:
+        err(f"error: {r.deveui or r.port}: {r.failed_step}: {r.error}")
     if not as_json and not quiet:
-        err(f"{len(ports) - failed}/{len(ports)} boards provisioned" + (f"; {failed} failed (rerun to resume)" if failed else ""))
-    return EXIT_FAILURE if failed else 0
+        err(f"{len(ports) - len(failures)}/{len(ports)} boards provisioned"
+            + (f"; {len(failures)} failed (rerun to resume where each stopped)" if failures else ""))
+    return EXIT_FAILURE if failures else 0
 
 
 @cli.command()
@@ -819,7 +816,7 @@ def status(ledger_path, config_path, as_json, as_csv):
 
 @cli.command()
 @click.option("--boards", type=click.IntRange(1, 16), default=3, show_default=True)
-@click.option("--workdir", type=click.Path(file_okay=False), help="Keep the headers, ledger and emulator state here (default: a temporary folder, removed).")
+@click.option("--workdir", type=click.Path(file_okay=False), help="Where the headers, ledger and emulator state go; emptied first if an earlier demo made it.  [default: flasher-demo]")
 def demo(boards, workdir):
     """Provision simulated boards end to end against the local DPS emulator (no hardware, no Azure)."""
     from flasher import progress as progress_mod

@@ -2,22 +2,24 @@
 
 Three simulated boards on pseudo-terminals, the local DPS + IoT Hub emulator over
 TLS, the real azure-iot-device SDK, a real ledger and real headers in a work
-directory. A fresh group key is made for the run and never shown. Everything it
-starts is stopped on every path, Ctrl-C included.
+directory (``./flasher-demo`` unless told). A fresh group key is made for the run
+and never shown. Everything it starts is stopped on every path, Ctrl-C included.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import shutil
 import socket
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from flasher.errors import FlasherError
+from flasher.errors import FlasherError, InputError
 
 DEMO_SCOPE = "0ne00DE0001"
+DEFAULT_WORKDIR = "flasher-demo"
+MARKER = ".flasher-demo"
 
 
 def _free_loopback() -> str:
@@ -33,17 +35,28 @@ def _free_loopback() -> str:
     raise FlasherError("demo: port 8883 is busy on every loopback address tried (127.0.0.1, 127.0.0.50-79)")
 
 
+def _fresh_workdir(work: Path) -> Path:
+    """Each demo starts clean; only a folder an earlier demo made (it has the marker) is ever emptied."""
+    marker = work / MARKER
+    if work.exists():
+        if not work.is_dir():
+            raise InputError(f"demo work dir {str(work)!r}: exists and is not a folder")
+        if any(work.iterdir()) and not marker.exists():
+            raise InputError(f"demo work dir {str(work)!r}: not empty and not made by 'flasher demo'; choose another --workdir")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    marker.write_text("made by flasher demo; emptied by the next one\n")
+    return work
+
+
 def run_demo(workdir: str | None, boards: int, progress, echo) -> int:
     from flasher.ledger import Ledger
     from flasher.pipeline import Settings, provision_boards
     from flasher.sim.board import BoardSimulator
     from flasher.sim.dps import DpsEmulator
 
+    work = _fresh_workdir(Path(workdir or DEFAULT_WORKDIR))
     with ExitStack() as stack:
-        if workdir is None:
-            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="flasher-demo-"))
-        work = Path(workdir)
-        work.mkdir(parents=True, exist_ok=True)
         group_key = os.urandom(64)
         enrollments = {"id_scope": DEMO_SCOPE,
                        "groups": [{"name": "demo-fleet", "primary_key": base64.b64encode(group_key).decode(),
@@ -74,4 +87,5 @@ def run_demo(workdir: str | None, boards: int, progress, echo) -> int:
             echo(f"  {msg.get('device_id')}: {msg.get('payload')!r}")
         ok = sum(r.ok for r in results)
     echo(f"demo: {ok}/{len(results)} boards provisioned; the simulators and emulator are stopped")
+    echo(f"demo: headers, ledger and emulator state are in {work}/ (try: flasher status --ledger {work / 'ledger.sqlite3'})")
     return 0 if ok == len(results) else 1

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS boards (
     band            TEXT,
     app_key_source  TEXT,
     id_scope        TEXT,
+    device_key_check TEXT,                 -- one-way tag of the device key: did the group key change?
     assigned_hub    TEXT,
     device_id       TEXT,
     header_path     TEXT,
@@ -59,7 +60,7 @@ CREATE TABLE IF NOT EXISTS steps (
 """
 
 EXPORT_FIELDS = ("deveui", "registration_id", "status", "current_step", "join_eui", "band", "app_key_source",
-                 "id_scope", "assigned_hub", "device_id", "header_path", "header_sha256", "attempts",
+                 "id_scope", "device_key_check", "assigned_hub", "device_id", "header_path", "header_sha256", "attempts",
                  "last_error", "port", "serial_number", "created_at", "updated_at")
 
 
@@ -77,6 +78,7 @@ class BoardRecord:
     band: str | None
     app_key_source: str | None
     id_scope: str | None
+    device_key_check: str | None
     assigned_hub: str | None
     device_id: str | None
     header_path: str | None

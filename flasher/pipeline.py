@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from flasher.errors import FlasherError
+from flasher.errors import FlasherError, InputError
 from flasher.eui import EUI64
 from flasher.identity import RegistrationIdPolicy
 from flasher.keys import derive_app_key, derive_device_key, random_app_key
@@ -190,9 +190,10 @@ class _Run:
         s = self.s
         reg_id = s.id_policy.for_eui(dev_eui)
         self.result.registration_id = reg_id
+        fingerprint = {**s.fingerprint(), "device_key_check": key_check(derive_device_key(s.group_key, reg_id))}
         existing = self.ledger.get(dev_eui.hex)
         if existing is not None and not s.force:
-            stale = any(getattr(existing, k) not in (None, v) for k, v in s.fingerprint().items())
+            stale = any(getattr(existing, k) not in (None, v) for k, v in fingerprint.items())
             if existing.status == "provisioned" and not stale:
                 self.result.status = "already_provisioned"
                 self.result.assigned_hub, self.result.device_id = existing.assigned_hub, existing.device_id
@@ -204,7 +205,7 @@ class _Run:
                 self.ledger.reset(dev_eui.hex)
         elif existing is not None:
             self.ledger.reset(dev_eui.hex)
-        return self.ledger.begin(dev_eui.hex, reg_id, port=self.port, **s.fingerprint())
+        return self.ledger.begin(dev_eui.hex, reg_id, port=self.port, **fingerprint)
 
     def _derive(self):
         return derive_device_key(self.s.group_key, self.result.registration_id), {}, ""
@@ -276,6 +277,36 @@ class _Run:
         dps.send_test_message(r.device_id, r.assigned_hub, device_key, ca_cert=s.ca_cert, timeout=s.timeout,
                               message=s.test_message)
         return None, {}, ""
+
+
+def preflight(settings: Settings, ports: list[str]) -> None:
+    """Refuse, before any board or file is touched, whatever would fail every board the same way."""
+    import os
+
+    from flasher.dps import read_ca_cert
+    from flasher.header import build_header_data, render_header
+
+    for port in ports:
+        if "://" not in port and not os.path.exists(port):
+            raise FlasherError(f"port {port!r}: no such device (unplugged? see 'flasher ports')")
+    if settings.ca_cert is not None:
+        read_ca_cert(settings.ca_cert)
+    if settings.app_key_policy == "derived" and not settings.master_secret:
+        raise InputError("AppKey source 'derived' needs a master secret")
+    if settings.app_key_policy == "given" and not settings.app_key:
+        raise InputError("AppKey source 'given' needs an AppKey")
+    # A trial render with a placeholder board: a missing/broken template or bad --set fails here, once.
+    sample = EUI64(bytes(8))
+    render_header(build_header_data(sample, join_eui=settings.join_eui, app_key=bytes(16),
+                                    app_key_source=settings.app_key_policy, band=settings.band,
+                                    id_scope=settings.id_scope, registration_id=settings.id_policy.for_eui(sample),
+                                    device_key=derive_device_key(settings.group_key, "preflight"),
+                                    extras=settings.extras), settings.template)
+
+
+def key_check(device_key: str) -> str:
+    """A short one-way tag of a device key, so a resumed board notices the group key changed."""
+    return hashlib.sha256(b"flasher-device-key-check\0" + device_key.encode()).hexdigest()[:16]
 
 
 def provision_board(port: str, settings: Settings, ledger: Ledger, progress: Progress = _quiet) -> BoardResult:

@@ -122,22 +122,38 @@ def test_unplug_during_program_then_resume(sim_boards, dps_emulator, tmp_path):
         assert f'"{board.state["appkey"]}"' in Path(rec.header_path).read_text()
 
 
-def test_dps_refusal_resumes_at_register_without_reprogramming(sim_boards, dps_emulator, tmp_path):
+def test_dps_failure_resumes_at_register_without_reprogramming(sim_boards, dps_emulator, tmp_path):
     sim = sim_boards(1, seed=31)
     board = sim.boards[0]
-    wrong = os.urandom(64)
     with Ledger(tmp_path / "l.sqlite3") as ledger:
-        [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, group_key=wrong), ledger)
+        [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, dps_host="127.0.0.254", timeout=5.0),
+                               ledger)
         assert r.status == "failed" and r.failed_step == "register"
-        assert "401" in r.error or "unauthorized" in r.error.lower()
         programmed_key = board.state["appkey"]
         header_sha = ledger.get(board.deveui).header_sha256
         [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path), ledger)
         assert r.status == "provisioned", r.error
-        assert board.state["appkey"] == programmed_key  # the module was not written again
+        assert board.state["appkey"] == programmed_key  # random AppKey: a reprogram would have changed it
         rec = ledger.get(board.deveui)
         assert rec.header_sha256 == header_sha and rec.attempts == 2
         assert rec.assigned_hub == dps_emulator.host
+
+
+def test_wrong_group_key_then_right_one_renders_the_header_again(sim_boards, dps_emulator, tmp_path):
+    from flasher.keys import derive_device_key
+
+    sim = sim_boards(1, seed=32)
+    board = sim.boards[0]
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, group_key=os.urandom(64)), ledger)
+        assert r.status == "failed" and r.failed_step == "register"
+        assert "401" in r.error or "unauthorized" in r.error.lower()
+        [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path), ledger)
+        assert r.status == "provisioned", r.error
+        # the header now carries the key DPS accepted, not the one derived from the wrong group key
+        assert derive_device_key(GROUP_KEY, board.deveui.lower()) in Path(r.header).read_text()
+        assert f'"{board.state["appkey"]}"' in Path(r.header).read_text()
+        assert GROUP_PRIMARY not in json.dumps(ledger.get(board.deveui).to_dict())
 
 
 def test_changed_header_after_programming_is_refused(sim_boards, dps_emulator, tmp_path):

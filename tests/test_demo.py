@@ -1,0 +1,39 @@
+"""`flasher demo`, the README's first command: three boards end to end, nothing left running."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import subprocess
+import sys
+
+
+
+def test_demo_provisions_three_boards_and_stops_everything(tmp_path):
+    work = tmp_path / "demo"
+    p = subprocess.run([sys.executable, "-m", "flasher", "demo", "--workdir", str(work)], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "3/3 boards provisioned" in p.stdout
+    rows = sqlite3.connect(work / "ledger.sqlite3").execute("SELECT deveui, status, device_id FROM boards").fetchall()
+    assert len(rows) == 3 and {r[1] for r in rows} == {"provisioned"}
+    state = json.loads((work / "dps" / "state.json").read_text())
+    assert sorted(r["registrationId"] for r in state["registrations"]) == sorted(r[0].lower() for r in rows)
+    assert sorted(m["device_id"] for m in state["messages"] if m["payload"] == "TestMessage") == sorted(r[2] for r in rows)
+    assert len(list((work / "headers").glob("*.h"))) == 3
+    # nothing is left listening: the emulator's address is free again
+    host = p.stdout.split("emulator on ")[1].split(":8883")[0]
+    with socket.socket() as s:
+        s.bind((host, 8883))
+    # a second run starts clean in the same folder; a folder the demo did not make is refused
+    again = subprocess.run([sys.executable, "-m", "flasher", "demo", "--workdir", str(work), "--boards", "1"],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "1/1 boards provisioned" in again.stdout, again.stderr
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    refused = subprocess.run([sys.executable, "-m", "flasher", "demo", "--workdir", str(other)], capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "not made by 'flasher demo'" in refused.stderr
+    assert (other / "notes.txt").read_text() == "keep me"
