@@ -49,7 +49,8 @@ JOIN_EUI = "70B3D57ED003F06A"
 WRONG_KEY = base64.b64encode(b"\x5a" * 64).decode()
 
 NA_PURE = "no I/O: the step is a computation between two ledger writes; nothing can fail or be caught inside it"
-NA_UPLOAD = "needs --upload with arduino-cli and a SAMD toolchain (not part of the simulated setup); skipped otherwise"
+NA_UPLOAD = ("only with --upload: arduino-cli and a SAMD bootloader cannot run here (tests/test_upload.py covers the "
+             "step with a stand-in)")
 NA_NO_BOARD = "the board is closed after programming; a board fault cannot reach this step"
 NA_NO_DPS = "no DPS or hub traffic happens in this step"
 NA = {}
@@ -130,6 +131,7 @@ class Outcome:
     header_device_key_ok: bool | None = None
     registrations_before_rerun: int | None = None
     registrations_after_rerun: int | None = None
+    deveui_or_port: str | None = None
     problems: list = field(default_factory=list)
 
 
@@ -212,7 +214,7 @@ class Cell:
             env = self.env(WRONG_KEY)
         elif f == "dps-429":
             self.emu.throttle(1000, retry_after=1, registration_id=self.reg_id)
-            timeout = 4.0
+            timeout = 8.0  # gives up after 5 retries (~5 s), well before the deadline
         elif f == "dps-unreachable":
             host = free_loopback()  # nothing listens there
         elif f == "hub-refusing":
@@ -220,11 +222,14 @@ class Cell:
         proc = subprocess.run(self.argv(host=host, timeout=timeout), env=env, capture_output=True, text=True,
                               timeout=90)
         o.exit_code = proc.returncode
-        failed = [line for line in proc.stderr.splitlines() if ": failed: " in line]
-        o.message = failed[0] if failed else (proc.stderr.splitlines() or [""])[0]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        o.message = errors[0] if errors else ""
+        if len(errors) != 1:
+            o.problems.append(f"expected one 'error:' line on stderr, got {len(errors)}")
         results = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
         if len(results) == 1:
             o.stopped, o.json_error = results[0].get("failed_step"), results[0].get("error")
+            o.deveui_or_port = results[0].get("deveui") or results[0].get("port")
         else:
             o.problems.append(f"expected one JSON result, got {proc.stdout!r}")
         if "Traceback" in proc.stderr:
@@ -346,7 +351,7 @@ def test_fault_stops_at_its_step_with_one_line(matrix, step, fault):
     assert o.ledger == ledger
     if fault != "killed":
         assert o.json_error and "\n" not in o.json_error
-        assert o.message.endswith(f"{step}: failed: {o.json_error}")
+        assert o.message == f"error: {o.deveui_or_port}: {step}: {o.json_error}"
         assert all(w in o.json_error for w in words), o.json_error
         if ledger != "no row":
             assert o.ledger_error == o.json_error
@@ -369,18 +374,7 @@ def test_rerun_after_a_message_failure_does_not_register_again(matrix, step, fau
     assert o.registrations_after_rerun == o.registrations_before_rerun
 
 
-def _header_key_cells():
-    for c in CELLS:
-        marks = []
-        if c == ("register", "dps-401"):
-            marks = [pytest.mark.xfail(strict=True, reason=(
-                "a rerun after a 401 caused by a wrong group key resumes at 'register' and keeps the header rendered "
-                "with the device key derived from the WRONG group key (flasher/pipeline.py _Run.run: render/program "
-                "are skipped when done; Settings.fingerprint() has no trace of the group key)"))]
-        yield pytest.param(*c, id=f"{c[0]}-{c[1]}", marks=marks)
-
-
-@pytest.mark.parametrize("step,fault", list(_header_key_cells()))
+@pytest.mark.parametrize("step,fault", CELLS, ids=[f"{s}-{f}" for s, f in CELLS])
 def test_header_carries_the_registered_device_key_after_the_rerun(matrix, step, fault):
     assert matrix[(step, fault)].header_device_key_ok is True
 
