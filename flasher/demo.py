@@ -11,28 +11,14 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import socket
 from contextlib import ExitStack
 from pathlib import Path
 
-from flasher.errors import FlasherError, InputError
+from flasher.errors import InputError
 
 DEMO_SCOPE = "0ne00DE0001"
 DEFAULT_WORKDIR = "flasher-demo"
 MARKER = ".flasher-demo"
-
-
-def _free_loopback() -> str:
-    """127.0.0.1 if 8883 is free there, else another loopback address (the SDK fixes the port)."""
-    for last in (1, *range(50, 80)):
-        host = f"127.0.0.{last}"
-        with socket.socket() as s:
-            try:
-                s.bind((host, 8883))
-                return host
-            except OSError:
-                continue
-    raise FlasherError("demo: port 8883 is busy on every loopback address tried (127.0.0.1, 127.0.0.50-79)")
 
 
 def _fresh_workdir(work: Path) -> Path:
@@ -53,7 +39,7 @@ def run_demo(workdir: str | None, boards: int, progress, echo) -> int:
     from flasher.ledger import Ledger
     from flasher.pipeline import Settings, provision_boards
     from flasher.sim.board import BoardSimulator
-    from flasher.sim.dps import DpsEmulator
+    from flasher.sim.dps import DpsEmulator, free_loopback
 
     work = _fresh_workdir(Path(workdir or DEFAULT_WORKDIR))
     with ExitStack() as stack:
@@ -62,7 +48,7 @@ def run_demo(workdir: str | None, boards: int, progress, echo) -> int:
                        "groups": [{"name": "demo-fleet", "primary_key": base64.b64encode(group_key).decode(),
                                    "secondary_key": base64.b64encode(os.urandom(64)).decode(), "enabled": True}],
                        "individual": []}
-        host = _free_loopback()
+        host = free_loopback(prefer=("127.0.0.1",))
         echo(f"demo: {boards} simulated boards, DPS + IoT Hub emulator on {host}:8883, work dir {work}")
         sim = stack.enter_context(BoardSimulator(count=boards, state_dir=work / "boards"))
         emu = stack.enter_context(DpsEmulator(enrollments, host=host, cert_dir=work / "dps",

@@ -10,13 +10,12 @@ import base64
 import contextlib
 import hashlib
 import itertools
-import os
-import socket
 import threading
 
 import pytest
 
 from flasher.keys import derive_device_key
+from flasher.sim.dps import free_loopback  # noqa: F401  (tests import it from here)
 
 ID_SCOPE = "0ne00000001"
 # Fixed, test-only keys (not secrets): derived from a label so they are stable across runs.
@@ -40,26 +39,8 @@ ENROLLMENTS = {
     ],
 }
 
-_counter = itertools.count(os.getpid() % 200)
-_lock = threading.Lock()
-
-
 def group_device_key(registration_id: str, primary: bool = True) -> str:
     return derive_device_key(base64.b64decode(GROUP_PRIMARY if primary else GROUP_SECONDARY), registration_id)
-
-
-def free_loopback(port: int = 8883) -> str:
-    """A loopback address on which ``port`` can be bound right now."""
-    with _lock:
-        for _ in range(250):
-            host = f"127.0.0.{2 + next(_counter) % 250}"
-            with socket.socket() as s:
-                try:
-                    s.bind((host, port))
-                except OSError:
-                    continue
-            return host
-    raise RuntimeError(f"no free loopback address for port {port}")
 
 
 def leftover_threads(baseline: set[threading.Thread]) -> list[str]:

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from fixtures_dps import GROUP_PRIMARY, ID_SCOPE
 from flasher.eui import EUI64

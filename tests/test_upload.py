@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_dps import GROUP_PRIMARY, ID_SCOPE
+from fixtures_dps import ID_SCOPE
 from flasher.arduino import ArduinoError, bossac_problem, default_sketch, find_arduino_cli
 from flasher.ledger import Ledger
 from flasher.pipeline import Upload, provision_boards

@@ -35,11 +35,13 @@ import copy
 import datetime as dt
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
 import os
 import secrets as _secrets
+import socket
 import ssl
 import tempfile
 import threading
@@ -63,6 +65,29 @@ RES_PREFIX = "$dps/registrations/res/"
 REGISTER_PATH = "$dps/registrations/PUT/iotdps-register"
 STATUS_PATH = "$dps/registrations/GET/iotdps-get-operationstatus"
 REGISTER_RETRY_AFTER = 3  # what DPS sends with the first 202
+
+
+_loopback_next = itertools.count(os.getpid() % 250)  # processes started together try different addresses first
+_loopback_lock = threading.Lock()
+
+
+def free_loopback(port: int = 8883, prefer: tuple[str, ...] = ()) -> str:
+    """A loopback address where ``port`` can be bound now: ``prefer`` first, then 127.0.0.2-251.
+
+    The SDK always dials 8883, so emulators that run side by side (tests, a demo next to
+    a running `flasher simulate dps`) each take their own address; Linux routes all of
+    127/8 to the loopback interface.
+    """
+    with _loopback_lock:
+        candidates = [*prefer, *(f"127.0.0.{2 + next(_loopback_next) % 250}" for _ in range(250))]
+        for host in candidates:
+            with socket.socket() as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            return host
+    raise FlasherError(f"port {port} is busy on every loopback address tried ({candidates[0]} and 249 more)")
 
 
 def default_cert_dir() -> Path:
