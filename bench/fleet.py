@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -36,23 +35,10 @@ from flasher.eui import EUI64  # noqa: E402
 from flasher.ledger import Ledger  # noqa: E402
 from flasher.pipeline import Settings, provision_board, provision_boards  # noqa: E402
 from flasher.sim.board import BoardSimulator  # noqa: E402
-from flasher.sim.dps import DpsEmulator  # noqa: E402
+from flasher.sim.dps import DpsEmulator, free_loopback  # noqa: E402
 
 ID_SCOPE = "0ne0000BE4C"
 STEPS = ("identify", "derive", "render", "program", "upload", "register", "message")
-
-
-def free_loopback(port: int = 8883) -> str:
-    """A loopback address where ``port`` is free (the SDK always dials 8883)."""
-    for last in range(90, 250):
-        host = f"127.0.0.{last}"
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-        return host
-    raise SystemExit("fleet: port 8883 is busy on 127.0.0.90-249")
 
 
 class StepClock:
