@@ -15,10 +15,10 @@ import shutil
 import subprocess
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 
 from flasher.errors import FlasherError, InputError
+from flasher.files import shipped
 
 log = logging.getLogger("flasher.arduino")
 
@@ -31,7 +31,7 @@ class ArduinoError(FlasherError):
 
 
 def default_sketch() -> Path:
-    return Path(str(resources.files("flasher.firmware") / DEFAULT_SKETCH))
+    return Path(str(shipped("firmware") / DEFAULT_SKETCH))
 
 
 def find_arduino_cli(executable: str | None = None) -> str:

@@ -639,10 +639,10 @@ def simulate_dps(enrollments_file, host, port, cert_dir, ca_cert_out, state_file
     Prints its CA certificate's path on stdout: pass it to `flasher register --ca-cert`.
     """
     import signal
-    import tempfile
     import threading
     from pathlib import Path
 
+    from flasher.files import atomic_write
     from flasher.sim.dps import DpsEmulator, default_cert_dir
 
     emu = DpsEmulator(enrollments_file, host=host, port=port, cert_dir=cert_dir or default_cert_dir(),
@@ -653,12 +653,8 @@ def simulate_dps(enrollments_file, host, port, cert_dir, ca_cert_out, state_file
         with emu:
             ca = emu.ca_cert_path
             if ca_cert_out:
-                out = Path(ca_cert_out)
-                fd, tmp = tempfile.mkstemp(dir=out.parent or ".", prefix=f".{out.name}.")
-                with os.fdopen(fd, "wb") as f:
-                    f.write(ca.read_bytes())
-                os.replace(tmp, out)
-                ca = out
+                atomic_write(ca_cert_out, ca.read_bytes(), mode=0o644)
+                ca = Path(ca_cert_out)
             click.echo(str(ca))
             sys.stdout.flush()
             err(f"DPS + IoT Hub emulator on {emu.host}:{emu.port}, ID scope {emu.id_scope}, hub {emu.hub_name}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -26,6 +25,7 @@ from flasher import __version__
 from flasher.cliteral import c_bytes, c_comment, c_identifier, c_string
 from flasher.errors import FlasherError, InputError
 from flasher.eui import EUI64
+from flasher.files import atomic_write, shipped
 from flasher.identity import RegistrationIdPolicy, validate_registration_id
 from flasher.keys import check_master_secret, decode_symmetric_key, derive_app_key, parse_app_key, random_app_key
 from flasher.secrets import Redactor
@@ -187,16 +187,12 @@ def build_header_data(dev_eui: EUI64 | str, *, app_key: bytes, app_key_source: s
 
 def shipped_templates() -> list[str]:
     """Names of the templates shipped in the package (``flasher.templates``)."""
-    from importlib.resources import files
-
-    return sorted(p.name[: -len(TEMPLATE_SUFFIX)] for p in files("flasher.templates").iterdir()
+    return sorted(p.name[: -len(TEMPLATE_SUFFIX)] for p in shipped("templates").iterdir()
                   if p.name.endswith(TEMPLATE_SUFFIX) and not p.name.startswith("_"))
 
 
 def _shipped_source(filename: str) -> str | None:
-    from importlib.resources import files
-
-    res = files("flasher.templates").joinpath(filename)
+    res = shipped("templates").joinpath(filename)
     try:
         return res.read_text(encoding="utf-8")
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
@@ -290,20 +286,11 @@ def write_header(text: str, path: str | os.PathLike) -> str:
     data = text.encode("utf-8")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as exc:
         raise FlasherError(f"output {str(target)!r}: cannot create ({exc.strerror or exc.__class__.__name__})") from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        atomic_write(target, data, mode=0o600, fsync=True)
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise FlasherError(f"output {str(target)!r}: cannot write ({exc.strerror or exc.__class__.__name__})") from None
+        verb = "cannot create" if not target.parent.is_dir() else "cannot write"
+        raise FlasherError(f"output {str(target)!r}: {verb} ({exc.strerror or exc.__class__.__name__})") from None
     return hashlib.sha256(data).hexdigest()

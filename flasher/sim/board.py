@@ -35,6 +35,8 @@ import tty
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from flasher.files import atomic_write
+
 log = logging.getLogger("flasher.sim.board")
 
 VID, PID = 0x2886, 0x800C
@@ -98,17 +100,6 @@ class Eeprom:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _colon(hexstr: str) -> str:
     return ":".join(hexstr[i:i + 2] for i in range(0, len(hexstr), 2))
 
@@ -151,7 +142,7 @@ class SimulatedBoard:
         return self.eeprom.to_json()
 
     def save(self) -> None:
-        _atomic_write(self.state_path, json.dumps(self.eeprom.to_json(), indent=2) + "\n")
+        atomic_write(self.state_path, json.dumps(self.eeprom.to_json(), indent=2) + "\n", mode=0o644)
 
     # --- the dialect --------------------------------------------------------------------
 
@@ -484,7 +475,7 @@ class BoardSimulator:
                     "description": "Seeeduino LoRaWAN (simulated)", "manufacturer": "Seeed Studio",
                     "location": f"sim-{b.index}", "simulated": True}
                    for b in self.boards if b.port]
-        _atomic_write(self.ports_file, json.dumps(entries, indent=2) + "\n")
+        atomic_write(self.ports_file, json.dumps(entries, indent=2) + "\n", mode=0o644)
 
     # --- the loop ----------------------------------------------------------------------------
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from flasher.errors import FlasherError
+from flasher.files import atomic_write
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
@@ -29,16 +29,7 @@ class ServerCredentials:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        if private:
-            os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data, mode=0o600 if private else 0o644)
 
 
 def _san_entries(hosts: list[str]):

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flasher.errors import FlasherError, InputError
+from flasher.files import atomic_write
 from flasher.keys import decode_symmetric_key, derive_device_key
 from flasher.sim import certs
 from flasher.sim.mqtt import (ACCEPTED, REFUSED_BAD_USERNAME_PASSWORD, REFUSED_NOT_AUTHORIZED,
@@ -387,16 +388,7 @@ class DpsEmulator(MqttApplication):
         if self.state_file is None:
             return
         with self._lock:  # one writer at a time, so the newest state lands last
-            data = json.dumps(self.state(), indent=2, sort_keys=True) + "\n"
-            d = self.state_file.parent
-            fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{self.state_file.name}.")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(data)
-                os.replace(tmp, self.state_file)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(self.state_file, json.dumps(self.state(), indent=2, sort_keys=True) + "\n", mode=0o644)
 
     # --- MQTT: CONNECT -------------------------------------------------------------
     async def on_connect(self, conn: Connection, req: ConnectRequest) -> int:
