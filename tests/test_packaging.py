@@ -55,7 +55,8 @@ def installed(wheel, tmp_path_factory):
     site = Path(sh([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
     # Dependencies (click, jinja2, ...) come from the interpreter running the tests, after the venv's own.
     (site / "zz_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    sh([py, "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation", wheel])
+    # --ignore-installed: a flasher visible through the .pth (CI installs one) must not satisfy this
+    sh([py, "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation", "--ignore-installed", wheel])
     return env_dir
 
 
