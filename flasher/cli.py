@@ -483,52 +483,6 @@ def header(dev_eui, join_eui, app_key, app_key_file, master_file, random_key, ba
 DEVICE_KEY_ENV = "FLASHER_DEVICE_KEY"
 
 
-class _LiveLine:
-    """One status line rewritten in place on a terminal (stderr); silent on a pipe."""
-
-    def __init__(self, total: int):
-        import threading
-
-        self.on = sys.stderr.isatty()
-        self.total, self.done, self.phases = total, 0, {}
-        self._lock = threading.Lock()
-
-    def phase(self, reg_id: str, name: str) -> None:
-        with self._lock:
-            self.phases[reg_id] = name
-            self._draw()
-
-    def finished(self, reg_id: str, line: str | None = None, to_err: bool = False) -> None:
-        with self._lock:
-            self.phases.pop(reg_id, None)
-            self.done += 1
-            self._clear()
-            if line is not None:
-                click.echo(line, err=to_err)
-            self._draw()
-
-    def close(self) -> None:
-        with self._lock:
-            self._clear()
-            self.on = False
-
-    def _clear(self) -> None:
-        if self.on:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-
-    def _draw(self) -> None:
-        if not self.on or not self.phases:
-            return
-        shown = ", ".join(f"{r}: {p}" for r, p in list(self.phases.items())[:3])
-        more = f" +{len(self.phases) - 3}" if len(self.phases) > 3 else ""
-        import shutil
-
-        width = max(20, shutil.get_terminal_size((80, 24)).columns - 1)
-        sys.stderr.write(f"\r\x1b[K[{self.done}/{self.total}] {shown}{more}"[:width + 5])  # +5: the escape sequence takes no columns
-        sys.stderr.flush()
-
-
 @cli.command()
 @click.argument("ids", nargs=-1, required=True, metavar="ID_OR_EUI...")
 @click.option("--enrollment", type=click.Choice(["group", "individual"]), default="group", show_default=True,
@@ -562,11 +516,11 @@ def register(ids, enrollment, id_scope, dps_host, ca_cert, timeout, no_test_mess
           --ca-cert ~/.cache/flasher/dps-emulator/ca.pem --json
     """
     import json
-    from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    from flasher.dps import DpsError, read_ca_cert, register_device, validate_id_scope
+    from flasher.dps import DpsError, read_ca_cert, register_many, validate_id_scope
     from flasher.identity import RegistrationIdPolicy
     from flasher.keys import decode_symmetric_key, derive_device_key
+    from flasher.progress import LiveLine
     from flasher.secrets import resolve_secret
 
     if not id_scope:
@@ -589,28 +543,20 @@ def register(ids, enrollment, id_scope, dps_host, ca_cert, timeout, no_test_mess
         primary, _ = group_keys.load(secondary=False)
         keys = {r: derive_device_key(primary, r) for r in reg_ids}
 
-    live = _LiveLine(len(reg_ids))
+    live = LiveLine(len(reg_ids))
     failed = 0
-
-    def one(reg_id: str):
-        return register_device(reg_id, keys[reg_id], id_scope=scope, dps_host=dps_host, ca_cert=ca_cert, timeout=timeout,
-                               test_message=None if no_test_message else "TestMessage",
-                               on_phase=lambda p: live.phase(reg_id, p))
-
-    pool = ThreadPoolExecutor(max_workers=min(concurrency, len(reg_ids)), thread_name_prefix="flasher-register")
     try:
-        futures = {pool.submit(one, r): r for r in reg_ids}
-        for fut in as_completed(futures):
-            reg_id = futures[fut]
-            try:
-                reg = fut.result()
-            except DpsError as exc:
+        for reg_id, reg in register_many(keys, concurrency=concurrency, on_phase=live.phase, id_scope=scope,
+                                         dps_host=dps_host, ca_cert=ca_cert, timeout=timeout,
+                                         test_message=None if no_test_message else "TestMessage"):
+            if isinstance(reg, DpsError):
                 failed += 1
                 if as_json:
-                    live.finished(reg_id, json.dumps({"registration_id": reg_id, "ok": False, "error": exc.kind, "message": str(exc)}))
-                    err(f"error: {exc}")
+                    live.finished(reg_id, json.dumps({"registration_id": reg_id, "ok": False, "error": reg.kind,
+                                                      "message": str(reg)}))
+                    err(f"error: {reg}")
                 else:
-                    live.finished(reg_id, f"error: {exc}", to_err=True)
+                    live.finished(reg_id, f"error: {reg}", to_err=True)
                 continue
             if as_json:
                 live.finished(reg_id, json.dumps({**reg.to_dict(), "ok": True}))
@@ -620,7 +566,6 @@ def register(ids, enrollment, id_scope, dps_host, ca_cert, timeout, no_test_mess
                                       f"{reg.substatus or '-'}\t({t})")
     finally:
         live.close()
-        pool.shutdown(wait=True, cancel_futures=True)
     return EXIT_FAILURE if failed else 0
 
 

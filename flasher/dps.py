@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 from flasher.errors import FlasherError, InputError
 
@@ -135,6 +135,32 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
     if test_message is not None:
         _prove(reg_id, device_key, device_id, hub, pem, test_message, deadline, timeout, phase, timings)
     return Registration(reg_id, device_id, hub, result.status, state.sub_status, timings)
+
+
+def register_many(keys: Mapping[str, str], *, concurrency: int = 8,
+                  on_phase: Callable[[str, str], None] | None = None, **kwargs) -> Iterator[tuple[str, Registration | DpsError]]:
+    """Register every ``registration id -> device key`` at once, at most ``concurrency`` in flight.
+
+    Yields ``(registration_id, Registration or DpsError)`` as each finishes, so one refusal
+    never hides the others; ``kwargs`` go to :func:`register_device`.
+    """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    def one(reg_id: str) -> Registration:
+        phase = (lambda p: on_phase(reg_id, p)) if on_phase else None
+        return register_device(reg_id, keys[reg_id], on_phase=phase, **kwargs)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(keys))), thread_name_prefix="flasher-register") as pool:
+        futures = {pool.submit(one, r): r for r in keys}
+        try:
+            for fut in as_completed(futures):
+                try:
+                    yield futures[fut], fut.result()
+                except DpsError as exc:
+                    yield futures[fut], exc
+        finally:
+            for fut in futures:
+                fut.cancel()
 
 
 # --- provisioning -------------------------------------------------------------------

@@ -7,6 +7,7 @@ escape codes. Either way it goes to stderr; stdout is for data.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 import time
@@ -84,6 +85,48 @@ class StepLines:
 
     def close(self) -> None:
         pass
+
+
+class LiveLine:
+    """One status line rewritten in place on a terminal (stderr); silent on a pipe."""
+
+    def __init__(self, total: int):
+        self.on = sys.stderr.isatty()
+        self.total, self.done, self.phases = total, 0, {}
+        self._lock = threading.Lock()
+
+    def phase(self, reg_id: str, name: str) -> None:
+        with self._lock:
+            self.phases[reg_id] = name
+            self._draw()
+
+    def finished(self, reg_id: str, line: str | None = None, to_err: bool = False) -> None:
+        with self._lock:
+            self.phases.pop(reg_id, None)
+            self.done += 1
+            self._clear()
+            if line is not None:
+                print(line, file=sys.stderr if to_err else sys.stdout, flush=True)
+            self._draw()
+
+    def close(self) -> None:
+        with self._lock:
+            self._clear()
+            self.on = False
+
+    def _clear(self) -> None:
+        if self.on:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+    def _draw(self) -> None:
+        if not self.on or not self.phases:
+            return
+        shown = ", ".join(f"{r}: {p}" for r, p in list(self.phases.items())[:3])
+        more = f" +{len(self.phases) - 3}" if len(self.phases) > 3 else ""
+        width = max(20, shutil.get_terminal_size((80, 24)).columns - 1)
+        sys.stderr.write(f"\r\x1b[K[{self.done}/{self.total}] {shown}{more}"[:width + 5])  # +5: the escape sequence takes no columns
+        sys.stderr.flush()
 
 
 def for_stream(stream=None, quiet: bool = False):
