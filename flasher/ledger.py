@@ -114,13 +114,19 @@ class Ledger:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA busy_timeout = 30000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.executescript(SCHEMA)
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if create and (not tables or "boards" in tables):  # new, or ours: never add tables to another database
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.executescript(SCHEMA)
+                tables |= {"boards", "steps"}
         except sqlite3.DatabaseError as exc:
             raise InputError(f"ledger {str(self.path)!r}: not a flasher ledger ({exc})") from None
         except OSError as exc:
             raise InputError(f"ledger {str(self.path)!r}: {exc.strerror or exc}") from None
-        if os.name == "posix":
+        if not {"boards", "steps"} <= tables:
+            self._db.close()
+            raise InputError(f"ledger {str(self.path)!r}: not a flasher ledger (no boards/steps tables)")
+        if create and os.name == "posix":
             os.chmod(self.path, 0o600)
         self._lock = threading.Lock()
 

@@ -71,3 +71,18 @@ def test_not_a_ledger(tmp_path):
         Ledger(tmp_path / "missing.sqlite3", create=False)
     with pytest.raises(InputError, match="is a directory"):
         Ledger(tmp_path)
+
+
+def test_reading_never_changes_someone_elses_database(tmp_path):
+    import sqlite3
+
+    other = tmp_path / "other.sqlite3"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE notes (x TEXT)")
+    other.chmod(0o644)
+    for create in (False, True):
+        with pytest.raises(InputError, match="no boards/steps tables"):
+            Ledger(other, create=create)
+    with sqlite3.connect(other) as db:
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["notes"]
+    assert other.stat().st_mode & 0o777 == 0o644
