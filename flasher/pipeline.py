@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -106,8 +107,10 @@ def _sha256(path: Path) -> str | None:
 class _Run:
     """The state of one board's run; methods are the steps."""
 
-    def __init__(self, port: str, settings: Settings, ledger: Ledger, progress: Progress):
+    def __init__(self, port: str, settings: Settings, ledger: Ledger, progress: Progress,
+                 stop: threading.Event | None = None):
         self.port, self.s, self.ledger, self.progress = port, settings, ledger, progress
+        self.stop = stop or threading.Event()
         self.result = BoardResult(port=port)
         self.step = IDENTIFY
 
@@ -118,6 +121,8 @@ class _Run:
         """Run ``fn`` as ``step`` unless the ledger says it is done; record the outcome."""
         self.step = step
         eui = self.result.deveui
+        if self.stop.is_set():
+            raise FlasherError(f"interrupted before {step}; rerun to resume here")
         if done:
             self._emit("skipped", "done earlier")
             return None
@@ -309,17 +314,24 @@ def key_check(device_key: str) -> str:
     return hashlib.sha256(b"flasher-device-key-check\0" + device_key.encode()).hexdigest()[:16]
 
 
-def provision_board(port: str, settings: Settings, ledger: Ledger, progress: Progress = _quiet) -> BoardResult:
-    return _Run(port, settings, ledger, progress).run()
+def provision_board(port: str, settings: Settings, ledger: Ledger, progress: Progress = _quiet,
+                    stop: threading.Event | None = None) -> BoardResult:
+    """Run one board through every step it has not finished; ``stop`` ends it at the next step boundary."""
+    return _Run(port, settings, ledger, progress, stop).run()
 
 
 def provision_boards(ports: list[str], settings: Settings, ledger: Ledger, progress: Progress = _quiet,
                      concurrency: int = 16) -> Iterator[BoardResult]:
     """Provision every port concurrently; yield each board's result as it finishes."""
-    if len(ports) == 1:
-        yield provision_board(ports[0], settings, ledger, progress)
-        return
+    stop = threading.Event()
     with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(ports))), thread_name_prefix="board") as pool:
-        futures = [pool.submit(provision_board, p, settings, ledger, progress) for p in ports]
-        for fut in as_completed(futures):
-            yield fut.result()
+        futures = [pool.submit(provision_board, p, settings, ledger, progress, stop) for p in ports]
+        try:
+            for fut in as_completed(futures):
+                yield fut.result()
+        finally:
+            # Ctrl-C or an abandoned caller: boards stop at their next step boundary (a step under
+            # way, such as a DPS registration, ends within its own timeout); queued ones never start.
+            stop.set()
+            for fut in futures:
+                fut.cancel()

@@ -323,3 +323,30 @@ def test_progress_is_a_live_table_on_a_terminal_and_plain_lines_on_a_pipe(sim_bo
     assert "\x1b[" in text and "DEVEUI" in text and text.count("assigning") >= 1
     final = text.rsplit("DEVEUI", 1)[1]
     assert all(b.deveui in final for b in sim.boards) and final.count(" done ") == 2
+
+
+def test_ctrl_c_stops_boards_at_the_next_step_and_the_rerun_resumes(sim_boards, make_dps_emulator, tmp_path):
+    emu = make_dps_emulator(assign_delay=2.0)
+    sim = sim_boards(2, seed=131)
+    args = [sys.executable, "-m", "flasher", "provision", *[a for p in sim.ports for a in ("--port", p)],
+            "--id-scope", ID_SCOPE, "--dps-host", emu.host, "--ca-cert", str(emu.ca_cert_path),
+            "--ledger", str(tmp_path / "l.sqlite3"), "--out-dir", str(tmp_path / "h")]
+    env = dict(os.environ, FLASHER_GROUP_PRIMARY_KEY=GROUP_PRIMARY)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and emu.state()["stats"]["register_requests"] < 2:
+            time.sleep(0.05)  # both boards are registering (DPS is "assigning" for 2 s)
+        proc.send_signal(signal.SIGINT)
+        out, errs = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in errs and "Traceback" not in errs
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        assert all(r.status != "provisioned" for r in ledger.all())  # stopped before the test message
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        assert [r.status for r in ledger.all()] == ["provisioned", "provisioned"]
