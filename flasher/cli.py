@@ -710,9 +710,10 @@ def provision(config_path, id_scope, dps_host, ca_cert, template, band, join_eui
     preflight(settings, ports)  # everything checkable is checked before a board or the ledger is touched
     ledger = Ledger(cfg.get("ledger", ledger_path, DEFAULT_LEDGER_NAME))
     show = progress_mod.for_stream(quiet=quiet)
-    failures = []
+    failures, already = [], 0
     try:
         for result in provision_boards(ports, settings, ledger, show, concurrency=cfg.get("concurrency", concurrency, 16)):
+            already += result.status == "already_provisioned"
             if not result.ok:
                 failures.append(result)
             if as_json:
@@ -725,6 +726,7 @@ def provision(config_path, id_scope, dps_host, ca_cert, template, band, join_eui
         err(f"error: {r.deveui or r.port}: {r.failed_step}: {r.error}")
     if not as_json and not quiet:
         err(f"{len(ports) - len(failures)}/{len(ports)} boards provisioned"
+            + (f" ({already} already were)" if already else "")
             + (f"; {len(failures)} failed (rerun to resume where each stopped)" if failures else ""))
     return EXIT_FAILURE if failures else 0
 
