@@ -6,6 +6,7 @@ in the same run with interleaved repetitions, is the figure that means something
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -18,8 +19,20 @@ def time_command(cmd: list[str], env=None, stdin=None) -> float:
     return time.perf_counter() - t0
 
 
+def bench_env(**extra: str) -> dict:
+    """The environment for timed child processes: bytecode caching on, as for an installed tool.
+
+    pip compiles .pyc files at install time; a shell with PYTHONDONTWRITEBYTECODE set
+    (or a fresh editable checkout) would otherwise time the compiler, not flasher.
+    """
+    env = dict(os.environ, **extra)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 def side_by_side(candidate, baseline, repeat: int) -> tuple[float, float]:
-    """Alternate the two callables ``repeat`` times each; return (median candidate, median baseline)."""
+    """One untimed warm-up of each, then alternate ``repeat`` times; return (median candidate, median baseline)."""
+    candidate(), baseline()
     c, b = [], []
     for _ in range(repeat):
         c.append(candidate())

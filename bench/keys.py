@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import report, side_by_side, time_command  # noqa: E402
+from common import bench_env, report, side_by_side, time_command  # noqa: E402
 
 BARE = r"""
 import base64, hashlib, hmac, os, sys
@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("--ids", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    env = dict(os.environ, FLASHER_GROUP_PRIMARY_KEY=base64.b64encode(os.urandom(64)).decode())
+    env = bench_env(FLASHER_GROUP_PRIMARY_KEY=base64.b64encode(os.urandom(64)).decode())
     env.pop("FLASHER_GROUP_SECONDARY_KEY", None)
     py = sys.executable
     rng = random.Random(7)
