@@ -209,9 +209,10 @@ class ResponseCollector:
                 self.lines.append(data)
                 return bool(self.final(self.lines))
         self.skipped += 1
-        if "+" in text and not _printable(text):
+        if "+" in text and not _printable(text[m.start():] if m else text):
             # A response line with mangled bytes (the '+' survived): it took the place of one of
-            # ours. Boot junk without a '+' is just skipped.
+            # ours. Boot junk without a '+', or glued to a well-formed line of another command
+            # ("\x01+INFO: Input timeout"), is just skipped.
             return self._garbled()
         return False
 

@@ -49,13 +49,30 @@ def sim_env(monkeypatch):
 
 
 class MiniModule:
-    """A minimal RHF76 on one pty: a dict of values and a chain of ifs. ``lie`` fields are echoed, not kept."""
+    """A minimal RHF76 on one pty: a dict of values and a chain of ifs. ``lie`` fields are echoed, not kept.
 
-    def __init__(self, deveui="47:86:c5:8b:00:11:22:33", lie: set[str] = frozenset(), mangle_key_echo=False):
+    The style knobs are the variations REFERENCE.md allows a real (or another independent) module:
+    ``sep`` after the id name (``", "`` or ``","``), ``upper_hex``/``plain_hex`` for EUIs, ``key_echo``
+    (``"spaced"`` as 2.0.10, ``"plain"``, ``"comma"``), ``eol`` (``"\\r\\n"`` or ``"\\n"``), ``trailing``
+    blanks after every line, ``info`` (``+INFO: Input timeout`` before every answer), ``echo`` of the
+    command, ``boot_noise`` before the first answer, ``double_ok`` (the ping answered twice), ``latency``
+    seconds before every answer, ``dribble`` (answers written a few bytes at a time), ``lower_names``
+    (``+id:`` instead of ``+ID:``), ``upper_fields`` (``DEVEUI`` instead of ``DevEui``) and ``lower_values``
+    (``+MODE: lwotaa``, ``+DR: eu868 ...``).
+    """
+
+    def __init__(self, deveui="47:86:c5:8b:00:11:22:33", lie: set[str] = frozenset(), mangle_key_echo=False, *,
+                 version="2.0.10", sep=", ", upper_hex=False, plain_hex=False, key_echo="spaced", eol="\r\n",
+                 trailing="", info=False, echo=False, boot_noise=False, double_ok=False, latency=0.0,
+                 dribble=False, lower_names=False, upper_fields=False, lower_values=False):
         self.values = {"deveui": deveui, "appeui": "80:00:00:00:00:00:00:06", "devaddr": "00:11:22:33",
                        "mode": "LWABP", "band": "EU868", "dr": "0", "appkey": ""}
         self.lie = set(lie)
         self.mangle_key_echo = mangle_key_echo
+        self.version, self.sep, self.upper_hex, self.plain_hex = version, sep, upper_hex, plain_hex
+        self.key_echo, self.eol, self.trailing, self.info, self.echo = key_echo, eol, trailing, info, echo
+        self.boot_noise, self.double_ok, self.latency, self.dribble = boot_noise, double_ok, latency, dribble
+        self.lower_names, self.upper_fields, self.lower_values = lower_names, upper_fields, lower_values
         self.received: list[str] = []
         self.master, self.slave = os.openpty()
         tty.setraw(self.slave)
@@ -83,22 +100,51 @@ class MiniModule:
             while b"\n" in pending:
                 raw, pending = pending.split(b"\n", 1)
                 text = raw.decode("latin-1").strip()
-                if text:
-                    self.received.append(text)
-                    for out in self._answer(text):
-                        os.write(self.master, out.encode() + b"\r\n")
+                if not text:
+                    continue
+                self.received.append(text)
+                out = []
+                if self.echo:
+                    out.append(raw.rstrip(b"\r") + b"\r\n")
+                if self.boot_noise:
+                    self.boot_noise = False
+                    out.append(b"\x00\xfe\r\nRHF76-052 boot\r\n\x01\x02")
+                if self.info:
+                    out.append(b"+INFO: Input timeout" + self.eol.encode())
+                for line in self._answer(text):
+                    if self.upper_fields and line.startswith("+ID: "):
+                        line = "+ID: " + line[5:].upper()
+                    if self.lower_values and line.startswith(("+MODE: ", "+DR: ")):
+                        name, rest = line.split(":", 1)
+                        line = name + ":" + rest.lower()
+                    if self.lower_names and line.startswith("+"):
+                        name, rest = line.split(":", 1)
+                        line = name.lower() + ":" + rest
+                    out.append((line + self.trailing + self.eol).encode())
+                if self.latency and select.select([self._stop_r], [], [], self.latency)[0]:
+                    return
+                data = b"".join(out)
+                step = 3 if self.dribble else len(data)
+                for i in range(0, len(data), step):
+                    os.write(self.master, data[i:i + step])
+
+    def _eui(self, value: str) -> str:
+        digits = value.replace(":", "")
+        digits = digits.upper() if self.upper_hex else digits.lower()
+        return digits if self.plain_hex else ":".join(digits[i:i + 2] for i in range(0, len(digits), 2))
 
     def _answer(self, text: str) -> list[str]:
         v = self.values
         up = text.upper()
         if up == "AT":
-            return ["+AT: OK"]
+            return ["+AT: OK", "+AT: OK"] if self.double_ok else ["+AT: OK"]
         if up in ("AT+VER", "AT+VER?"):
-            return ["+VER: 2.0.10"]
+            return [f"+VER: {self.version}"]
         if up in ("AT+ID", "AT+ID?"):
-            return [f"+ID: DevAddr, {v['devaddr']}", f"+ID: DevEui, {v['deveui']}", f"+ID: AppEui, {v['appeui']}"]
-        if up == "AT+ID=APPEUI":
-            return [f"+ID: AppEui, {v['appeui']}"]
+            return [f"+ID: {name}{self.sep}{self._eui(v[name.lower()])}" for name in ("DevAddr", "DevEui", "AppEui")]
+        if up in ("AT+ID=APPEUI", "AT+ID=DEVEUI", "AT+ID=DEVADDR"):
+            name = {"APPEUI": "AppEui", "DEVEUI": "DevEui", "DEVADDR": "DevAddr"}[up.split("=", 1)[1]]
+            return [f"+ID: {name}{self.sep}{self._eui(v[name.lower()])}"]
         if up.startswith("AT+ID=APPEUI,"):
             new = text.split(",", 1)[1].strip().strip('"').lower()
             if len(new) != 16:
@@ -106,13 +152,17 @@ class MiniModule:
             spaced = ":".join(new[i:i + 2] for i in range(0, 16, 2))
             if "appeui" not in self.lie:
                 v["appeui"] = spaced
-            return [f"+ID: AppEui, {spaced}"]
+            return [f"+ID: AppEui{self.sep}{self._eui(new)}"]
         if up.startswith("AT+KEY=APPKEY,"):
             key = text.split(",", 1)[1].strip().strip('"').upper()
             if len(key) != 32:
                 return ["+KEY: ERROR(-1)"]
             v["appkey"] = key
             shown = ("00" + key[2:]) if self.mangle_key_echo else key
+            if self.key_echo == "plain":
+                return ["+KEY: APPKEY " + shown]
+            if self.key_echo == "comma":
+                return ["+KEY: APPKEY, " + shown.lower()]
             return ["+KEY: APPKEY " + " ".join(shown[i:i + 2] for i in range(0, 32, 2))]
         if up in ("AT+MODE", "AT+MODE?"):
             return [f"+MODE: {v['mode']}"]

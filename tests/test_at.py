@@ -232,3 +232,13 @@ def test_fuzz_client_over_a_pty_with_random_bytes(raw_pty, cmd, blob):
         except ATError:
             pass
     t.join(5)
+
+
+def test_noise_glued_to_an_unrelated_line_is_not_a_garbled_answer():
+    # Boot junk in front of a well-formed "+INFO: Input timeout" is unrelated output, not one of our lines mangled.
+    c = ResponseCollector("AT", port="p")
+    assert c.feed(b"\x00\xfe\x01\x02+INFO: Input timeout") is False
+    assert c.feed(b"+AT: OK") is True and c.lines == ["OK"] and c.garbled == 0
+    # ... while a mangled line of the command's own still is
+    with pytest.raises(ProtocolError, match="garbled answer to AT"):
+        ResponseCollector("AT", port="p").feed(b"+AT: O\xff\x01")

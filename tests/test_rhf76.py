@@ -190,3 +190,114 @@ def test_fuzz_dialect_parsers_raise_only_client_errors(lines):
             fn()
         except ATError:
             pass
+
+
+# --- the dialect's allowed variations, against the independent responder ------------------
+
+STYLES = {
+    "2.1.19-plain": dict(version="2.1.19", upper_hex=True, key_echo="plain"),
+    "no-space-after-comma": dict(sep=","),
+    "wide-comma": dict(sep=",  "),
+    "plain-hex-ids": dict(plain_hex=True),
+    "upper-hex": dict(upper_hex=True),
+    "key-echo-comma-lower": dict(key_echo="comma"),
+    "lf-only": dict(eol="\n"),
+    "trailing-blanks": dict(trailing="  "),
+    "input-timeout-info": dict(info=True),
+    "echo": dict(echo=True),
+    "boot-noise": dict(boot_noise=True),
+    "ping-answered-twice": dict(double_ok=True),
+    "dribbled": dict(dribble=True),
+    "lower-case-names": dict(lower_names=True),
+    "upper-case-fields": dict(upper_fields=True),
+    "lower-case-values": dict(lower_values=True),
+    "latency-0.3": dict(latency=0.3),
+    "everything": dict(sep=",", plain_hex=True, upper_fields=True, lower_values=True, eol="\n", trailing=" ", info=True, echo=True, boot_noise=True,
+                       double_ok=True, dribble=True, key_echo="plain", version="2.1.16"),
+}
+
+
+@pytest.mark.parametrize("style", STYLES.values(), ids=list(STYLES))
+def test_dialect_variations_read_program_verify(mini_module, style):
+    mod = mini_module(deveui="8c:f9:57:20:00:00:0a:bc", **style)
+    with open_module(mod.path) as m:  # default timeout and retries, as eui/verify/provision use them
+        assert m.read_ids() == ModuleIds(EUI64.parse("8CF9572000000ABC"), EUI64.parse("8000000000000006"),
+                                         "00112233")
+        assert m.version() == style.get("version", "2.0.10")
+        m.program(JOIN_EUI, APP_KEY, band="EU868")
+        assert m.read_settings() == ModuleSettings(JOIN_EUI, "LWOTAA", "EU868", 0)
+    assert (mod.values["appkey"], mod.values["mode"], mod.values["band"]) == (APP_KEY.hex().upper(), "LWOTAA", "EU868")
+    sent = [c for c in mod.received if c.upper() != "AT"]
+    assert sent[:2] == ["AT+ID", "AT+VER"]
+    assert sent[2:6] == [f'AT+ID=AppEui,"{JOIN_EUI.hex}"', f'AT+KEY=APPKEY,"{APP_KEY.hex().upper()}"',
+                         "AT+MODE=LWOTAA", "AT+DR=EU868"]
+    assert sent[6:] == ["AT+DR", "AT+ID=AppEui", "AT+MODE"] * 2
+
+
+@pytest.fixture
+def cli_run(capsys):
+    """``flasher ARGS`` in process: (exit code, stdout, stderr); logging put back afterwards."""
+    from flasher.cli import main
+
+    root = logging.getLogger()
+
+    def run(*args):
+        handlers, level = root.handlers[:], root.level
+        try:
+            with pytest.raises(SystemExit) as e:
+                main([str(a) for a in args])
+        finally:
+            root.handlers[:], root.level = handlers, level
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    return run
+
+
+@pytest.mark.parametrize("style", [STYLES["everything"], STYLES["latency-0.3"], STYLES["lower-case-names"]],
+                         ids=["everything", "latency", "lower-case-names"])
+def test_cli_eui_and_verify_against_independent_module(mini_module, cli_run, style):
+    a = mini_module(deveui="2c:f7:f1:20:24:90:01:38", **style)
+    b = mini_module(deveui="47:86:c5:8b:00:11:22:33", **style)
+    with open_module(a.path) as m:
+        m.program(JOIN_EUI, APP_KEY, band="US915")
+    assert cli_run("eui", "--port", a.path) == (0, "2CF7F12024900138\n", "")
+    code, out, _ = cli_run("eui", "--port", a.path, "--port", b.path, "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [(r["port"], r["deveui"], r["appeui"]) for r in rows] == \
+        [(a.path, "2CF7F12024900138", JOIN_EUI.hex), (b.path, "4786C58B00112233", "8000000000000006")]
+    code, out, _ = cli_run("verify", "--port", a.path, "--port", b.path, "--expect", "2C-F7-F1-20-24-90-01-38",
+                           "--expect", "4786c58b00112233", "--join-eui", JOIN_EUI.hex, "--band", "us915", "--json")
+    verdicts = [json.loads(line) for line in out.splitlines()]
+    assert code == 1
+    assert verdicts[0] == {"port": a.path, "deveui": "2CF7F12024900138", "ok": True, "problems": []}
+    assert verdicts[1]["ok"] is False and set(verdicts[1]["problems"]) == \
+        {f"JoinEUI 8000000000000006, expected {JOIN_EUI.hex}", "mode LWABP, expected LWOTAA",
+         "band EU868, expected US915"}
+
+
+def test_boot_noise_before_input_timeout_needs_no_retry(mini_module):
+    mod = mini_module(boot_noise=True, info=True)
+    with open_module(mod.path, retries=0) as m:  # the first answer is noise + "+INFO: Input timeout" + "+AT: OK"
+        m.program(JOIN_EUI, APP_KEY)
+    assert mod.received.count("AT") == 1 and mod.values["mode"] == "LWOTAA"
+
+
+def test_provision_programs_an_independent_module(mini_module, dps_emulator, tmp_path):
+    """provision's module steps (open_module, read_ids, program) against the 2.0.10-style responder, noisy."""
+    import base64
+
+    from fixtures_dps import GROUP_PRIMARY, ID_SCOPE
+    from flasher.ledger import Ledger
+    from flasher.pipeline import Settings, provision_boards
+
+    mod = mini_module(deveui="2c:f7:f1:20:24:90:01:38", **STYLES["everything"])
+    settings = Settings(id_scope=ID_SCOPE, group_key=base64.b64decode(GROUP_PRIMARY), dps_host=dps_emulator.host,
+                        ca_cert=str(dps_emulator.ca_cert_path), out_dir=tmp_path / "h", join_eui=JOIN_EUI,
+                        band="AS923", timeout=30.0, test_message=None)
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        [r] = provision_boards([mod.path], settings, ledger)
+    assert (r.status, r.deveui, r.error) == ("provisioned", "2CF7F12024900138", None)
+    v = mod.values
+    assert (v["appeui"].replace(":", "").upper(), v["mode"], v["band"]) == (JOIN_EUI.hex, "LWOTAA", "AS923")
+    assert f'"{v["appkey"]}"' in (tmp_path / "h" / "2CF7F12024900138.h").read_text()
