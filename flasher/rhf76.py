@@ -35,7 +35,7 @@ _ID_LINE = re.compile(r"\s*(DevAddr|DevEui|AppEui)\s*,\s*([0-9A-Fa-f]{2}(?::?[0-
 _KEY_ECHO = re.compile(r"\s*APPKEY\s*,?\s*([0-9A-Fa-f ]+?)\s*", re.IGNORECASE)
 _DR = re.compile(r"\s*DR(\d{1,2})\s*", re.IGNORECASE)
 _BAND_LINE = re.compile(r"\s*([A-Za-z0-9]+)\b.*", re.DOTALL)
-_VERSION = re.compile(r"\s*(\d+\.\d+\.\d+[0-9A-Za-z.\-]*)\s*")
+_VERSION = re.compile(r"\s*[Vv]?(\d+\.\d+(?:\.\d+)?[0-9A-Za-z.\-]*)\s*")  # 2.1.19, V2.0.10, 2.1
 
 T = TypeVar("T")
 
@@ -266,7 +266,8 @@ class RHF76:
 
 
 def _word(line: str, cmd: str, port: str) -> str:
-    w = line.strip().upper()
+    """The first word of an answer: ``+DR: EU868`` and ``+DR: EU868 DR0  SF12 BW125K`` both mean EU868."""
+    w = (line.split() or [""])[0].upper()
     if not re.fullmatch(r"[A-Z0-9]+", w):
         raise ProtocolError(f"port {port}: unexpected answer {line!r} to {cmd}", port=port, command=cmd)
     return w

@@ -301,3 +301,11 @@ def test_provision_programs_an_independent_module(mini_module, dps_emulator, tmp
     v = mod.values
     assert (v["appeui"].replace(":", "").upper(), v["mode"], v["band"]) == (JOIN_EUI.hex, "LWOTAA", "AS923")
     assert f'"{v["appkey"]}"' in (tmp_path / "h" / "2CF7F12024900138.h").read_text()
+
+
+def test_answers_may_carry_more_than_the_one_word_we_check():
+    from flasher.rhf76 import _word, parse_version
+
+    assert _word("EU868 DR0  SF12 BW125K ", "AT+DR=EU868", "p") == "EU868"
+    assert _word(" lwotaa", "AT+MODE=LWOTAA", "p") == "LWOTAA"
+    assert [parse_version(v) for v in ("2.1.19", "V2.0.10", " 2.1 ")] == ["2.1.19", "2.0.10", "2.1"]
