@@ -22,6 +22,7 @@ client and live as long as the process: they are not leaks.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -77,16 +78,33 @@ def validate_id_scope(text: str) -> str:
     return s
 
 
+_PEM_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]*?-----END CERTIFICATE-----")
+
+
 def read_ca_cert(path: str | Path) -> str:
-    """PEM text of a root-of-trust file (what the SDK wants), with a one-line error otherwise."""
+    """PEM text of a root-of-trust file (what the SDK wants), with a one-line error otherwise.
+
+    A bundle (a chain, or several roots) is fine, and so is text between the blocks
+    (``openssl`` writes ``subject=`` lines, in UTF-8): only the certificate blocks are
+    kept. They are loaded once here, because the SDK loads them while it builds its
+    pipeline, where a bad one escapes as a bare ``ssl.SSLError`` and leaves a timer behind.
+    """
+    import ssl
+
     try:
-        text = Path(path).read_text(encoding="ascii")
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise InputError(f"CA certificate {str(path)!r}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"CA certificate {str(path)!r}: cannot read ({exc.__class__.__name__})") from None
-    if "-----BEGIN CERTIFICATE-----" not in text:
+    except OSError as exc:
+        raise InputError(f"CA certificate {str(path)!r}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+    blocks = _PEM_BLOCK.findall(raw.decode("utf-8", errors="replace"))
+    if not blocks:
         raise InputError(f"CA certificate {str(path)!r}: not a PEM certificate")
+    text = "\n".join(blocks).replace("\r", "") + "\n"
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=text)
+    except (ssl.SSLError, ValueError) as exc:
+        raise InputError(f"CA certificate {str(path)!r}: not a valid PEM certificate ({getattr(exc, 'reason', None) or exc})") from None
     return text
 
 
@@ -128,13 +146,13 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
     result = _provision(reg_id, device_key, scope, host, pem, deadline, timeout, phase, throttle_retries)
     timings["register"] = time.monotonic() - t0
     state = result.registration_state
-    hub, device_id = state.assigned_hub, state.device_id
+    hub, device_id, substatus = state.assigned_hub, state.device_id, state.sub_status or None
     if not hub or not device_id:
         raise DpsError("failed", f"registration {reg_id!r} at {host}: DPS answered {result.status!r} without a hub or device id")
-    log.info("registration %r: assigned to %s as %r (%s)", reg_id, hub, device_id, state.sub_status)
+    log.info("registration %r: assigned to %s as %r (%s)", reg_id, hub, device_id, substatus)
     if test_message is not None:
         _prove(reg_id, device_key, device_id, hub, pem, test_message, deadline, timeout, phase, timings)
-    return Registration(reg_id, device_id, hub, result.status, state.sub_status, timings)
+    return Registration(reg_id, device_id, hub, result.status, substatus, timings)
 
 
 def register_many(keys: Mapping[str, str], *, concurrency: int = 8,
@@ -166,9 +184,9 @@ def register_many(keys: Mapping[str, str], *, concurrency: int = 8,
 # --- provisioning -------------------------------------------------------------------
 
 class _Throttled(Exception):
-    def __init__(self, retries: int, retry_after: int | None):
-        super().__init__(f"throttled (429) after {retries} retries")
-        self.retries, self.retry_after = retries, retry_after
+    def __init__(self, retries: int, retry_after: int | None, status: int = 429):
+        super().__init__(f"DPS answered {status} after {retries} retries")
+        self.retries, self.retry_after, self.status = retries, retry_after, status
 
 
 class _DeadlineReached(Exception):
@@ -184,6 +202,8 @@ def _stages(root):
 
 def _provision(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle_retries):
     from azure.iot.device import ProvisioningDeviceClient
+    from azure.iot.device.common.pipeline import pipeline_ops_base as ops_base
+    from azure.iot.device.provisioning.pipeline import pipeline_ops_provisioning as ops_provisioning
     from azure.iot.device.provisioning.pipeline import pipeline_stages_provisioning as stages
 
     where = f"registration {reg_id!r} at {host}"
@@ -201,25 +221,34 @@ def _provision(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle
 
         def tracking_run_op(op):
             ops.append(op)
+            if isinstance(op, ops_provisioning.RegisterOperation) and not getattr(op, "_flasher_printable", False):
+                op._flasher_printable = True
+                op.add_callback(_make_result_printable)  # runs before the SDK's own callbacks (LIFO)
             if isinstance(stage, stages.PollingStatusStage) and not throttled.get("assigning"):
                 throttled["assigning"] = True
                 phase("assigning")
             return run_op(op)
 
         def bounded_retry(error, original_op, response_op):
-            ra = response_op.retry_after
-            retry_after = int(ra) if ra is not None and str(ra).isdigit() else 2
+            retry_after = int(response_op.retry_after) if response_op.retry_after is not None else 2
             throttled["count"] += 1
             if throttled["count"] > throttle_retries or time.monotonic() + retry_after >= deadline:
-                original_op.complete(error=_Throttled(throttled["count"] - 1, retry_after))
+                original_op.complete(error=_Throttled(throttled["count"] - 1, retry_after, response_op.status_code))
                 return
             log.info("%s: DPS answered %s; retrying in %d s (%d/%d)", where, response_op.status_code, retry_after,
                      throttled["count"], throttle_retries)
             phase("throttled")
             retry(error, original_op, response_op)
 
+        def sanitising_send_op_down(op):
+            if isinstance(op, ops_base.RequestAndResponseOperation):
+                op.add_callback(_integral_retry_after)  # runs before the stage's own response handler
+            return send_op_down(op)
+
+        send_op_down = stage.send_op_down
         stage._run_op = tracking_run_op
         stage._process_retry_status_code = bounded_retry
+        stage.send_op_down = sanitising_send_op_down
 
     for stage in _stages(client._pipeline._pipeline):
         if isinstance(stage, (stages.RegistrationStage, stages.PollingStatusStage)):
@@ -239,6 +268,26 @@ def _provision(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle
     finally:
         _dispose_provisioning(client, ops, where)
         _join_all(threads, where)
+
+
+def _integral_retry_after(op, error) -> None:
+    """The SDK parses retry-after with ``int()`` inside a callback: a "1.5" would stall registration."""
+    ra = getattr(op, "retry_after", None)
+    if ra is not None and not str(ra).isdigit():
+        try:
+            op.retry_after = str(max(1, math.ceil(float(ra))))
+        except (ValueError, OverflowError):
+            op.retry_after = None  # the SDK's default interval (2 s)
+
+
+def _make_result_printable(op, error) -> None:
+    """The SDK formats the result into a debug line (even when not logging) and ``str()`` fails on a
+    missing ``substatus``, ``assignedHub`` or ``deviceId``: register() would then never return."""
+    state = getattr(getattr(op, "registration_result", None), "registration_state", None)
+    if state is not None:
+        for name in ("_device_id", "_assigned_hub", "_sub_status"):
+            if getattr(state, name, None) is None:
+                setattr(state, name, "")
 
 
 def _dispose_provisioning(client, ops: list, where: str) -> None:
@@ -381,7 +430,8 @@ def _classify(exc: BaseException, where: str, throttle_retries: int = 0, hub: bo
     for e in chain:
         if isinstance(e, _Throttled):
             ra = f" (retry-after {e.retry_after} s)" if e.retry_after is not None else ""
-            return DpsError("throttled", f"{where}: throttled by DPS (429){ra}; gave up after {e.retries} retries")
+            what = "throttled by DPS (429)" if e.status == 429 else f"DPS answered {e.status} (server error)"
+            return DpsError("throttled", f"{where}: {what}{ra}; gave up after {e.retries} retries")
         if isinstance(e, DpsError):
             return e
     m = re.search(r"status code (\d{3})", text)

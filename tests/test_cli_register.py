@@ -150,3 +150,13 @@ def test_simulate_dps_serves_register_and_stops_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_corrupt_ca_cert_is_a_usage_error(tmp_path):
+    bad = tmp_path / "corrupt.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    p = run(["register", "2cf7f12024900138", "--id-scope", ID_SCOPE, "--dps-host", free_loopback(), "--ca-cert", str(bad)],
+            env={"FLASHER_GROUP_PRIMARY_KEY": GROUP_PRIMARY})
+    assert p.returncode == 2, p.stderr
+    assert "corrupt.pem" in p.stderr and "not a valid PEM" in p.stderr and p.stderr.count("\n") == 1
+    assert "Traceback" not in p.stderr

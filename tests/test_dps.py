@@ -255,3 +255,111 @@ def test_send_test_message_after_registration(dps_emulator, dps_target):
     with pytest.raises(DpsError) as info:
         send_test_message(reg.device_id, reg.assigned_hub, INDIVIDUAL_PRIMARY, ca_cert=dps_target["ca_cert"])
     assert info.value.kind == "hub_refused"
+
+
+# --- an emulator configured unlike the default: the client must not assume our shapes ---
+
+@pytest.fixture
+def loopback_one():
+    """127.0.0.1, if port 8883 is free there (the only loopback address 'localhost' resolves to)."""
+    from fixtures_dps import free_loopback
+
+    host = free_loopback(prefer=("127.0.0.1",))
+    if host != "127.0.0.1":
+        pytest.skip("port 8883 on 127.0.0.1 is busy")
+    return host
+
+
+def test_assigned_hub_is_not_the_dps_host(make_dps_emulator, loopback_one):
+    # DPS is dialled as 127.0.0.1 but assigns the hub "localhost": the proof message must go to "localhost"
+    emu = make_dps_emulator(host=loopback_one, hub_name="localhost")
+    rid = "2cf7f120249000f1"
+    reg = register_device(rid, group_device_key(rid), id_scope=ID_SCOPE, dps_host="127.0.0.1",
+                          ca_cert=emu.ca_cert_path, timeout=30)
+    assert (reg.assigned_hub, reg.device_id) == ("localhost", rid)
+    assert [m["payload"] for m in _messages(emu, rid)] == ["TestMessage"]
+    assert emu.state()["stats"]["hub_connections"] == 1
+    # the hub checks the token against the name the device dialled: the DPS host's name is not the hub's
+    from flasher.dps import send_test_message
+
+    with pytest.raises(DpsError) as info:
+        send_test_message(rid, "127.0.0.1", group_device_key(rid), ca_cert=emu.ca_cert_path, timeout=30)
+    assert info.value.kind == "hub_refused"
+
+
+class _TerseDps:
+    """Mixin: answer the way a minimal DPS would, with only registrationId, status, assignedHub, deviceId."""
+
+    @staticmethod
+    def _registration_state(rec):
+        return {k: rec[k] for k in ("registrationId", "status", "assignedHub", "deviceId") if k in rec}
+
+
+def test_registration_state_without_substatus_or_dates(tmp_path):
+    from fixtures_dps import ENROLLMENTS, free_loopback
+    from flasher.sim.dps import DpsEmulator
+
+    class TerseDps(_TerseDps, DpsEmulator):
+        pass
+
+    baseline = set(threading.enumerate())
+    with TerseDps(ENROLLMENTS, host=free_loopback(), cert_dir=tmp_path / "certs") as emu:
+        rid = "2cf7f120249000f2"
+        reg = register_device(rid, group_device_key(rid), id_scope=ID_SCOPE, dps_host=emu.host,
+                              ca_cert=emu.ca_cert_path, timeout=20)
+        assert (reg.status, reg.device_id, reg.assigned_hub, reg.substatus) == ("assigned", rid, emu.host, None)
+        assert [m["payload"] for m in _messages(emu, rid)] == ["TestMessage"]
+    assert wait_for(lambda: not leftover_threads(baseline)), leftover_threads(baseline)
+
+
+def test_server_errors_are_retried_and_named(make_dps_emulator):
+    emu = make_dps_emulator()
+    emu.throttle(1, retry_after=1, status=503)
+    phases = []
+    reg = register_device("00000000000000ab", group_device_key("00000000000000ab"), id_scope=ID_SCOPE,
+                          dps_host=emu.host, ca_cert=emu.ca_cert_path, test_message=None, timeout=30,
+                          on_phase=phases.append)
+    assert reg.status == "assigned" and phases.count("throttled") == 1
+    emu.throttle(100, retry_after=1, status=500)
+    exc = _fails("throttled", "00000000000000bc", group_device_key("00000000000000bc"), id_scope=ID_SCOPE,
+                 dps_host=emu.host, ca_cert=emu.ca_cert_path, throttle_retries=1, timeout=30)
+    assert "500" in str(exc) and "429" not in str(exc)
+
+
+def test_fractional_retry_after_is_honoured(tmp_path):
+    from fixtures_dps import ENROLLMENTS, free_loopback
+    from flasher.sim.dps import DpsEmulator
+
+    class FractionalDps(DpsEmulator):
+        async def _respond(self, conn, status, rid, body, retry_after=None):
+            topic = f"$dps/registrations/res/{status}/?$rid={rid}"
+            if retry_after is not None:
+                topic += "&retry-after=0.5"
+            await conn.publish(topic, json.dumps(body).encode(), qos=1)
+
+    with FractionalDps(ENROLLMENTS, host=free_loopback(), cert_dir=tmp_path / "certs") as emu:
+        emu.throttle(1, retry_after=1)
+        reg = register_device("00000000000000ad", group_device_key("00000000000000ad"), id_scope=ID_SCOPE,
+                              dps_host=emu.host, ca_cert=emu.ca_cert_path, test_message=None, timeout=20)
+        assert reg.status == "assigned" and emu.state()["stats"]["throttled"] == 1
+
+
+def test_ca_cert_chain_with_text_and_a_corrupt_one(dps_emulator, dps_target, tmp_path):
+    from flasher.dps import read_ca_cert
+
+    other = certs.make_ca(tmp_path / "other").read_text()
+    ours = open(dps_target["ca_cert"], encoding="ascii").read()
+    chain = tmp_path / "chain.pem"  # an openssl-style bundle: subject lines (not ASCII), CRLF, two roots
+    chain.write_bytes(("subject=CN = Zürich root\n" + other + "\nsubject=CN = ours\n" + ours).replace("\n", "\r\n")
+                      .encode("utf-8"))
+    assert read_ca_cert(chain).count("-----BEGIN CERTIFICATE-----") == 2
+    reg = register_device(INDIVIDUAL_ID, INDIVIDUAL_PRIMARY, test_message=None, timeout=30,
+                          **{**dps_target, "ca_cert": str(chain)})
+    assert reg.status == "assigned"
+
+    corrupt = tmp_path / "corrupt.pem"
+    corrupt.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    baseline = set(threading.enumerate())
+    with pytest.raises(InputError, match="corrupt.pem.*not a valid"):
+        register_device(INDIVIDUAL_ID, INDIVIDUAL_PRIMARY, **{**dps_target, "ca_cert": str(corrupt)})
+    assert leftover_threads(baseline) == []

@@ -251,7 +251,7 @@ class DpsEmulator(MqttApplication):
         self._operations: dict[str, _Operation] = {}
         self._stats = {"register_requests": 0, "status_requests": 0, "throttled": 0, "unauthorized": 0,
                        "hub_connections": 0, "hub_refused": 0}
-        self._throttle: dict[str | None, list[int]] = {}  # registration id (None: any) -> [remaining, retry_after]
+        self._throttle: dict[str | None, list[int]] = {}  # registration id (None: any) -> [remaining, retry_after, status]
         self._refused: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -333,10 +333,12 @@ class DpsEmulator(MqttApplication):
             loop.default_exception_handler(context)
 
     # --- fault knobs (thread-safe) -----------------------------------------------
-    def throttle(self, count: int, retry_after: int = 1, registration_id: str | None = None) -> None:
-        """Answer the next ``count`` register requests (of one id, or of anyone) with 429."""
+    def throttle(self, count: int, retry_after: int = 1, registration_id: str | None = None, status: int = 429) -> None:
+        """Answer the next ``count`` register requests (of one id, or of anyone) with 429 (or a 5xx ``status``)."""
+        if status != 429 and not 500 <= status <= 599:
+            raise ValueError(f"status {status}: throttling answers 429 or 5xx")
         with self._lock:
-            self._throttle[registration_id] = [int(count), int(retry_after)]
+            self._throttle[registration_id] = [int(count), int(retry_after), int(status)]
 
     def refuse_hub(self, *device_ids: str) -> None:
         """Refuse hub connections (CONNACK 5) for these devices from now on."""
@@ -503,14 +505,15 @@ class DpsEmulator(MqttApplication):
                     t = self._throttle.get(key)
                     if t and t[0] > 0:
                         t[0] -= 1
-                        throttle = t[1]
+                        throttle, status = t[1], t[2]
                         self._stats["throttled"] += 1
                         break
             if throttle is None and conn.info["auth_error"]:
                 self._stats["unauthorized"] += 1
         if throttle is not None:
-            log.info("DPS %r: throttled (429, retry-after %d)", reg_id, throttle)
-            return await self._respond(conn, 429, rid, self._error(429001, "Operations are being throttled for this tenant."), throttle)
+            log.info("DPS %r: throttled (%d, retry-after %d)", reg_id, status, throttle)
+            message = "Operations are being throttled for this tenant." if status == 429 else "Internal server error."
+            return await self._respond(conn, status, rid, self._error(status * 1000 + 1, message), throttle)
         if conn.info["auth_error"]:
             return await self._respond(conn, 401, rid, self._error(
                 401002, "The specified SAS token has an invalid signature. It does not match either the primary or secondary key."))
