@@ -1,7 +1,6 @@
 """Board commands end to end: flasher.cli.main against simulated boards on real ptys."""
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -10,29 +9,10 @@ import time
 
 import pytest
 
-from flasher.cli import main
 from flasher.sim.board import Faults
 
 JOIN_EUI = "70B3D57ED003F06A"
 APP_KEY = bytes.fromhex("2B7E151628AED2A6ABF7158809CF4F3C")
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run ``flasher ARGS`` in process: (exit code, stdout, stderr). Logging is put back afterwards."""
-    root = logging.getLogger()
-
-    def run(*args):
-        handlers, level = root.handlers[:], root.level
-        try:
-            with pytest.raises(SystemExit) as e:
-                main([str(a) for a in args])
-        finally:
-            root.handlers[:], root.level = handlers, level
-        out, err = capsys.readouterr()
-        return e.value.code, out, err
-
-    return run
 
 
 def test_ports_lists_simulated_boards(cli, sim_boards, sim_env):

@@ -234,39 +234,19 @@ def test_dialect_variations_read_program_verify(mini_module, style):
     assert sent[6:] == ["AT+DR", "AT+ID=AppEui", "AT+MODE"] * 2
 
 
-@pytest.fixture
-def cli_run(capsys):
-    """``flasher ARGS`` in process: (exit code, stdout, stderr); logging put back afterwards."""
-    from flasher.cli import main
-
-    root = logging.getLogger()
-
-    def run(*args):
-        handlers, level = root.handlers[:], root.level
-        try:
-            with pytest.raises(SystemExit) as e:
-                main([str(a) for a in args])
-        finally:
-            root.handlers[:], root.level = handlers, level
-        out, err = capsys.readouterr()
-        return e.value.code, out, err
-
-    return run
-
-
 @pytest.mark.parametrize("style", [STYLES["everything"], STYLES["latency-0.3"], STYLES["lower-case-names"]],
                          ids=["everything", "latency", "lower-case-names"])
-def test_cli_eui_and_verify_against_independent_module(mini_module, cli_run, style):
+def test_cli_eui_and_verify_against_independent_module(mini_module, cli, style):
     a = mini_module(deveui="2c:f7:f1:20:24:90:01:38", **style)
     b = mini_module(deveui="47:86:c5:8b:00:11:22:33", **style)
     with open_module(a.path) as m:
         m.program(JOIN_EUI, APP_KEY, band="US915")
-    assert cli_run("eui", "--port", a.path) == (0, "2CF7F12024900138\n", "")
-    code, out, _ = cli_run("eui", "--port", a.path, "--port", b.path, "--json")
+    assert cli("eui", "--port", a.path) == (0, "2CF7F12024900138\n", "")
+    code, out, _ = cli("eui", "--port", a.path, "--port", b.path, "--json")
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [(r["port"], r["deveui"], r["appeui"]) for r in rows] == \
         [(a.path, "2CF7F12024900138", JOIN_EUI.hex), (b.path, "4786C58B00112233", "8000000000000006")]
-    code, out, _ = cli_run("verify", "--port", a.path, "--port", b.path, "--expect", "2C-F7-F1-20-24-90-01-38",
+    code, out, _ = cli("verify", "--port", a.path, "--port", b.path, "--expect", "2C-F7-F1-20-24-90-01-38",
                            "--expect", "4786c58b00112233", "--join-eui", JOIN_EUI.hex, "--band", "us915", "--json")
     verdicts = [json.loads(line) for line in out.splitlines()]
     assert code == 1
