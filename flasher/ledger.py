@@ -21,10 +21,7 @@ from pathlib import Path
 
 from flasher.errors import FlasherError, InputError
 
-DEFAULT_LEDGER = "flasher-ledger.sqlite3"
 
-# The steps a board goes through, in order. "identify" happens before a row exists.
-STEPS = ("derive", "render", "program", "upload", "register", "message")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS boards (
