@@ -21,8 +21,6 @@ from pathlib import Path
 
 from flasher.errors import FlasherError, InputError
 
-
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS boards (
     deveui          TEXT PRIMARY KEY,      -- 16 upper-case hex digits
