@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 from flasher.errors import FlasherError, InputError
 from flasher.eui import EUI64
 from flasher.identity import RegistrationIdPolicy
-from flasher.keys import derive_app_key, derive_device_key, random_app_key
+from flasher.keys import derive_device_key
 from flasher.ledger import Ledger
 
 log = logging.getLogger("flasher.pipeline")
@@ -113,6 +113,7 @@ class _Run:
         self.stop = stop or threading.Event()
         self.result = BoardResult(port=port)
         self.step = IDENTIFY
+        self.device_key: str | None = None
 
     def _emit(self, state: str, detail: str = "") -> None:
         self.progress(self.port, self.result.deveui, self.step, state, detail)
@@ -195,7 +196,9 @@ class _Run:
         s = self.s
         reg_id = s.id_policy.for_eui(dev_eui)
         self.result.registration_id = reg_id
-        fingerprint = {**s.fingerprint(), "device_key_check": key_check(derive_device_key(s.group_key, reg_id))}
+        # Derived once, here: the ledger's fingerprint needs it before the "derive" step is recorded.
+        self.device_key = derive_device_key(s.group_key, reg_id)
+        fingerprint = {**s.fingerprint(), "device_key_check": key_check(self.device_key)}
         existing = self.ledger.get(dev_eui.hex)
         if existing is not None and not s.force:
             stale = any(getattr(existing, k) not in (None, v) for k, v in fingerprint.items())
@@ -213,15 +216,17 @@ class _Run:
         return self.ledger.begin(dev_eui.hex, reg_id, port=self.port, **fingerprint)
 
     def _derive(self):
-        return derive_device_key(self.s.group_key, self.result.registration_id), {}, ""
+        return self.device_key, {}, ""
 
     def _app_key(self, dev_eui: EUI64) -> bytes:
+        """The one AppKey dispatcher `flasher header` uses too (it also registers the key with the log masker)."""
+        from flasher.header import resolve_app_key
+
         s = self.s
-        if s.app_key_policy == "derived":
-            return derive_app_key(s.master_secret, dev_eui)
-        if s.app_key_policy == "given":
-            return s.app_key
-        return random_app_key()
+        key, _ = resolve_app_key(dev_eui, app_key_text=s.app_key.hex() if s.app_key_policy == "given" else None,
+                                 master_secret=s.master_secret if s.app_key_policy == "derived" else None,
+                                 random=s.app_key_policy == "random")
+        return key
 
     def _render(self, dev_eui: EUI64, device_key: str, record):
         from flasher.header import build_header_data, render_header, write_header

@@ -350,3 +350,19 @@ def test_ctrl_c_stops_boards_at_the_next_step_and_the_rerun_resumes(sim_boards, 
     assert done.returncode == 0, done.stderr
     with Ledger(tmp_path / "l.sqlite3") as ledger:
         assert [r.status for r in ledger.all()] == ["provisioned", "provisioned"]
+
+
+def test_derived_and_given_app_keys_reach_the_module(sim_boards, dps_emulator, tmp_path):
+    from flasher.keys import derive_app_key
+
+    sim = sim_boards(2, seed=141)
+    master, given = b"a master secret of 32 bytes....!", bytes.fromhex("2B7E151628AED2A6ABF7158809CF4F3C")
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        [derived] = provision_boards(sim.ports[:1], settings_for(dps_emulator, tmp_path, app_key_policy="derived",
+                                                                 master_secret=master, test_message=None), ledger)
+        [fixed] = provision_boards(sim.ports[1:], settings_for(dps_emulator, tmp_path, app_key_policy="given",
+                                                               app_key=given, test_message=None), ledger)
+        assert derived.ok and fixed.ok
+        assert ledger.get(derived.deveui).app_key_source == "derived"
+    assert sim.boards[0].state["appkey"] == derive_app_key(master, EUI64.parse(derived.deveui)).hex().upper()
+    assert sim.boards[1].state["appkey"] == given.hex().upper()
