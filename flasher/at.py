@@ -25,7 +25,7 @@ import errno
 import logging
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import serial
 
@@ -237,7 +237,7 @@ class ATClient:
         self._buf = bytearray()
 
     @classmethod
-    def open(cls, port: str, *, timeout: float = DEFAULT_TIMEOUT, baudrate: int = BAUDRATE) -> "ATClient":
+    def open(cls, port: str, *, timeout: float = DEFAULT_TIMEOUT, baudrate: int = BAUDRATE) -> ATClient:
         """Open ``/dev/ttyACM0``, ``COM5``, a pty path or any pyserial URL (``loop://``, ``socket://``)."""
         try:
             ser = serial.serial_for_url(port, baudrate=baudrate, timeout=timeout, write_timeout=timeout,
@@ -252,7 +252,7 @@ class ATClient:
         except _PORT_ERRORS as exc:  # closing an unplugged port
             log.debug("port %s: close: %s", self.port, _why(exc))
 
-    def __enter__(self) -> "ATClient":
+    def __enter__(self) -> ATClient:
         return self
 
     def __exit__(self, *exc) -> None:

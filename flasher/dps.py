@@ -26,9 +26,10 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from flasher.errors import FlasherError, InputError
 

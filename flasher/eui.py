@@ -26,7 +26,7 @@ class EUI64:
             raise InputError(f"an EUI-64 is 8 bytes, got {self.value!r}")
 
     @classmethod
-    def parse(cls, text: str, what: str = "EUI") -> "EUI64":
+    def parse(cls, text: str, what: str = "EUI") -> EUI64:
         """Accept plain hex, ``0x``-prefixed hex, or bytes separated by one of ``:``, ``-`` or space."""
         if not isinstance(text, str):
             raise InputError(f"{what} {text!r}: expected text")
@@ -48,7 +48,7 @@ class EUI64:
         return cls(bytes.fromhex(s))
 
     @classmethod
-    def coerce(cls, value: "EUI64 | str", what: str = "EUI") -> "EUI64":
+    def coerce(cls, value: EUI64 | str, what: str = "EUI") -> EUI64:
         return value if isinstance(value, EUI64) else cls.parse(value, what)
 
     # --- formats -------------------------------------------------------------

@@ -17,9 +17,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from flasher import __version__
 from flasher.cliteral import c_bytes, c_comment, c_identifier, c_string

@@ -13,10 +13,10 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from flasher.errors import FlasherError, InputError
 from flasher.eui import EUI64

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 from flasher.errors import FlasherError, InputError
 

@@ -10,8 +10,8 @@ it must also carry the JoinEUI, mode and band that were written.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from flasher.at import ATError
 from flasher.errors import InputError

@@ -10,8 +10,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flasher.at import (ATClient, ATError, ATTimeout, ModuleError, PortGone, PortOpenError, ProtocolError,
-                        ResponseCollector, command_name, default_final, is_query, mask)
+from flasher.at import (
+    ATClient,
+    ATError,
+    ATTimeout,
+    ModuleError,
+    PortGone,
+    PortOpenError,
+    ProtocolError,
+    ResponseCollector,
+    command_name,
+    default_final,
+    is_query,
+    mask,
+)
 from flasher.errors import FlasherError
 from flasher.sim.board import Faults
 

@@ -9,9 +9,16 @@ import subprocess
 import sys
 
 import pytest
-
-from fixtures_dps import (DISABLED_ID, DISABLED_KEY, ENROLLMENTS, GROUP_PRIMARY, ID_SCOPE, INDIVIDUAL_ID, INDIVIDUAL_PRIMARY,
-                          free_loopback)
+from fixtures_dps import (
+    DISABLED_ID,
+    DISABLED_KEY,
+    ENROLLMENTS,
+    GROUP_PRIMARY,
+    ID_SCOPE,
+    INDIVIDUAL_ID,
+    INDIVIDUAL_PRIMARY,
+    free_loopback,
+)
 
 FLASHER = [sys.executable, "-m", "flasher"]
 

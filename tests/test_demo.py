@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 
-
 def test_demo_provisions_three_boards_and_stops_everything(tmp_path):
     work = tmp_path / "demo"
     p = subprocess.run([sys.executable, "-m", "flasher", "demo", "--workdir", str(work)], capture_output=True,

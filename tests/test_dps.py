@@ -10,9 +10,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from fixtures_dps import (
+    DISABLED_ID,
+    DISABLED_KEY,
+    ID_SCOPE,
+    INDIVIDUAL_ID,
+    INDIVIDUAL_PRIMARY,
+    INDIVIDUAL_SECONDARY,
+    group_device_key,
+    leftover_threads,
+)
 
-from fixtures_dps import (DISABLED_ID, DISABLED_KEY, ID_SCOPE, INDIVIDUAL_ID, INDIVIDUAL_PRIMARY, INDIVIDUAL_SECONDARY,
-                          group_device_key, leftover_threads)
 from flasher.dps import DpsError, Registration, register_device, validate_id_scope
 from flasher.errors import InputError
 from flasher.sim import certs
@@ -297,6 +305,7 @@ class _TerseDps:
 
 def test_registration_state_without_substatus_or_dates(tmp_path):
     from fixtures_dps import ENROLLMENTS, free_loopback
+
     from flasher.sim.dps import DpsEmulator
 
     class TerseDps(_TerseDps, DpsEmulator):
@@ -328,6 +337,7 @@ def test_server_errors_are_retried_and_named(make_dps_emulator):
 
 def test_fractional_retry_after_is_honoured(tmp_path):
     from fixtures_dps import ENROLLMENTS, free_loopback
+
     from flasher.sim.dps import DpsEmulator
 
     class FractionalDps(DpsEmulator):

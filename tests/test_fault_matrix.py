@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from fixtures_dps import ENROLLMENTS, GROUP_PRIMARY, ID_SCOPE, free_loopback, group_device_key
+
 from flasher.ledger import Ledger
 from flasher.sim.board import BoardSimulator, Faults
 from flasher.sim.dps import DpsEmulator

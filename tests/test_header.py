@@ -13,8 +13,16 @@ import pytest
 
 from flasher.errors import FlasherError, InputError
 from flasher.eui import EUI64
-from flasher.header import (BANDS, HeaderData, build_header_data, parse_sets, render_header, resolve_app_key,
-                            shipped_templates, write_header)
+from flasher.header import (
+    BANDS,
+    HeaderData,
+    build_header_data,
+    parse_sets,
+    render_header,
+    resolve_app_key,
+    shipped_templates,
+    write_header,
+)
 from flasher.keys import decode_symmetric_key, derive_app_key, derive_device_key
 
 GOLDEN_GROUP_KEY = "8isrFI1sGsIlvvFSSFRiMfCNzv21fjbE/+ah/lSh3lF8e2YG1Te7w1KpZhJFFXJrqYKi9yegxkqIChbqOS9Egw=="

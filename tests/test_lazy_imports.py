@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from fixtures_dps import GROUP_PRIMARY
+
 from flasher.ledger import Ledger
 
 HEAVY = ("azure", "paho", "jinja2")

@@ -6,8 +6,7 @@ import pytest
 from serial.tools.list_ports_common import ListPortInfo
 
 from flasher.errors import FlasherError, InputError
-from flasher.ports import (APP, BOOTLOADER, SIMULATED_PORTS_ENV, classify, find_boards, list_ports, load_simulated,
-                           resolve_targets)
+from flasher.ports import APP, BOOTLOADER, SIMULATED_PORTS_ENV, classify, find_boards, list_ports, load_simulated, resolve_targets
 
 
 def port(device, vid=None, pid=None, serial_number=None, location=None, description="n/a", **extra):

@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-
 from fixtures_dps import GROUP_PRIMARY, ID_SCOPE
+
 from flasher.eui import EUI64
 from flasher.ledger import Ledger
 from flasher.pipeline import Settings, provision_boards

@@ -10,8 +10,18 @@ from hypothesis import strategies as st
 from flasher.at import ATError, ATTimeout, PortGone, ProtocolError
 from flasher.errors import InputError
 from flasher.eui import EUI64
-from flasher.rhf76 import (ModuleIds, ModuleSettings, ModuleVerifyError, each_board, open_module, parse_dr_query,
-                           parse_id_line, parse_ids, parse_key_echo, parse_version)
+from flasher.rhf76 import (
+    ModuleIds,
+    ModuleSettings,
+    ModuleVerifyError,
+    each_board,
+    open_module,
+    parse_dr_query,
+    parse_id_line,
+    parse_ids,
+    parse_key_echo,
+    parse_version,
+)
 from flasher.sim.board import Faults
 
 JOIN_EUI = EUI64.parse("70B3D57ED003F06A")
@@ -268,6 +278,7 @@ def test_provision_programs_an_independent_module(mini_module, dps_emulator, tmp
     import base64
 
     from fixtures_dps import GROUP_PRIMARY, ID_SCOPE
+
     from flasher.ledger import Ledger
     from flasher.pipeline import Settings, provision_boards
 

@@ -27,10 +27,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fixtures_dps import free_loopback
-from flasher.keys import derive_app_key, derive_device_key
+
 from flasher.eui import EUI64
+from flasher.keys import derive_app_key, derive_device_key
 from flasher.sim.board import BoardSimulator
 from flasher.sim.dps import DpsEmulator
 

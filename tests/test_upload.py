@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fixtures_dps import ID_SCOPE
+from test_provision import run_cli, settings_for
+
 from flasher.arduino import ArduinoError, bossac_problem, default_sketch, find_arduino_cli
 from flasher.ledger import Ledger
 from flasher.pipeline import Upload, provision_boards
-from test_provision import run_cli, settings_for
 
 FAKE = r'''#!{python}
 import json, os, shutil, sys

@@ -92,7 +92,7 @@ class Eeprom:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "Eeprom":
+    def from_json(cls, d: dict) -> Eeprom:
         d = dict(d)
         if "class" in d:
             d["class_"] = d.pop("class")
@@ -368,7 +368,7 @@ class BoardSimulator:
     def ports(self) -> list[str | None]:
         return [b.port for b in self.boards]
 
-    def start(self) -> "BoardSimulator":
+    def start(self) -> BoardSimulator:
         for b in self.boards:
             self._plug(b)
         self._write_ports()
@@ -398,7 +398,7 @@ class BoardSimulator:
         if self._own_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
-    def __enter__(self) -> "BoardSimulator":
+    def __enter__(self) -> BoardSimulator:
         return self.start()
 
     def __exit__(self, *exc) -> None:

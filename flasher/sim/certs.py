@@ -56,7 +56,7 @@ def _new_ca(cert_dir: Path):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flasher local DPS emulator CA"),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "flasher (testing only)")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -79,7 +79,7 @@ def _load_ca(cert_dir: Path):
 
     cert = x509.load_pem_x509_certificate((cert_dir / CA_CERT).read_bytes())
     key = serialization.load_pem_private_key((cert_dir / CA_KEY).read_bytes(), password=None)
-    if cert.not_valid_after_utc < dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1):
+    if cert.not_valid_after_utc < dt.datetime.now(dt.UTC) + dt.timedelta(days=1):
         raise ValueError("expired")
     return cert, key
 
@@ -107,7 +107,7 @@ def ensure_server_credentials(cert_dir: str | os.PathLike, hosts: list[str]) -> 
         except (OSError, ValueError):
             ca_cert, ca_key = _new_ca(d)
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
                 .issuer_name(ca_cert.subject).public_key(key.public_key())

@@ -55,9 +55,17 @@ from flasher.errors import FlasherError, InputError
 from flasher.files import atomic_write
 from flasher.keys import decode_symmetric_key, derive_device_key
 from flasher.sim import certs
-from flasher.sim.mqtt import (ACCEPTED, REFUSED_BAD_USERNAME_PASSWORD, REFUSED_NOT_AUTHORIZED,
-                              REFUSED_SERVER_UNAVAILABLE, ConnectRequest, Connection, MqttApplication,
-                              MqttServer, ProtocolError)
+from flasher.sim.mqtt import (
+    ACCEPTED,
+    REFUSED_BAD_USERNAME_PASSWORD,
+    REFUSED_NOT_AUTHORIZED,
+    REFUSED_SERVER_UNAVAILABLE,
+    Connection,
+    ConnectRequest,
+    MqttApplication,
+    MqttServer,
+    ProtocolError,
+)
 
 log = logging.getLogger("flasher.sim.dps")
 
@@ -97,7 +105,7 @@ def default_cert_dir() -> Path:
 
 
 def _utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 # --- enrollments --------------------------------------------------------------------
@@ -200,7 +208,7 @@ def check_sas(token: str | None, resource: str, keys: list[bytes], now: float | 
     signed = {sr_raw, urllib.parse.quote(decoded, safe=""), urllib.parse.quote(decoded.lower(), safe="")}
     for key in keys:
         for sr in signed:
-            mac = hmac.new(key, f"{sr}\n{se}".encode("utf-8"), hashlib.sha256).digest()
+            mac = hmac.new(key, f"{sr}\n{se}".encode(), hashlib.sha256).digest()
             if hmac.compare_digest(mac, sig):
                 return None
     return "signature does not match"
@@ -264,7 +272,7 @@ class DpsEmulator(MqttApplication):
             raise RuntimeError("the emulator is not started")
         return self._creds.ca_cert
 
-    def start(self) -> "DpsEmulator":
+    def start(self) -> DpsEmulator:
         if self._thread is not None:
             raise RuntimeError("already started")
         hosts = [h for h in (self.hub_name, self.host, "localhost", "127.0.0.1") if h and h not in ("0.0.0.0", "::")]
@@ -318,7 +326,7 @@ class DpsEmulator(MqttApplication):
             self._tmp_cert_dir.cleanup()
             self._tmp_cert_dir = None
 
-    def __enter__(self) -> "DpsEmulator":
+    def __enter__(self) -> DpsEmulator:
         return self.start()
 
     def __exit__(self, *exc) -> None:

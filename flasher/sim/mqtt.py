@@ -140,18 +140,18 @@ class ConnectRequest:
 class MqttApplication:
     """What the server asks about; override what you need. Runs on the server's event loop."""
 
-    async def on_connect(self, conn: "Connection", req: ConnectRequest) -> int:
+    async def on_connect(self, conn: Connection, req: ConnectRequest) -> int:
         """Return a CONNACK code; set ``conn.session_key`` to enable client-id takeover."""
         return ACCEPTED
 
-    async def on_subscribe(self, conn: "Connection", topic_filter: str, qos: int) -> int:
+    async def on_subscribe(self, conn: Connection, topic_filter: str, qos: int) -> int:
         """Return the granted QoS (0-2) or 0x80 to refuse."""
         return min(qos, 1)
 
-    async def on_publish(self, conn: "Connection", topic: str, payload: bytes, qos: int, retain: bool) -> None:
+    async def on_publish(self, conn: Connection, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         """Raise :class:`ProtocolError` to drop the connection (as IoT Hub does for a foreign topic)."""
 
-    def on_close(self, conn: "Connection", reason: str) -> None:
+    def on_close(self, conn: Connection, reason: str) -> None:
         """The connection is gone (``reason``: "disconnect", "eof", "error: ...", "takeover", "keep-alive", "server")."""
 
 
@@ -275,7 +275,7 @@ class MqttServer:
             timeout = 10.0  # [MQTT-3.1.0-1]-ish: a CONNECT must come promptly
         try:
             head = await asyncio.wait_for(conn.reader.readexactly(1), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise _KeepAliveExpired() from None
         length, mult = 0, 1
         for _ in range(4):
