@@ -35,12 +35,14 @@ def _fresh_workdir(work: Path) -> Path:
     return work
 
 
-def run_demo(workdir: str | None, boards: int, progress, echo) -> int:
+def run_demo(workdir: str | None, boards: int, progress, echo, bind: str | None = None) -> int:
     from flasher.ledger import Ledger
     from flasher.pipeline import Settings, provision_boards
     from flasher.sim.board import BoardSimulator
     from flasher.sim.dps import DpsEmulator, free_loopback
 
+    if bind is not None and not bind.startswith("127."):
+        raise InputError(f"--bind {bind!r}: a loopback address (127.x.y.z): the demo's emulator is not for a network")
     work = _fresh_workdir(Path(workdir or DEFAULT_WORKDIR))
     with ExitStack() as stack:
         group_key = os.urandom(64)
@@ -48,7 +50,7 @@ def run_demo(workdir: str | None, boards: int, progress, echo) -> int:
                        "groups": [{"name": "demo-fleet", "primary_key": base64.b64encode(group_key).decode(),
                                    "secondary_key": base64.b64encode(os.urandom(64)).decode(), "enabled": True}],
                        "individual": []}
-        host = free_loopback(prefer=("127.0.0.1",))
+        host = bind or free_loopback(prefer=("127.0.0.1",))
         echo(f"demo: {boards} simulated boards, DPS + IoT Hub emulator on {host}:8883, work dir {work}")
         sim = stack.enter_context(BoardSimulator(count=boards, state_dir=work / "boards"))
         emu = stack.enter_context(DpsEmulator(enrollments, host=host, cert_dir=work / "dps",
@@ -57,8 +59,7 @@ def run_demo(workdir: str | None, boards: int, progress, echo) -> int:
                             out_dir=work / "headers")
         ledger = stack.enter_context(Ledger(work / "ledger.sqlite3"))
         results = list(provision_boards(list(sim.ports), settings, ledger, progress))
-        if hasattr(progress, "close"):
-            progress.close()
+        progress.close()
         echo("")
         echo("ledger:")
         for r in ledger.all():

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from flasher.errors import FlasherError, InputError
+from flasher.identity import validate_host, validate_id_scope
 
 log = logging.getLogger("flasher.dps")
 
@@ -41,7 +42,6 @@ DEFAULT_THROTTLE_RETRIES = 5
 ERROR_KINDS = frozenset({"unauthorized", "not_found", "disabled", "throttled", "unreachable", "tls", "timeout",
                          "hub_refused", "failed"})
 PHASES = ("register", "assigning", "throttled", "connect", "message")
-_SCOPE = re.compile(r"[0-9A-Za-z]{1,64}")
 _GRACE = 10.0  # how long cleanup may take after the deadline before we stop waiting for the SDK
 
 
@@ -67,16 +67,6 @@ class Registration:
         d = asdict(self)
         d["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
         return d
-
-
-def validate_id_scope(text: str) -> str:
-    """An ID scope as DPS issues it (``0ne`` and 8 hex digits; other letters and digits for private endpoints)."""
-    s = (text or "").strip() if isinstance(text, str) else ""
-    if not s:
-        raise InputError("ID scope '': empty (find it on the DPS overview page, e.g. 0ne0001A2B3)")
-    if not _SCOPE.fullmatch(s):
-        raise InputError(f"ID scope {s!r}: only letters and digits, at most 64 (e.g. 0ne0001A2B3)")
-    return s
 
 
 _PEM_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]*?-----END CERTIFICATE-----")
@@ -109,10 +99,28 @@ def read_ca_cert(path: str | Path) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class CaCert:
+    """A root of trust read and checked once per run (not once per connection)."""
+
+    path: str
+    pem: str = field(repr=False)
+
+
+def load_ca_cert(path: str | Path) -> CaCert:
+    return CaCert(str(path), read_ca_cert(path))
+
+
+def _pem(ca_cert: CaCert | str | Path | None) -> str | None:
+    if ca_cert is None:
+        return None
+    return ca_cert.pem if isinstance(ca_cert, CaCert) else read_ca_cert(ca_cert)
+
+
 # --- the adapter --------------------------------------------------------------------
 
 def register_device(registration_id: str, device_key: str, *, id_scope: str, dps_host: str = DEFAULT_DPS_HOST,
-                    ca_cert: str | Path | None = None, timeout: float = DEFAULT_TIMEOUT,
+                    ca_cert: CaCert | str | Path | None = None, timeout: float = DEFAULT_TIMEOUT,
                     test_message: str | None = "TestMessage", on_phase: Callable[[str], None] | None = None,
                     throttle_retries: int = DEFAULT_THROTTLE_RETRIES) -> Registration:
     """Register ``registration_id`` with DPS, then (unless ``test_message`` is None) send it from the hub.
@@ -132,12 +140,10 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
     decode_symmetric_key(device_key, f"device key for {reg_id!r}")
     Redactor.add(device_key)
     scope = validate_id_scope(id_scope)
-    host = (dps_host or "").strip()
-    if not host or any(c in host for c in "/: ") and not host.startswith("["):
-        raise InputError(f"DPS host {dps_host!r}: expected a host name (the SDK always uses port 8883)")
-    if timeout <= 0:
-        raise InputError(f"timeout {timeout}: must be positive")
-    pem = read_ca_cert(ca_cert) if ca_cert is not None else None
+    host = validate_host(dps_host)
+    if not (0 < timeout < math.inf):
+        raise InputError(f"timeout {timeout}: must be a positive number of seconds")
+    pem = _pem(ca_cert)
     phase = on_phase or (lambda _p: None)
     deadline = time.monotonic() + timeout
     timings: dict[str, float] = {}
@@ -478,7 +484,7 @@ def _classify(exc: BaseException, where: str, throttle_retries: int = 0, hub: bo
 
 # --- proof: connect to the hub and send one message -----------------------------------
 
-def send_test_message(device_id: str, assigned_hub: str, device_key: str, *, ca_cert: str | Path | None = None,
+def send_test_message(device_id: str, assigned_hub: str, device_key: str, *, ca_cert: CaCert | str | Path | None = None,
                       timeout: float = DEFAULT_TIMEOUT, message: str = "TestMessage",
                       on_phase: Callable[[str], None] | None = None) -> dict[str, float]:
     """Connect to the hub as ``device_id`` (after a registration) and send ``message``.
@@ -493,9 +499,9 @@ def send_test_message(device_id: str, assigned_hub: str, device_key: str, *, ca_
         raise InputError(f"device {device_id!r} at hub {assigned_hub!r}: both are needed (register first)")
     decode_symmetric_key(device_key, f"device key for {device_id!r}")
     Redactor.add(device_key)
-    if timeout <= 0:
-        raise InputError(f"timeout {timeout}: must be positive")
-    pem = read_ca_cert(ca_cert) if ca_cert is not None else None
+    if not (0 < timeout < math.inf):
+        raise InputError(f"timeout {timeout}: must be a positive number of seconds")
+    pem = _pem(ca_cert)
     timings: dict[str, float] = {}
     _prove(device_id, device_key, device_id, assigned_hub, pem, message, time.monotonic() + timeout, timeout,
            on_phase or (lambda _p: None), timings)

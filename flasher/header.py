@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flasher import __version__
+from flasher.bands import BANDS, parse_band
 from flasher.cliteral import c_bytes, c_comment, c_identifier, c_string
 from flasher.errors import FlasherError, InputError
 from flasher.eui import EUI64
 from flasher.files import atomic_write, shipped
-from flasher.identity import RegistrationIdPolicy, validate_registration_id
+from flasher.identity import RegistrationIdPolicy, validate_id_scope, validate_registration_id
 from flasher.keys import check_master_secret, decode_symmetric_key, derive_app_key, parse_app_key, random_app_key
 from flasher.secrets import Redactor
 
@@ -36,22 +37,7 @@ DEFAULT_JOIN_EUI = "0000000000000000"
 DEFAULT_BAND = "EU868"
 APP_KEY_SOURCES = ("given", "derived", "random")
 
-# RHF76 `AT+DR=<band>` names -> the Seeed LoRaWan library's `_physical_type_t` enumerator.
-# The module calls the 433 MHz band EU433; the library's enum spells it EU434.
-BANDS: dict[str, str] = {
-    "EU868": "EU868",
-    "US915": "US915",
-    "US915HYBRID": "US915HYBRID",
-    "AU915": "AU915",
-    "AS923": "AS923",
-    "CN470": "CN470",
-    "KR920": "KR920",
-    "IN865": "IN865",
-    "EU433": "EU434",
-}
-
 _TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
-_ID_SCOPE = re.compile(r"[A-Za-z0-9]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -95,13 +81,6 @@ class HeaderData:
         if self.device_key is not None:
             ctx["device_key"] = self.device_key
         return ctx
-
-
-def parse_band(text: str) -> str:
-    band = (text or "").strip().upper()
-    if band not in BANDS:
-        raise InputError(f"band {text!r}: unknown (one of {', '.join(BANDS)})")
-    return band
 
 
 def parse_sets(items: Iterable[str]) -> dict[str, str]:
@@ -165,9 +144,7 @@ def build_header_data(dev_eui: EUI64 | str, *, app_key: bytes, app_key_source: s
     if app_key_source not in APP_KEY_SOURCES:
         raise InputError(f"AppKey source {app_key_source!r}: one of {', '.join(APP_KEY_SOURCES)}")
     if id_scope is not None:
-        id_scope = id_scope.strip()
-        if not _ID_SCOPE.fullmatch(id_scope):
-            raise InputError(f"DPS id scope {id_scope!r}: expected letters and digits, like 0ne0001A2B3")
+        id_scope = validate_id_scope(id_scope)
     reg = validate_registration_id(registration_id) if registration_id is not None \
         else RegistrationIdPolicy().for_eui(dev)
     if device_key is not None:

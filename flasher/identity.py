@@ -46,11 +46,15 @@ class RegistrationIdPolicy:
 
     def __post_init__(self) -> None:
         try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+            parsed = list(string.Formatter().parse(self.template))
         except ValueError as exc:
             raise InputError(f"registration id policy {self.template!r}: {exc}") from None
-        if fields != ["deveui"]:
-            raise InputError(f"registration id policy {self.template!r}: must contain {{deveui}} exactly once and no other field")
+        if [f for _, f, _, _ in parsed if f is not None] != ["deveui"]:
+            raise InputError(f"registration id policy {self.template!r}: must contain {{deveui}} exactly once "
+                             f"and no other field (the whole DevEUI keeps ids unique per board)")
+        if any(spec or conv for _, f, spec, conv in parsed if f is not None):
+            raise InputError(f"registration id policy {self.template!r}: {{deveui}} takes no format spec or "
+                             f"conversion (they could cut the DevEUI and give boards the same id)")
         validate_registration_id(self.template.format(deveui="0" * 16))
 
     def for_eui(self, dev_eui: EUI64) -> str:
@@ -63,3 +67,28 @@ class RegistrationIdPolicy:
         except InputError:
             return validate_registration_id(text.strip()), None
         return self.for_eui(eui), eui
+
+
+_SCOPE = re.compile(r"[0-9A-Za-z]{1,64}")
+
+
+def validate_id_scope(text: str) -> str:
+    """An ID scope as DPS issues it (``0ne`` and 8 hex digits; other letters and digits for private endpoints)."""
+    s = (text or "").strip() if isinstance(text, str) else ""
+    if not s:
+        raise InputError("ID scope '': empty (find it on the DPS overview page, e.g. 0ne0001A2B3)")
+    if not _SCOPE.fullmatch(s):
+        raise InputError(f"ID scope {s!r}: only letters and digits, at most 64 (e.g. 0ne0001A2B3)")
+    return s
+
+
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62})?)*\.?")
+
+
+def validate_host(text: str, what: str = "DPS host") -> str:
+    """A host name or IPv4 address (no scheme, no port: the SDK always dials 8883)."""
+    host = (text or "").strip()
+    if not host or len(host) > 253 or not _HOST.fullmatch(host):
+        raise InputError(f"{what} {text!r}: expected a host name such as global.azure-devices-provisioning.net "
+                         f"(no scheme or port: the SDK always uses port 8883)")
+    return host

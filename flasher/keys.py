@@ -11,9 +11,12 @@ import hashlib
 import hmac
 import os
 import re
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 from flasher.errors import InputError, SecretError
 from flasher.eui import EUI64
+from flasher.secrets import Secret
 
 MIN_KEY_BYTES, MAX_KEY_BYTES = 16, 64  # what DPS accepts for symmetric keys
 APPKEY_LABEL = b"flasher-appkey-v1"
@@ -99,3 +102,52 @@ def derive_app_key(master_secret: bytes, dev_eui: EUI64) -> bytes:
 
 def random_app_key() -> bytes:
     return os.urandom(16)
+
+
+class AppKeySource(StrEnum):
+    """Where a board's AppKey comes from (stored in the ledger and the header comment as this text)."""
+
+    RANDOM = "random"     # 16 bytes from the OS: the header is the only copy
+    DERIVED = "derived"   # HMAC of a master secret and the DevEUI: recomputable by a network-server integration
+    GIVEN = "given"       # one key for every board
+
+    @classmethod
+    def parse(cls, text: str, where: str = "AppKey source", hint: str = "") -> AppKeySource:
+        try:
+            return cls(str(text).strip().lower())
+        except ValueError:
+            raise InputError(f"{where} {text!r}: must be one of {', '.join(cls)}{hint}") from None
+
+
+@dataclass(frozen=True)
+class AppKeyPlan:
+    """One AppKey source and the secret it needs: what ``header`` and ``provision`` both use."""
+
+    source: AppKeySource
+    given: Secret | None = field(default=None, repr=False)    # for GIVEN: the key (16 bytes)
+    master: Secret | None = field(default=None, repr=False)   # for DERIVED: the master secret (bytes, >= 16)
+
+    def __post_init__(self) -> None:
+        if self.source is AppKeySource.GIVEN and not self.given:
+            raise InputError("AppKey source 'given' needs an AppKey (--app-key-file or $FLASHER_APP_KEY)")
+        if self.source is AppKeySource.DERIVED and not self.master:
+            raise InputError("AppKey source 'derived' needs a master secret "
+                             "(--app-key-master-file or $FLASHER_APPKEY_MASTER)")
+
+    @classmethod
+    def given_key(cls, text: str, label: str = "given") -> AppKeyPlan:
+        return cls(AppKeySource.GIVEN, given=Secret(parse_app_key(text), label))
+
+    @classmethod
+    def derived_from(cls, text: str, label: str = "given") -> AppKeyPlan:
+        return cls(AppKeySource.DERIVED, master=Secret(check_master_secret(text), label))
+
+    def key_for(self, dev_eui: EUI64) -> Secret:
+        """This board's AppKey (a new one each call for RANDOM)."""
+        if self.source is AppKeySource.GIVEN:
+            assert self.given is not None
+            return self.given
+        if self.source is AppKeySource.DERIVED:
+            assert self.master is not None
+            return Secret(derive_app_key(self.master.reveal(), dev_eui), "derived")
+        return Secret(random_app_key(), "random")

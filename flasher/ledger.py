@@ -63,6 +63,10 @@ class LedgerError(FlasherError):
     pass
 
 
+class BoardClaimed(LedgerError):
+    pass
+
+
 @dataclass(frozen=True)
 class BoardRecord:
     deveui: str
@@ -189,6 +193,20 @@ class Ledger:
         with self._tx() as db:
             db.execute("UPDATE boards SET status = 'provisioned', current_step = NULL, last_error = NULL, "
                        "updated_at = ? WHERE deveui = ?", (now, deveui))
+
+    def mark(self, deveui: str, status: str, message: str | None) -> None:
+        """Set a board's status and last error without touching its steps (a conflict leaves the work as it was)."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE boards SET status = ?, last_error = ?, updated_at = ? WHERE deveui = ?",
+                       (status, message, now, deveui))
+
+    # TEMPORARY until the claims branch lands
+    def claim(self, deveui: str) -> None:
+        pass
+
+    def release(self, deveui: str) -> None:
+        pass
 
     @staticmethod
     def _set(db, deveui: str, fields: dict, now: float) -> None:

@@ -1,10 +1,15 @@
-"""One board, one step at a time: identify → derive → render → program → upload → register → message.
+"""One board, one step at a time; many boards at once.
 
-This is the only module that knows the order. Every step is recorded in the
-ledger as it starts and ends, and every step is safe to run again, so a board
-interrupted anywhere (unplug, crash, kill, DPS refusal) resumes where it stopped.
-Many boards run concurrently, each in its own thread: the AT phases are short,
-the DPS registrations take seconds each and overlap.
+The order of the steps is :data:`STEPS`, the one list the ledger, the progress
+display, ``flasher status`` and the tests take step names from. Each step is an
+object (see :class:`flasher.steps.Step`): whether it applies (and why not), whether
+the ledger says it is done, and ``run(board)`` returning what to record. This
+module is the recorder: it commits every step to the ledger as it starts and ends,
+so a board interrupted anywhere (unplug, crash, kill, DPS refusal) resumes where it
+stopped. Steps never talk to the ledger or the display themselves.
+
+Many boards run concurrently, each in its own thread: the AT phases are short, the
+DPS registrations take seconds each and overlap.
 """
 
 from __future__ import annotations
@@ -13,20 +18,47 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from flasher.errors import FlasherError, InputError
+from flasher.dps import CaCert
+from flasher.errors import FlasherError
 from flasher.eui import EUI64
 from flasher.identity import RegistrationIdPolicy
-from flasher.keys import derive_device_key
-from flasher.ledger import Ledger
+from flasher.keys import AppKeyPlan, AppKeySource
+from flasher.ledger import BoardClaimed, BoardRecord, Ledger
+from flasher.progress import DONE, BoardEvent, NullReporter, Reporter, StepState
+from flasher.secrets import Secret
+from flasher.states import BoardStatus, ResultStatus, StepOutcome
+from flasher.steps import Conflict, Step
+from flasher.steps.derive import Derive
+from flasher.steps.identify import Identify
+from flasher.steps.message import Message
+from flasher.steps.program import Program
+from flasher.steps.register import Register
+from flasher.steps.render import Render
+from flasher.steps.upload import Upload as UploadStep
 
 log = logging.getLogger("flasher.pipeline")
 
-IDENTIFY = "identify"
+# The order every board goes through. Adding a step: a module in flasher/steps/ and one line here.
+STEPS: list[Step] = [
+    Identify(),
+    Derive(),
+    Render(),
+    Program(),
+    UploadStep(),
+    Register(),
+    Message(),
+]
+
+
+def step_names() -> list[str]:
+    return [s.name for s in STEPS]
 
 
 @dataclass(frozen=True)
@@ -38,18 +70,16 @@ class Upload:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything a board run needs; secrets are held here only in memory."""
+    """Everything a board run needs, already parsed and checked; secrets only as :class:`Secret`."""
 
     id_scope: str
-    group_key: bytes
+    group_key: Secret
     dps_host: str = "global.azure-devices-provisioning.net"
-    ca_cert: str | None = None
+    ca_cert: CaCert | str | None = None
     template: str = "seeed-lorawan"
     band: str = "EU868"
     join_eui: EUI64 = EUI64(bytes(8))
-    app_key_policy: str = "random"          # random | derived | given
-    app_key: bytes | None = None            # for "given"
-    master_secret: bytes | None = None      # for "derived"
+    app_key: AppKeyPlan = AppKeyPlan(AppKeySource.RANDOM)
     out_dir: Path = Path("headers")
     id_policy: RegistrationIdPolicy = RegistrationIdPolicy()
     timeout: float = 60.0                   # DPS, per board
@@ -59,10 +89,19 @@ class Settings:
     force: bool = False
     extras: dict = field(default_factory=dict)
 
-    def fingerprint(self) -> dict:
-        """What a finished step depends on: if it changed, earlier work is stale."""
+    def __post_init__(self) -> None:
+        if not isinstance(self.group_key, Secret):
+            object.__setattr__(self, "group_key", Secret(self.group_key, "group key"))
+        if isinstance(self.ca_cert, (str, Path)):
+            from flasher.dps import load_ca_cert
+
+            object.__setattr__(self, "ca_cert", load_ca_cert(self.ca_cert))
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+
+    def fingerprint(self) -> dict[str, str]:
+        """What a finished board depends on: if one of these changed, the board was provisioned otherwise."""
         return {"join_eui": self.join_eui.hex, "band": self.band, "id_scope": self.id_scope,
-                "app_key_source": self.app_key_policy}
+                "app_key_source": str(self.app_key.source)}
 
 
 @dataclass
@@ -70,7 +109,7 @@ class BoardResult:
     port: str
     deveui: str | None = None
     registration_id: str | None = None
-    status: str = "failed"                 # provisioned | already_provisioned | failed
+    status: ResultStatus = ResultStatus.FAILED
     assigned_hub: str | None = None
     device_id: str | None = None
     header: str | None = None
@@ -80,257 +119,232 @@ class BoardResult:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("provisioned", "already_provisioned")
+        return self.status in (ResultStatus.PROVISIONED, ResultStatus.ALREADY_PROVISIONED)
 
     def to_dict(self) -> dict:
         return {"port": self.port, "deveui": self.deveui, "registration_id": self.registration_id,
-                "status": self.status, "assigned_hub": self.assigned_hub, "device_id": self.device_id,
+                "status": str(self.status), "assigned_hub": self.assigned_hub, "device_id": self.device_id,
                 "header": self.header, "error": self.error, "failed_step": self.failed_step,
                 "seconds": round(self.seconds, 3)}
 
 
-# (port, deveui or None, step, state: running|ok|skipped|failed, detail)
-Progress = Callable[[str, str | None, str, str, str], None]
+@dataclass
+class Board:
+    """What one board's steps share. Each step reads what earlier ones left and adds its own."""
+
+    port: str
+    settings: Settings
+    reporter: Reporter = field(default_factory=NullReporter)
+    stop: threading.Event = field(default_factory=threading.Event)
+    step: str = "identify"
+    module: Any = None                      # the open RHF76, while steps that need it run
+    serial_number: str | None = None        # USB serial number, to follow the board through re-enumeration
+    dev_eui: EUI64 | None = None
+    registration_id: str | None = None
+    device_key: Secret | None = None
+    record: BoardRecord | None = None       # the ledger's row as this run found it
+    app_key: Secret | None = None
+    header_path: Path | None = None
+    assigned_hub: str | None = None
+    device_id: str | None = None
+
+    @property
+    def deveui(self) -> str | None:
+        return self.dev_eui.hex if self.dev_eui is not None else None
+
+    @property
+    def key(self) -> str:
+        """The DevEUI the ledger keys this board by (known once identify ran)."""
+        assert self.dev_eui is not None, "no ledger row before identify"
+        return self.dev_eui.hex
+
+    def phase(self, detail: str) -> None:
+        """A running step says what it is waiting for (shown live, not recorded)."""
+        self.reporter.emit(BoardEvent(self.port, self.deveui, self.step, StepState.RUNNING, detail))
+
+    def done_earlier(self, step: str) -> bool:
+        return self.record is not None and self.record.done(step)
 
 
-def _quiet(*_args) -> None:
+def key_check(device_key: Secret | str) -> str:
+    """A short one-way tag of a device key, so a resumed board notices the group key changed."""
+    text = device_key.reveal() if isinstance(device_key, Secret) else device_key
+    return hashlib.sha256(b"flasher-device-key-check\0" + text.encode()).hexdigest()[:16]
+
+
+class _Stopped(FlasherError):
     pass
 
 
-def _sha256(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except FileNotFoundError:
-        return None
+class _Recorder:
+    """Runs one board through :data:`STEPS`, committing each step to the ledger."""
 
+    def __init__(self, board: Board, ledger: Ledger):
+        self.b, self.ledger = board, ledger
+        self.result = BoardResult(port=board.port)
+        self.early: list[tuple[str, str]] = []   # steps run before the board was claimed: (name, detail)
+        self.claimed = False
 
-class _Run:
-    """The state of one board's run; methods are the steps."""
-
-    def __init__(self, port: str, settings: Settings, ledger: Ledger, progress: Progress,
-                 stop: threading.Event | None = None):
-        self.port, self.s, self.ledger, self.progress = port, settings, ledger, progress
-        self.stop = stop or threading.Event()
-        self.result = BoardResult(port=port)
-        self.step = IDENTIFY
-        self.device_key: str | None = None
-
-    def _emit(self, state: str, detail: str = "") -> None:
-        self.progress(self.port, self.result.deveui, self.step, state, detail)
-
-    def _record(self, step: str, fn, *, done: bool, **kwargs):
-        """Run ``fn`` as ``step`` unless the ledger says it is done; record the outcome."""
-        self.step = step
-        eui = self.result.deveui
-        if self.stop.is_set():
-            raise FlasherError(f"interrupted before {step}; rerun to resume here")
-        if done:
-            self._emit("skipped", "done earlier")
-            return None
-        self._emit("running")
-        self.ledger.step_started(eui, step)
-        t0 = time.monotonic()
-        value, fields, detail = fn(**kwargs)
-        self.ledger.step_finished(eui, step, "ok", detail, **fields)
-        self._emit("ok", f"{time.monotonic() - t0:.1f} s" + (f" {detail}" if detail else ""))
-        return value
+    def emit(self, state: StepState, detail: str = "", step: str | None = None) -> None:
+        b = self.b
+        b.reporter.emit(BoardEvent(b.port, b.deveui, step or b.step, state, detail))
 
     def run(self) -> BoardResult:
-        from flasher.rhf76 import open_module
-
-        s, t0 = self.s, time.monotonic()
+        b, t0 = self.b, time.monotonic()
         try:
-            self._emit("running")
-            with open_module(self.port, timeout=s.at_timeout) as module:
-                ids = module.read_ids()
-                dev_eui = ids.dev_eui
-                self.result.deveui = dev_eui.hex
-                self._emit("ok", dev_eui.hex)
-                record = self._open_record(dev_eui)
-                if record is None:
-                    return self.result
-                device_key = self._record("derive", self._derive, done=False)
-                redo_module = not record.done("program") or not record.done("render")
-                header = self._record("render", self._render, done=not redo_module, dev_eui=dev_eui, device_key=device_key,
-                                      record=record)
-                if header is None:
-                    header = self._check_header(record)
-                self._record("program", self._program, done=not redo_module, module=module, header=header)
-            if s.upload is None:
-                self.step = "upload"
-                if not record.done("upload"):
-                    self.ledger.step_finished(dev_eui.hex, "upload", "skipped", "--upload not given")
-                self._emit("skipped", "--upload not given")
-            else:
-                self._record("upload", self._upload, done=record.done("upload"), header=header)
-            reg = self._record("register", self._register, done=record.done("register"), device_key=device_key)
-            if reg is None:
-                self.result.assigned_hub, self.result.device_id = record.assigned_hub, record.device_id
-            if s.test_message is None:
-                self.step = "message"
-                self.ledger.step_finished(dev_eui.hex, "message", "skipped", "--no-test-message")
-                self._emit("skipped", "--no-test-message")
-            else:
-                self._record("message", self._message, done=record.done("message"), device_key=device_key)
-            self.ledger.finish(dev_eui.hex)
-            self.result.status = "provisioned"
-            self.step = "done"
-            self._emit("ok", f"{self.result.device_id} @ {self.result.assigned_hub}")
+            with ExitStack() as module_scope:
+                for step in STEPS:
+                    b.step = step.name
+                    if b.stop.is_set():
+                        raise _Stopped(f"interrupted before {step.name}; rerun to resume here")
+                    if not step.before_claim and b.record is None and not self._open_record():
+                        return self.result
+                    if step.needs_port and b.module is not None:
+                        module_scope.close()   # arduino-cli needs the port to itself
+                        b.module = None
+                    self._run_step(step, module_scope)
+            self.ledger.finish(b.key)
+            self.result.status = ResultStatus.PROVISIONED
+            self._fill_result()
+            b.step = DONE
+            self.emit(StepState.OK, f"{b.device_id} @ {b.assigned_hub}")
+        except BoardClaimed as exc:
+            self.result.status, self.result.error, self.result.failed_step = ResultStatus.BUSY, str(exc), b.step
+            self.emit(StepState.SKIPPED, str(exc))
+        except Conflict as exc:
+            self._conflict(str(exc))
         except FlasherError as exc:
             self._fail(str(exc))
-        except Exception as exc:  # a bug: still leave the ledger saying where it stopped, then re-raise
-            self._fail(f"internal error: {exc.__class__.__name__}: {exc}")
+        except BaseException as exc:  # a bug or Ctrl-C: still leave the ledger saying where it stopped
+            what = "interrupted" if isinstance(exc, KeyboardInterrupt) else \
+                f"internal error: {exc.__class__.__name__}: {exc}"
+            self._fail(what)
             raise
         finally:
             self.result.seconds = time.monotonic() - t0
+            if self.claimed:
+                self.ledger.release(b.key)
         return self.result
 
-    def _fail(self, message: str) -> None:
-        self.result.status, self.result.error, self.result.failed_step = "failed", message, self.step
-        if self.result.deveui is not None and self.step != IDENTIFY:
-            self.ledger.step_finished(self.result.deveui, self.step, "failed", message)
-        self._emit("failed", message)
+    def _run_step(self, step: Step, module_scope: ExitStack) -> None:
+        b = self.b
+        reason = step.skip_reason(b)
+        if reason is not None:
+            if b.record is not None and b.record.steps.get(step.name) != StepOutcome.SKIPPED:
+                self.ledger.step_finished(b.key, step.name, StepOutcome.SKIPPED, reason)
+            self.emit(StepState.SKIPPED, reason)
+            return
+        if not step.before_claim and step.done(b):
+            step.resume(b)
+            self.emit(StepState.SKIPPED, "done earlier")
+            return
+        if step.needs_module and b.module is None:
+            from flasher.rhf76 import open_module
 
-    # --- steps ----------------------------------------------------------------------
-    def _open_record(self, dev_eui: EUI64):
-        s = self.s
-        reg_id = s.id_policy.for_eui(dev_eui)
-        self.result.registration_id = reg_id
-        # Derived once, here: the ledger's fingerprint needs it before the "derive" step is recorded.
-        self.device_key = derive_device_key(s.group_key, reg_id)
-        fingerprint = {**s.fingerprint(), "device_key_check": key_check(self.device_key)}
-        existing = self.ledger.get(dev_eui.hex)
-        if existing is not None and not s.force:
-            stale = any(getattr(existing, k) not in (None, v) for k, v in fingerprint.items())
-            if existing.status == "provisioned" and not stale:
-                self.result.status = "already_provisioned"
-                self.result.assigned_hub, self.result.device_id = existing.assigned_hub, existing.device_id
-                self.result.header = existing.header_path
-                self._emit("skipped", "already provisioned (use --force to redo)")
-                return None
-            if stale:
-                log.info("%s: settings changed since the last attempt; starting over", dev_eui.hex)
-                self.ledger.reset(dev_eui.hex)
+            b.module = module_scope.enter_context(open_module(b.port, timeout=b.settings.at_timeout))
+        self.emit(StepState.RUNNING)
+        if not step.before_claim:
+            self.ledger.step_started(b.key, step.name)
+        started = time.monotonic()
+        done = step.run(b)
+        if step.before_claim:
+            self.early.append((step.name, done.detail))
+        else:
+            self.ledger.step_finished(b.key, step.name, StepOutcome.OK, done.detail, **done.fields)
+        self.emit(StepState.OK, f"{time.monotonic() - started:.1f} s" + (f" {done.detail}" if done.detail else ""))
+
+    def _open_record(self) -> bool:
+        """Claim the board in the ledger and decide: resume, start over, or leave it alone. False: leave it."""
+        b, s, r = self.b, self.b.settings, self.result
+        assert b.dev_eui is not None and b.registration_id is not None and b.device_key is not None
+        r.deveui, r.registration_id = b.deveui, b.registration_id
+        self.ledger.claim(b.key)       # raises BoardClaimed while another run works on it
+        self.claimed = True
+        fingerprint = {**s.fingerprint(), "registration_id": b.registration_id,
+                       "device_key_check": key_check(b.device_key)}
+        existing = self.ledger.get(b.key)
+        if existing is not None and s.force:
+            self.ledger.reset(b.key)
         elif existing is not None:
-            self.ledger.reset(dev_eui.hex)
-        return self.ledger.begin(dev_eui.hex, reg_id, port=self.port, **fingerprint)
+            changed = {k: (getattr(existing, k), v) for k, v in fingerprint.items()
+                       if getattr(existing, k) not in (None, v)}
+            if existing.status == BoardStatus.PROVISIONED and not changed:
+                r.status = ResultStatus.ALREADY_PROVISIONED
+                r.assigned_hub, r.device_id, r.header = existing.assigned_hub, existing.device_id, existing.header_path
+                self.emit(StepState.SKIPPED, "already provisioned (use --force to redo)", step=DONE)
+                return False
+            if existing.status == BoardStatus.PROVISIONED:
+                raise Conflict("provisioned earlier with other settings: " + _describe(changed)
+                               + "; rerun with --force to provision it again")
+            if changed:
+                log.info("%s: settings changed since the last attempt (%s); starting over", b.deveui, _describe(changed))
+                self.ledger.reset(b.key)
+        fingerprint.pop("registration_id")
+        b.record = self.ledger.begin(b.key, b.registration_id, port=b.port, **fingerprint)
+        for name, detail in self.early:
+            self.ledger.step_finished(b.key, name, StepOutcome.OK, detail)
+        return True
 
-    def _derive(self):
-        return self.device_key, {}, ""
+    def _fill_result(self) -> None:
+        b, r = self.b, self.result
+        r.assigned_hub, r.device_id = b.assigned_hub, b.device_id
+        r.header = str(b.header_path) if b.header_path else r.header
 
-    def _app_key(self, dev_eui: EUI64) -> bytes:
-        """The one AppKey dispatcher `flasher header` uses too (it also registers the key with the log masker)."""
-        from flasher.header import resolve_app_key
+    def _conflict(self, message: str) -> None:
+        b, r = self.b, self.result
+        r.status, r.error, r.failed_step = ResultStatus.CONFLICT, message, b.step
+        self._fill_result()
+        if b.record is not None or (b.deveui and self.ledger.get(b.key) is not None):
+            self.ledger.mark(b.key, BoardStatus.CONFLICT, message)
+        self.emit(StepState.FAILED, message)
 
-        s = self.s
-        key, _ = resolve_app_key(dev_eui, app_key_text=s.app_key.hex() if s.app_key_policy == "given" else None,
-                                 master_secret=s.master_secret if s.app_key_policy == "derived" else None,
-                                 random=s.app_key_policy == "random")
-        return key
+    def _fail(self, message: str) -> None:
+        b, r = self.b, self.result
+        r.status, r.error, r.failed_step = ResultStatus.FAILED, message, b.step
+        self._fill_result()
+        if b.record is not None:
+            self.ledger.step_finished(b.key, b.step, StepOutcome.FAILED, message, current_step=b.step)
+        self.emit(StepState.FAILED, message)
 
-    def _render(self, dev_eui: EUI64, device_key: str, record):
-        from flasher.header import build_header_data, render_header, write_header
 
-        s = self.s
-        app_key = self._app_key(dev_eui)
-        data = build_header_data(dev_eui=dev_eui, join_eui=s.join_eui, app_key=app_key, app_key_source=s.app_key_policy,
-                                 band=s.band, id_scope=s.id_scope, registration_id=self.result.registration_id,
-                                 device_key=device_key, extras=s.extras)
-        path = Path(s.out_dir) / f"{dev_eui.hex}.h"
-        digest = write_header(render_header(data, s.template), path)
-        self.result.header = str(path)
-        return (path, app_key), {"header_path": str(path), "header_sha256": digest}, str(path)
-
-    def _check_header(self, record):
-        """Module already programmed: the header on disk must still be the one that matches it."""
-        path = Path(record.header_path)
-        if _sha256(path) != record.header_sha256:
-            raise FlasherError(f"header {str(path)!r} is missing or changed since the module was programmed; "
-                               f"rerun with --force to provision this board again")
-        self.result.header = str(path)
-        return path, None
-
-    def _program(self, module, header):
-        _, app_key = header
-        module.program(self.s.join_eui, app_key, band=self.s.band)
-        return None, {}, f"JoinEUI {self.s.join_eui.hex}, {self.s.band}, OTAA"
-
-    def _upload(self, header):
-        """Build with the header and upload; the tty may change name, so follow the USB serial number."""
-        from flasher.arduino import ArduinoCli, wait_for_serial_number
-        from flasher.ports import find_boards
-
-        path, _ = header
-        up = self.s.upload
-        serial_number = next((b.serial_number for b in find_boards() if b.device == self.port), None)
-        ArduinoCli(up.arduino_cli, up.fqbn).build_and_upload(up.sketch, path, self.port)
-        fields = {}
-        if serial_number:
-            self.port = wait_for_serial_number(serial_number)
-            fields = {"port": self.port, "serial_number": serial_number}
-        return None, fields, f"{up.fqbn} on {self.port}"
-
-    def _register(self, device_key: str):
-        from flasher import dps
-
-        s = self.s
-        reg = dps.register_device(self.result.registration_id, device_key, id_scope=s.id_scope, dps_host=s.dps_host,
-                                  ca_cert=s.ca_cert, timeout=s.timeout, test_message=None,
-                                  on_phase=lambda phase: self._emit("running", phase))
-        self.result.assigned_hub, self.result.device_id = reg.assigned_hub, reg.device_id
-        return reg, {"assigned_hub": reg.assigned_hub, "device_id": reg.device_id}, f"{reg.device_id}@{reg.assigned_hub}"
-
-    def _message(self, device_key: str):
-        from flasher import dps
-
-        s, r = self.s, self.result
-        dps.send_test_message(r.device_id, r.assigned_hub, device_key, ca_cert=s.ca_cert, timeout=s.timeout,
-                              message=s.test_message)
-        return None, {}, ""
+def _describe(changed: dict[str, tuple[Any, Any]]) -> str:
+    names = {"device_key_check": "device key (group key or registration id)", "join_eui": "JoinEUI",
+             "app_key_source": "AppKey source", "id_scope": "ID scope", "registration_id": "registration id"}
+    return ", ".join(f"{names.get(k, k)} was {old} (now {new})" if k != "device_key_check" else f"{names[k]} differs"
+                     for k, (old, new) in changed.items())
 
 
 def preflight(settings: Settings, ports: list[str]) -> None:
     """Refuse, before any board or file is touched, whatever would fail every board the same way."""
     import os
 
-    from flasher.dps import read_ca_cert
-    from flasher.header import build_header_data, render_header
-
     for port in ports:
         if "://" not in port and not os.path.exists(port):
             raise FlasherError(f"port {port!r}: no such device (unplugged? see 'flasher ports')")
-    if settings.ca_cert is not None:
-        read_ca_cert(settings.ca_cert)
-    if settings.app_key_policy == "derived" and not settings.master_secret:
-        raise InputError("AppKey source 'derived' needs a master secret")
-    if settings.app_key_policy == "given" and not settings.app_key:
-        raise InputError("AppKey source 'given' needs an AppKey")
-    # A trial render with a placeholder board: a missing/broken template or bad --set fails here, once.
-    sample = EUI64(bytes(8))
-    render_header(build_header_data(sample, join_eui=settings.join_eui, app_key=bytes(16),
-                                    app_key_source=settings.app_key_policy, band=settings.band,
-                                    id_scope=settings.id_scope, registration_id=settings.id_policy.for_eui(sample),
-                                    device_key=derive_device_key(settings.group_key, "preflight"),
-                                    extras=settings.extras), settings.template)
+    for step in STEPS:
+        step.preflight(settings)
 
 
-def key_check(device_key: str) -> str:
-    """A short one-way tag of a device key, so a resumed board notices the group key changed."""
-    return hashlib.sha256(b"flasher-device-key-check\0" + device_key.encode()).hexdigest()[:16]
-
-
-def provision_board(port: str, settings: Settings, ledger: Ledger, progress: Progress = _quiet,
+def provision_board(port: str, settings: Settings, ledger: Ledger, reporter: Reporter | None = None,
                     stop: threading.Event | None = None) -> BoardResult:
     """Run one board through every step it has not finished; ``stop`` ends it at the next step boundary."""
-    return _Run(port, settings, ledger, progress, stop).run()
+    board = Board(port, settings, reporter or NullReporter(), stop or threading.Event())
+    return _Recorder(board, ledger).run()
 
 
-def provision_boards(ports: list[str], settings: Settings, ledger: Ledger, progress: Progress = _quiet,
-                     concurrency: int = 16) -> Iterator[BoardResult]:
-    """Provision every port concurrently; yield each board's result as it finishes."""
-    stop = threading.Event()
+def provision_boards(ports: list[str], settings: Settings, ledger: Ledger, reporter: Reporter | None = None,
+                     *, concurrency: int = 16, stop: threading.Event | None = None) -> Iterator[BoardResult]:
+    """Provision ``ports`` concurrently; yields each board's result as it finishes.
+
+    Closing the generator early (Ctrl-C in the caller) sets ``stop``: boards finish
+    their current step, record where they are, and the rest never start.
+    """
+    stop = stop or threading.Event()
+    reporter = reporter or NullReporter()
+    if not ports:
+        return
     with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(ports))), thread_name_prefix="board") as pool:
-        futures = [pool.submit(provision_board, p, settings, ledger, progress, stop) for p in ports]
+        futures = [pool.submit(provision_board, p, settings, ledger, reporter, stop) for p in ports]
         try:
             for fut in as_completed(futures):
                 yield fut.result()

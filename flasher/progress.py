@@ -56,7 +56,7 @@ STATE_MARK = {StepState.RUNNING: "…", StepState.OK: "ok", StepState.SKIPPED: "
 
 
 class _Base:
-    """What every reporter shares: the transitional callback form and a write that cannot fail a board."""
+    """What every reporter shares: a write that cannot fail a board."""
 
     stream: TextIO
     _dead = False
@@ -66,10 +66,6 @@ class _Base:
 
     def close(self) -> None:
         pass
-
-    def __call__(self, port: str, deveui: str | None, step: str, state: str, detail: str = "") -> None:
-        """The old ``progress(port, deveui, step, state, detail)`` callback, until the pipeline emits events itself."""
-        self.emit(BoardEvent(port, deveui, step, StepState(state), detail))
 
     def _write(self, text: str) -> None:
         if self._dead:

@@ -19,6 +19,51 @@ from flasher.errors import SecretError
 MASK = "********"
 
 
+class Secret:
+    """A secret value that cannot be printed by accident.
+
+    ``repr``/``str`` show only where it came from; the value is registered with the
+    log masker when the object is made, and code that must use it asks for it by
+    name with :meth:`reveal`, at the last moment (an HMAC, a header, the SDK).
+    """
+
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str | bytes, source: str = "derived"):
+        if isinstance(value, Secret):
+            value = value.reveal()
+        self._value = value
+        self.source = source
+        Redactor.add(value)
+
+    def reveal(self):
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret(<{self.source}>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        import hmac
+
+        if not isinstance(other, Secret):
+            return NotImplemented
+        a, b = self._value, other._value
+        a = a.encode() if isinstance(a, str) else a
+        b = b.encode() if isinstance(b, str) else b
+        return hmac.compare_digest(a, b)
+
+    def __hash__(self) -> int:
+        return hash(self.source)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __reduce__(self):
+        raise TypeError("a Secret is not pickled")
+
+
 class Redactor(logging.Filter):
     """Replace every known secret (and its derived keys) in a log record with a mask."""
 
@@ -32,6 +77,11 @@ class Redactor(logging.Filter):
                 cls._secrets.update({v, v.upper()})
             elif v and len(v) >= 8:
                 cls._secrets.add(v)
+
+    @classmethod
+    def known(cls) -> frozenset[str]:
+        """Every secret text loaded so far (for scrubbing child environments)."""
+        return frozenset(cls._secrets)
 
     @classmethod
     def scrub(cls, text: str) -> str:

@@ -14,6 +14,8 @@ import base64
 import hashlib
 import logging
 import os
+import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,12 @@ INPUTS = {
     "corrupt.sqlite3": "this is not a database, just some text " * 40,
     "enrollments-bad.json": "{not json",
     "noscope.toml": 'band = "EU868"\n',
+    "neg-timeout.toml": "timeout = -5\n",
+    "zero-concurrency.toml": "concurrency = 0\n",
+    "latin1.txt": b"2cf7f12024900138\n\xe9t\xe9\n",
+    "utf16.txt": "2cf7f12024900138\n".encode("utf-16"),
+    "binary.bin": bytes(range(256)) * 4,
+    "long-line.txt": "a" * 5000 + "\n",
 }
 
 ENV_KEY = {"FLASHER_GROUP_PRIMARY_KEY": GOOD_KEY}
@@ -116,7 +124,7 @@ CASES = [
     ("register-no-scope", ["register", DEVEUI], ENV_KEY, 2, "--id-scope"),
     ("register-scope-bad", ["register", DEVEUI, "--id-scope", "0ne/0001"], ENV_KEY, 2, "ID scope"),
     ("register-host-with-port", ["register", DEVEUI, "--id-scope", SCOPE, "--dps-host", "dps.example:8883"], ENV_KEY,
-     2, "DPS host"),
+     2, "--dps-host"),
     ("register-bad-group-key", ["register", DEVEUI, "--id-scope", SCOPE], {"FLASHER_GROUP_PRIMARY_KEY": "abc"}, 2,
      "not valid base64"),
     ("register-upper-case-id", ["register", "Dev-ABC", "--id-scope", SCOPE], ENV_KEY, 2, "upper-case"),
@@ -172,6 +180,32 @@ CASES = [
     ("simulate-dps-enrollments-bad", ["simulate", "dps", "--enrollments", "{in}/enrollments-bad.json",
                                       "--cert-dir", "{work}/certs"], {}, 2, "not JSON"),
     ("demo-boards-zero", ["demo", "--boards", "0"], {}, 2, "--boards"),
+    ("demo-bind-not-loopback", ["demo", "--bind", "192.0.2.1", "--workdir", "{work}/demo"], {}, 2, "--bind"),
+    # --- hardening: inputs that used to escape as tracebacks or be accepted too late
+    ("keys-input-latin1", ["keys", "--input", "{in}/latin1.txt"], ENV_KEY, 2, "line 2 is not UTF-8"),
+    ("keys-input-utf16", ["keys", "--input", "{in}/utf16.txt"], ENV_KEY, 2, "NUL"),
+    ("keys-input-binary", ["keys", "--input", "{in}/binary.bin"], ENV_KEY, 2, "--input"),
+    ("keys-input-long-line", ["keys", "--input", "{in}/long-line.txt"], ENV_KEY, 2, "longer than"),
+    ("keys-id-format-spec", ["keys", DEVEUI, "--registration-id-format", "{deveui:.2}"], ENV_KEY, 2, "format spec"),
+    ("keys-id-format-conversion", ["keys", DEVEUI, "--registration-id-format", "x{deveui!r}"], ENV_KEY, 2,
+     "conversion"),
+    ("provision-id-format-spec", [*PROVISION, "--registration-id-format", "{deveui:.4}"], ENV_KEY, 2, "format spec"),
+    ("provision-timeout-inf", [*PROVISION, "--timeout", "inf"], ENV_KEY, 2, "--timeout"),
+    ("provision-timeout-nan", [*PROVISION, "--timeout", "nan"], ENV_KEY, 2, "--timeout"),
+    ("provision-timeout-negative", [*PROVISION, "--timeout", "-5"], ENV_KEY, 2, "--timeout"),
+    ("provision-config-timeout-negative", [*PROVISION[:5], "--config", "{in}/neg-timeout.toml"], ENV_KEY, 2,
+     "timeout"),
+    ("provision-config-concurrency-zero", [*PROVISION, "--config", "{in}/zero-concurrency.toml"], ENV_KEY, 2,
+     "concurrency"),
+    ("provision-sketch-missing", [*PROVISION, "--upload", "--arduino-cli", sys.executable, "--sketch",
+                                  "{in}/no-sketch"], ENV_KEY, 2, "no-sketch"),
+    ("eui-timeout-inf", ["eui", "--port", "{port}", "--timeout", "inf"], {}, 2, "--timeout"),
+    ("verify-timeout-nan", ["verify", "--port", "{port}", "--timeout", "nan", "--expect", DEVEUI], {}, 2, "--timeout"),
+    ("register-timeout-inf", ["register", DEVEUI, "--id-scope", SCOPE, "--timeout", "inf"], ENV_KEY, 2, "--timeout"),
+    ("header-output-device-node", ["header", DEVEUI, "--random-app-key", "-o", "{in}/devnode"], ENV_KEY, 2,
+     "not a regular file"),
+    ("header-output-fifo", ["header", DEVEUI, "--random-app-key", "-o", "{in}/fifo"], ENV_KEY, 2,
+     "not a regular file"),
     ("unknown-command", ["frobnicate"], {}, 2, "frobnicate"),
 ]
 
@@ -183,7 +217,8 @@ def _snapshot(*dirs: Path) -> dict[str, tuple]:
             for name in subdirs + files:
                 p = Path(root) / name
                 st = p.lstat()
-                out[str(p)] = (st.st_mode, st.st_size, st.st_mtime_ns, p.read_bytes() if p.is_file() else None)
+                regular = stat.S_ISREG(st.st_mode)
+                out[str(p)] = (st.st_mode, st.st_size, st.st_mtime_ns, p.read_bytes() if regular else None)
     return out
 
 
@@ -193,7 +228,12 @@ def places(tmp_path, monkeypatch, sim_boards):
     inputs.mkdir()
     work.mkdir()
     for name, text in INPUTS.items():
-        (inputs / name).write_text(text)
+        if isinstance(text, bytes):
+            (inputs / name).write_bytes(text)
+        else:
+            (inputs / name).write_text(text)
+    os.mknod(inputs / "devnode", stat.S_IFCHR | 0o600, os.makedev(1, 3))  # a /dev/null of our own
+    os.mkfifo(inputs / "fifo")
     for var in [v for v in os.environ if v.startswith("FLASHER_")]:
         monkeypatch.delenv(var)
     monkeypatch.setenv("XDG_CACHE_HOME", str(work / "cache"))

@@ -39,12 +39,13 @@ import pytest
 from fixtures_dps import ENROLLMENTS, GROUP_PRIMARY, ID_SCOPE, free_loopback, group_device_key
 
 from flasher.ledger import Ledger
+from flasher.pipeline import STEPS as PIPELINE_STEPS
 from flasher.sim.board import BoardSimulator, Faults
 from flasher.sim.dps import DpsEmulator
 
-STEPS = ("identify", "derive", "render", "program", "upload", "register", "message")
+STEPS = tuple(step.name for step in PIPELINE_STEPS)   # the pipeline's own list: a new step gets a row here
 FAULTS = ("unplug", "silent", "corrupt", "dps-401", "dps-429", "dps-unreachable", "hub-refusing", "killed")
-AT_STEPS = ("identify", "program")
+AT_STEPS = tuple(step.name for step in PIPELINE_STEPS if step.needs_module)
 JOIN_EUI = "70B3D57ED003F06A"
 WRONG_KEY = base64.b64encode(b"\x5a" * 64).decode()
 

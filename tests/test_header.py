@@ -55,7 +55,7 @@ def test_pipeline_spelling_of_a_given_key_is_accepted():
     ({"app_key": b"short"}, "AppKey: expected 16 bytes"),
     ({"app_key_source": "guessed"}, "AppKey source 'guessed'"),
     ({"band": "EU999"}, "band 'EU999': unknown"),
-    ({"id_scope": "0ne 0001"}, "DPS id scope"),
+    ({"id_scope": "0ne 0001"}, "ID scope"),
     ({"registration_id": "UPPER"}, "registration id 'UPPER'"),
     ({"device_key": "not base64!"}, "device key: not valid base64"),
     ({"join_eui": "zz"}, "JoinEUI 'zz'"),

@@ -324,7 +324,7 @@ def test_line_reporter_prints_the_step_lines_format():
                   BoardEvent(port, "2CF7F12024900138", "register", OK),
                   BoardEvent(port, "2CF7F12024900138", "done", OK)]:
         reporter.emit(event)
-    reporter("/dev/ttyACM1", None, "identify", "failed", "port busy")  # the callback the pipeline calls today
+    reporter.emit(BoardEvent("/dev/ttyACM1", None, "identify", "failed", "port busy"))  # a plain string state is taken
     assert out.getvalue() == ("/dev/ttyACM0: identify: failed: no reply to AT+ID\n"
                               "2CF7F12024900138: identify: ok: 2CF7F12024900138\n"
                               "2CF7F12024900138: upload: skipped: --upload not given\n"

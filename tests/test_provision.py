@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from fixtures_dps import GROUP_PRIMARY, ID_SCOPE
 
 from flasher.eui import EUI64
@@ -161,10 +162,37 @@ def test_changed_header_after_programming_is_refused(sim_boards, dps_emulator, t
         [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, dps_host="127.0.0.254", timeout=5.0),
                                ledger)
         assert r.status == "failed" and r.failed_step == "register"
-        Path(r.header).write_text("/* edited */\n")
+        header, programmed_key = Path(r.header), sim.boards[0].state["appkey"]
+        header.write_text("/* edited */\n")
         [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path), ledger)
-        assert r.status == "failed" and "changed since the module was programmed" in r.error
+        assert r.status == "conflict" and "changed since the module was programmed" in r.error
+        # deleted is refused just the same, every time: the module keeps its key, the ledger its steps
+        header.unlink()
+        for _ in range(2):
+            [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path), ledger)
+            assert r.status == "conflict" and "is missing since the module was programmed" in r.error, r.error
+            assert sim.boards[0].state["appkey"] == programmed_key and not header.exists()
+            rec = ledger.get(r.deveui)
+            assert rec.status == "conflict" and rec.steps["program"] == "ok"
         [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, force=True), ledger)
+        assert r.status == "provisioned", r.error
+        assert sim.boards[0].state["appkey"] != programmed_key
+
+
+def test_a_finished_board_with_other_settings_is_a_conflict_not_redone(sim_boards, dps_emulator, tmp_path):
+    sim = sim_boards(1, seed=43)
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path), ledger)
+        assert r.status == "provisioned", r.error
+        key, sha = sim.boards[0].state["appkey"], ledger.get(r.deveui).header_sha256
+        [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, band="US915"), ledger)
+        assert r.status == "conflict" and not r.ok
+        assert "band was EU868 (now US915)" in r.error and "--force" in r.error
+        assert sim.boards[0].state["appkey"] == key and sim.boards[0].state.get("band", "EU868") != "US915"
+        assert ledger.get(r.deveui).header_sha256 == sha
+        registrations = [x for x in dps_emulator.state()["registrations"] if x["registrationId"] == r.registration_id]
+        assert len(registrations) == 1
+        [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, band="US915", force=True), ledger)
         assert r.status == "provisioned", r.error
 
 
@@ -325,7 +353,11 @@ def test_progress_is_a_live_table_on_a_terminal_and_plain_lines_on_a_pipe(sim_bo
     assert all(b.deveui in final for b in sim.boards) and final.count(" done ") == 2
 
 
-def test_ctrl_c_stops_boards_at_the_next_step_and_the_rerun_resumes(sim_boards, make_dps_emulator, tmp_path):
+@pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "SIGTERM"),
+                                           (signal.SIGHUP, 129, "SIGHUP")])
+def test_a_signal_stops_boards_at_the_next_step_and_the_rerun_resumes(sim_boards, make_dps_emulator, tmp_path, sig, code,
+                                                                      said):
+    """Ctrl-C, SIGTERM (a service manager) and SIGHUP (a closed terminal) all stop cleanly and resumably."""
     emu = make_dps_emulator(assign_delay=2.0)
     sim = sim_boards(2, seed=131)
     args = [sys.executable, "-m", "flasher", "provision", *[a for p in sim.ports for a in ("--port", p)],
@@ -337,15 +369,17 @@ def test_ctrl_c_stops_boards_at_the_next_step_and_the_rerun_resumes(sim_boards, 
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and emu.state()["stats"]["register_requests"] < 2:
             time.sleep(0.05)  # both boards are registering (DPS is "assigning" for 2 s)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, errs = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130 and "interrupted" in errs and "Traceback" not in errs
+    assert proc.returncode == code and said in errs and "Traceback" not in errs, errs
     with Ledger(tmp_path / "l.sqlite3") as ledger:
-        assert all(r.status != "provisioned" for r in ledger.all())  # stopped before the test message
+        for r in ledger.all():  # stopped before the test message, and the ledger names the step it resumes at
+            assert r.status == "failed" and r.current_step == "message" and "interrupted" in r.last_error
+            assert r.steps["register"] == "ok"
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     with Ledger(tmp_path / "l.sqlite3") as ledger:
@@ -353,15 +387,16 @@ def test_ctrl_c_stops_boards_at_the_next_step_and_the_rerun_resumes(sim_boards, 
 
 
 def test_derived_and_given_app_keys_reach_the_module(sim_boards, dps_emulator, tmp_path):
-    from flasher.keys import derive_app_key
+    from flasher.keys import AppKeyPlan, AppKeySource, derive_app_key
+    from flasher.secrets import Secret
 
     sim = sim_boards(2, seed=141)
     master, given = b"a master secret of 32 bytes....!", bytes.fromhex("2B7E151628AED2A6ABF7158809CF4F3C")
     with Ledger(tmp_path / "l.sqlite3") as ledger:
-        [derived] = provision_boards(sim.ports[:1], settings_for(dps_emulator, tmp_path, app_key_policy="derived",
-                                                                 master_secret=master, test_message=None), ledger)
-        [fixed] = provision_boards(sim.ports[1:], settings_for(dps_emulator, tmp_path, app_key_policy="given",
-                                                               app_key=given, test_message=None), ledger)
+        [derived] = provision_boards(sim.ports[:1], settings_for(dps_emulator, tmp_path, test_message=None,
+                                                                 app_key=AppKeyPlan(AppKeySource.DERIVED, master=Secret(master))), ledger)
+        [fixed] = provision_boards(sim.ports[1:], settings_for(dps_emulator, tmp_path, test_message=None,
+                                                               app_key=AppKeyPlan(AppKeySource.GIVEN, given=Secret(given))), ledger)
         assert derived.ok and fixed.ok
         assert ledger.get(derived.deveui).app_key_source == "derived"
     assert sim.boards[0].state["appkey"] == derive_app_key(master, EUI64.parse(derived.deveui)).hex().upper()

@@ -1,0 +1,191 @@
+"""``flasher provision``: the one-step job, and ``flasher status``: what the ledger knows."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+import click
+
+from flasher.commands.options import (
+    board_selection_options,
+    config_option,
+    err,
+    group_key_options,
+    id_format_option,
+    json_line,
+    secret_options,
+    setting_option,
+)
+from flasher.errors import EXIT_FAILURE, InputError
+
+if TYPE_CHECKING:
+    from flasher.pipeline import Settings
+
+# Every setting provision reads: the file, the environment and the options resolve the same way as elsewhere.
+PROVISION_SETTINGS = ["id_scope", "dps_host", "ca_cert", "template", "band", "join_eui", "app_key_source",
+                      "out_dir", "ledger", "registration_id_format", "timeout", "at_timeout", "concurrency",
+                      "test_message", "fqbn", "sketch", "arduino_cli"]
+
+
+def app_key_plan(s, source):
+    """provision's AppKey: the chosen source, or derived when a master secret is set, else random."""
+    from flasher.keys import AppKeyPlan, AppKeySource
+
+    if source in (None, AppKeySource.DERIVED):
+        master = s.secret("app_key_master", required=source is AppKeySource.DERIVED)
+        if master is not None:
+            return AppKeyPlan.derived_from(master.reveal(), master.source)
+    if source is AppKeySource.GIVEN:
+        key = s.secret("app_key")
+        return AppKeyPlan.given_key(key.reveal(), key.source)
+    return AppKeyPlan(AppKeySource.RANDOM)
+
+
+def build_settings(s, *, upload: bool, no_test_message: bool, force: bool, extras) -> Settings:
+    """The pipeline's typed Settings from the resolved ones; every check that can fail early fails here."""
+    from flasher.header import parse_sets
+    from flasher.keys import decode_symmetric_key
+    from flasher.pipeline import Upload
+    from flasher.secrets import Secret
+
+    if not s.id_scope:
+        raise click.UsageError("--id-scope is required (or FLASHER_ID_SCOPE, or id_scope in flasher.toml)")
+    plan = app_key_plan(s, s.app_key_source)
+    group = s.secret("group_key", prompt=True, warn=err)
+    primary = Secret(decode_symmetric_key(group.reveal(), "group primary key"), group.source)
+    up = None
+    if upload:
+        from flasher.arduino import default_sketch, find_arduino_cli
+
+        up = Upload(sketch=str(s.sketch or default_sketch()), fqbn=s.fqbn, arduino_cli=find_arduino_cli(s.arduino_cli))
+    from flasher.pipeline import Settings
+
+    return Settings(id_scope=s.id_scope, group_key=primary, dps_host=s.dps_host, ca_cert=s.ca_cert,
+                    template=s.template, band=s.band, join_eui=s.join_eui, app_key=plan, out_dir=s.out_dir,
+                    id_policy=s.registration_id_format, timeout=s.timeout, at_timeout=s.at_timeout,
+                    test_message=None if no_test_message else s.test_message, upload=up, force=force,
+                    extras=parse_sets(extras))
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP: stop like Ctrl-C, at each board's next step boundary."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, _frame):
+    raise _Terminated(signum)
+
+
+@click.command()
+@board_selection_options
+@setting_option("--id-scope", name="id_scope", metavar="SCOPE")
+@setting_option("--dps-host", name="dps_host", metavar="HOST")
+@setting_option("--ca-cert", name="ca_cert", type=click.Path(dir_okay=False))
+@setting_option("--template", name="template", metavar="NAME|PATH")
+@setting_option("--band", name="band")
+@setting_option("--join-eui", name="join_eui", metavar="EUI")
+@setting_option("--app-key-source", name="app_key_source", type=click.Choice(["random", "derived", "given"]),
+                help="AppKey per board: random; derived from the master secret and the DevEUI; or given (one key "
+                     "for all) [default: derived when a master secret is set, else random]")
+@secret_options("app_key", "app_key_master")
+@setting_option("--out-dir", name="out_dir", type=click.Path(file_okay=False))
+@setting_option("--ledger", name="ledger", type=click.Path(dir_okay=False))
+@id_format_option
+@setting_option("--timeout", name="timeout", metavar="S")
+@click.option("--no-test-message", is_flag=True, help="Register only; do not send the proof message.")
+@click.option("--upload", is_flag=True, help="Build and upload the firmware sketch with the header through arduino-cli.")
+@setting_option("--fqbn", name="fqbn")
+@setting_option("--sketch", name="sketch", type=click.Path(file_okay=False))
+@setting_option("--arduino-cli", name="arduino_cli", metavar="PATH")
+@click.option("--set", "extras", multiple=True, metavar="NAME=VALUE", help="Extra header value (repeatable).")
+@click.option("--force", is_flag=True, help="Provision again boards the ledger says are done, or that conflict with it.")
+@setting_option("--concurrency", name="concurrency", metavar="N")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per board on stdout as each finishes.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@group_key_options
+@config_option
+def provision(targets, no_test_message, upload, extras, force, as_json, quiet, **_options):
+    """Provision boards in one step: read DevEUI, derive key, render header, program, register, prove, record.
+
+    Each board's steps are recorded in the ledger as they happen; a rerun resumes
+    where a board stopped and skips finished boards (unless --force). A finished
+    board whose settings differ now is reported as a conflict and left alone.
+    Ctrl-C, SIGTERM or SIGHUP stop every board at its next step boundary.
+
+    \b
+    Example:
+      export FLASHER_GROUP_PRIMARY_KEY=...
+      flasher provision --all --id-scope 0ne0001A2B3
+      flasher provision --port /dev/ttyACM0 --json > result.jsonl
+    """
+    from flasher import progress as progress_mod
+    from flasher.ledger import Ledger
+    from flasher.pipeline import preflight, provision_boards
+    from flasher.settings import from_click
+
+    s = from_click(PROVISION_SETTINGS)
+    if _options.get("app_key") and s.app_key_source not in (None, "given"):
+        raise InputError("--app-key is for --app-key-source given")
+    settings = build_settings(s, upload=upload, no_test_message=no_test_message, force=force, extras=extras)
+    preflight(settings, targets)  # everything checkable is checked before a board or the ledger is touched
+    ledger = Ledger(s.ledger)
+    show = progress_mod.for_stream(quiet=quiet)
+    failures, already, stopped_by = [], 0, None
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for result in provision_boards(targets, settings, ledger, show, concurrency=s.concurrency):
+            already += result.status == "already_provisioned"
+            if not result.ok:
+                failures.append(result)
+            if as_json:
+                json_line(result.to_dict())
+    except _Terminated as exc:  # the boards have stopped at their step boundary by now (the generator closed)
+        stopped_by = exc.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        show.close()
+        ledger.close()
+    if stopped_by is not None:
+        err(f"error: stopped by {signal.Signals(stopped_by).name}; the ledger says where each board stopped, "
+            f"a rerun resumes there")
+        sys.exit(128 + stopped_by)
+    for r in failures:
+        err(f"error: {r.deveui or r.port}: {r.failed_step}: {r.error}")
+    if not as_json and not quiet:
+        err(f"{len(targets) - len(failures)}/{len(targets)} boards provisioned"
+            + (f" ({already} already were)" if already else "")
+            + (f"; {len(failures)} failed or left alone (rerun to resume where each stopped)" if failures else ""))
+    return EXIT_FAILURE if failures else 0
+
+
+@click.command()
+@setting_option("--ledger", name="ledger", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per board.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV (doubles as an onboarding list for the network server).")
+@config_option
+def status(as_json, as_csv, **_options):
+    """List the boards in the ledger and where each one stands."""
+    from flasher.ledger import Ledger, export_csv, export_json
+    from flasher.settings import from_click
+
+    if as_json and as_csv:
+        raise click.UsageError("--json and --csv are exclusive")
+    s = from_click(["ledger"])
+    with Ledger(s.ledger, create=False) as ledger:
+        records = ledger.all()
+    if as_json:
+        click.echo(export_json(records), nl=False)
+    elif as_csv:
+        click.echo(export_csv(records), nl=False)
+    else:
+        click.echo(f"{'DEVEUI':<16}  {'STATUS':<12} {'STEP':<9} {'HUB':<28} {'DEVICE':<18} ATTEMPTS  LAST ERROR")
+        for r in records:
+            click.echo(f"{r.deveui:<16}  {r.status:<12} {r.current_step or '-':<9} {r.assigned_hub or '-':<28} "
+                       f"{r.device_id or '-':<18} {r.attempts:>8}  {r.last_error or ''}")
+    return 0

@@ -1,0 +1,307 @@
+"""Every setting, declared once: its default, its environment variable, its ``flasher.toml`` key.
+
+Precedence is the same for every command: command-line option > environment
+variable > ``flasher.toml`` > default. A command asks :func:`resolve` for the
+settings it uses; each value is parsed and checked here, once, into its typed form
+(an :class:`~flasher.eui.EUI64`, a band, a :class:`~flasher.dps.CaCert` read once…),
+and an error names where the bad value came from (``--timeout``, ``FLASHER_ID_SCOPE``
+or ``flasher.toml: timeout``). Secrets are declared here too, but only as where
+to find them: they are loaded on demand (:meth:`Resolved.secret`) and shown only
+by their source.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from flasher.errors import InputError
+
+DEFAULT_LEDGER = "flasher-ledger.sqlite3"
+_SHIPPED_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")   # a template name, not a path
+
+
+def _str(value: Any, where: str) -> str:
+    text = str(value).strip()
+    if not text:
+        raise InputError(f"{where}: empty")
+    return text
+
+
+def _seconds(low: float, high: float = 86400.0) -> Callable[[Any, str], float]:
+    def parse(value: Any, where: str) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{where} {value!r}: not a number of seconds") from None
+        if not math.isfinite(seconds) or not low <= seconds <= high:
+            raise InputError(f"{where} {value!r}: must be a number of seconds from {low:g} to {high:g}")
+        return seconds
+    return parse
+
+
+def _count(low: int, high: int) -> Callable[[Any, str], int]:
+    def parse(value: Any, where: str) -> int:
+        try:
+            n = int(str(value).strip())
+        except (TypeError, ValueError):
+            raise InputError(f"{where} {value!r}: not a whole number") from None
+        if not low <= n <= high:
+            raise InputError(f"{where} {value!r}: must be from {low} to {high}")
+        return n
+    return parse
+
+
+def _id_scope(value: Any, where: str) -> str:
+    from flasher.identity import validate_id_scope
+
+    return validate_id_scope(str(value))
+
+
+def _dps_host(value: Any, where: str) -> str:
+    from flasher.identity import validate_host
+
+    return validate_host(str(value), where)
+
+
+def _band(value: Any, where: str) -> str:
+    from flasher.bands import parse_band
+
+    return parse_band(str(value))
+
+
+def _eui(value: Any, where: str):
+    from flasher.eui import EUI64
+
+    return EUI64.parse(str(value), "JoinEUI")
+
+
+def _id_format(value: Any, where: str):
+    from flasher.identity import RegistrationIdPolicy
+
+    return RegistrationIdPolicy(str(value))
+
+
+def _app_key_source(value: Any, where: str):
+    from flasher.keys import AppKeySource
+
+    return AppKeySource.parse(str(value), where)
+
+
+def _ca_cert(value: Any, where: str):
+    from flasher.dps import load_ca_cert
+
+    return load_ca_cert(str(value))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting. ``name`` is also the keyword a command's option stores into."""
+
+    name: str
+    help: str
+    default: Any = None
+    env: str | None = None
+    toml: str | None = None            # the key in flasher.toml, when it differs from ``name``
+    option: str | None = None          # how the command line spells it, for messages
+    parse: Callable[[Any, str], Any] = _str
+    toml_type: type | tuple[type, ...] = str
+    path: bool | Callable[[str], bool] = False   # a path in flasher.toml is relative to the file
+
+    def is_path(self, value: str) -> bool:
+        return self.path(value) if callable(self.path) else self.path
+
+    @property
+    def key(self) -> str:
+        return self.toml or self.name
+
+    @property
+    def flag(self) -> str:
+        return self.option or "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class SecretSetting:
+    """Where a secret may come from. ``flasher.toml`` may only *reference* it: ``<key>_env`` or ``<key>_file``."""
+
+    name: str
+    what: str                 # for messages: "group primary key"
+    env: str                  # the default environment variable
+    toml: str                 # prefix of the flasher.toml references
+    option: str | None        # a plain value on the command line (warns: visible in the process list)
+    file_option: str | None   # a file on the command line
+
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in [
+    Setting("id_scope", "DPS ID scope, e.g. 0ne0001A2B3", env="FLASHER_ID_SCOPE", parse=_id_scope),
+    Setting("dps_host", "DPS endpoint (the SDK always dials port 8883)", default="global.azure-devices-provisioning.net",
+            env="FLASHER_DPS_HOST", parse=_dps_host),
+    Setting("ca_cert", "PEM root of trust for a private DPS (the emulator, a gateway)", parse=_ca_cert, path=True),
+    Setting("template", "header template: a shipped name or a file path", default="seeed-lorawan",
+            path=lambda v: not _SHIPPED_NAME.fullmatch(v)),
+    Setting("band", "LoRaWAN band as the RHF76 names it", default="EU868", parse=_band),
+    Setting("join_eui", "JoinEUI (AppEUI) to program", default="0000000000000000", parse=_eui),
+    Setting("app_key_source", "AppKey per board: random, derived (from the master secret) or given",
+            toml="app_key", parse=_app_key_source),
+    Setting("registration_id_format", "how a DevEUI becomes a DPS registration id", default="{deveui}",
+            parse=_id_format),
+    Setting("out_dir", "where headers go, one per board", default="headers", path=True),
+    Setting("ledger", "the ledger file", default=DEFAULT_LEDGER, path=True),
+    Setting("timeout", "seconds for each DPS registration and test message", default=60.0,
+            parse=_seconds(1.0), toml_type=(int, float)),
+    Setting("at_timeout", "seconds to wait for each AT answer", default=2.0, option="--timeout",
+            parse=_seconds(0.05, 600.0), toml_type=(int, float)),
+    Setting("concurrency", "boards (or registrations) at once", default=16, parse=_count(1, 256), toml_type=int),
+    Setting("test_message", "the proof message sent from the hub", default="TestMessage"),
+    Setting("fqbn", "board FQBN for --upload", default="Seeeduino:samd:rolawan"),
+    Setting("sketch", "sketch folder for --upload (default: the shipped flasher_otaa)", path=True),
+    Setting("arduino_cli", "arduino-cli executable (default: found on PATH)"),
+]}
+
+SECRETS: dict[str, SecretSetting] = {s.name: s for s in [
+    SecretSetting("group_key", "group primary key", "FLASHER_GROUP_PRIMARY_KEY", "group_key", "--group-key",
+                  "--group-key-file"),
+    SecretSetting("secondary_key", "group secondary key", "FLASHER_GROUP_SECONDARY_KEY", "secondary_key",
+                  "--secondary-key", "--secondary-key-file"),
+    SecretSetting("app_key_master", "AppKey master secret", "FLASHER_APPKEY_MASTER", "app_key_master", None,
+                  "--app-key-master-file"),
+    SecretSetting("app_key", "AppKey", "FLASHER_APP_KEY", "app_key", "--app-key", "--app-key-file"),
+    SecretSetting("device_key", "device key", "FLASHER_DEVICE_KEY", "device_key", "--device-key",
+                  "--device-key-file"),
+]}
+
+
+def toml_keys() -> dict[str, Setting | SecretSetting]:
+    """Every key flasher.toml may hold, and what declares it."""
+    keys: dict[str, Setting | SecretSetting] = {s.key: s for s in SETTINGS.values()}
+    for sec in SECRETS.values():
+        keys[f"{sec.toml}_env"] = sec
+        keys[f"{sec.toml}_file"] = sec
+    return keys
+
+
+@dataclass(frozen=True)
+class SecretOrigin:
+    kind: str            # option | file | env
+    label: str           # what `flasher config` and messages show
+    ref: str | None      # the file's path or the variable's name
+    level: int           # 0 command line, 1 environment, 2 flasher.toml: the precedence order
+
+
+class Resolved:
+    """The settings one command uses: typed values and where each came from.
+
+    ``repr`` shows sources and non-secret values only; secrets are loaded lazily
+    by :meth:`secret` and come back as :class:`~flasher.secrets.Secret`.
+    """
+
+    def __init__(self, values: dict[str, Any], sources: dict[str, str], file_values: dict[str, Any],
+                 options: dict[str, Any], config_path: str | None):
+        self._values, self._sources = values, sources
+        self._file, self._options, self.config_path = file_values, options, config_path
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def source(self, name: str) -> str:
+        return self._sources[name]
+
+    def items(self) -> Iterable[tuple[str, Any, str]]:
+        for name, value in self._values.items():
+            yield name, value, self._sources[name]
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{n}={v!r} ({s})" for n, v, s in self.items())
+        return f"Resolved({shown})"
+
+    def secret_origin(self, name: str) -> SecretOrigin | None:
+        """Where secret ``name`` would come from, without reading it."""
+        sec = SECRETS[name]
+        opt = self._options.get(sec.name) if sec.option else None
+        opt_file = self._options.get(f"{sec.name}_file") if sec.file_option else None
+        if opt:
+            return SecretOrigin("option", f"{sec.option} (command line)", None, 0)
+        if opt_file:
+            return SecretOrigin("file", f"{sec.file_option} {opt_file}", str(opt_file), 0)
+        if os.environ.get(sec.env, "").strip():
+            return SecretOrigin("env", f"${sec.env}", sec.env, 1)
+        env_ref, file_ref = self._file.get(f"{sec.toml}_env"), self._file.get(f"{sec.toml}_file")
+        if env_ref:
+            return SecretOrigin("env", f"${env_ref} (flasher.toml {sec.toml}_env)", env_ref, 2)
+        if file_ref:
+            return SecretOrigin("file", f"{file_ref} (flasher.toml {sec.toml}_file)", file_ref, 2)
+        return None
+
+    def secret(self, name: str, *, required: bool = True, prompt: bool = False, warn=None):
+        """Load secret ``name`` from the first source that has it, as a Secret (or None)."""
+        from flasher.secrets import Secret, read_secret_file, resolve_secret
+
+        sec = SECRETS[name]
+        origin = self.secret_origin(name)
+        if origin is None:
+            text = resolve_secret(sec.what, env_var=sec.env, prompt=prompt, required=required)
+            return None if text is None else Secret(text, "prompt")
+        kind, label, ref = origin.kind, origin.label, origin.ref
+        if kind == "option":
+            kwargs = {} if warn is None else {"warn": warn}
+            text = resolve_secret(sec.what, option=self._options[sec.name], option_name=sec.option, env_var=sec.env,
+                                  **kwargs)
+        elif kind == "file":
+            text = read_secret_file(ref, sec.what)
+        else:
+            text = os.environ.get(ref or "", "").strip()
+            if not text:
+                if not required:
+                    return None
+                raise InputError(f"{sec.what}: ${ref} (named in flasher.toml) is not set")
+        return Secret(text, label)
+
+
+def resolve(options: dict[str, Any], names: Iterable[str], *, config_path: str | None = None,
+            given: Callable[[str], bool] | None = None, cwd: str | None = None) -> Resolved:
+    """Resolve ``names`` for one command.
+
+    ``options`` are the command's parsed options (an option's keyword is the setting's
+    name); ``given(name)`` says whether the user actually typed it (click's parameter
+    source), so a flag's default never overrides the environment or the file.
+    """
+    from flasher.config import load_file
+
+    file_values, path = load_file(config_path, cwd=cwd)
+    typed = given or (lambda n: options.get(n) is not None)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name in names:
+        s = SETTINGS[name]
+        if name in options and options[name] is not None and typed(name):
+            raw, where, src = options[name], s.flag, "option"
+        elif s.env and os.environ.get(s.env, "").strip():
+            raw, where, src = os.environ[s.env], f"${s.env}", f"env {s.env}"
+        elif s.key in file_values:
+            raw, where, src = file_values[s.key], f"{path}: {s.key}", f"file {path}"
+        else:
+            values[name], sources[name] = (s.parse(s.default, "default") if s.default is not None else None), "default"
+            continue
+        values[name], sources[name] = s.parse(raw, where), src
+    return Resolved(values, sources, file_values, options, path)
+
+
+def from_click(names: Iterable[str]) -> Resolved:
+    """:func:`resolve` for the running click command (its options and its ``--config``)."""
+    import click
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    params = ctx.params
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.PROMPT)
+
+    return resolve(params, names, config_path=params.get("config_path"), given=given)
