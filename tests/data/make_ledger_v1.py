@@ -7,7 +7,9 @@ since the point is to keep a real old ledger for the migration tests:
     python tests/data/make_ledger_v1.py tests/data/ledger-v1.sqlite3
 
 The clock is fixed (one second per write from 1_700_000_000) so reruns give the
-same rows. The WAL is checkpointed and removed, so the result is one file.
+same rows. The WAL is checkpointed and removed, so the result is one file. Beside
+it go ``ledger-v1.status.jsonl`` and ``ledger-v1.status.csv``: what
+``flasher status --json/--csv`` printed for it, which later versions must keep.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
-from flasher.ledger import Ledger
+from flasher.ledger import Ledger, export_csv, export_json
 
 STEPS = ("derive", "render", "program", "upload", "register", "message")
 FINGERPRINT = {"join_eui": "0000000000000000", "band": "EU868", "app_key_source": "derived", "id_scope": "0ne0001A2B3"}
@@ -74,6 +76,12 @@ def make(path: Path) -> None:
         led.step_started(eui, "register")
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    with Ledger(path, create=False) as led:
+        records = led.all()
+    path.with_suffix(".status.jsonl").write_text(export_json(records))
+    path.with_suffix(".status.csv").write_text(export_csv(records))
     for suffix in ("-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
