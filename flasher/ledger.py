@@ -11,16 +11,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from flasher.errors import FlasherError, InputError
 
+log = logging.getLogger(__name__)
+
+# The tables of schema 1, as flasher 0.1.0 made them (its ledgers say user_version 0).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS boards (
     deveui          TEXT PRIMARY KEY,      -- 16 upper-case hex digits
@@ -53,6 +58,31 @@ CREATE TABLE IF NOT EXISTS steps (
     PRIMARY KEY (deveui, step)
 );
 """
+
+# Adds which run is working on which board (see Ledger.claim), and an index for reading in order.
+CLAIMS = """
+CREATE TABLE claims (
+    deveui       TEXT PRIMARY KEY,
+    run_id       TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    host         TEXT NOT NULL,
+    claimed_at   REAL NOT NULL,
+    heartbeat_at REAL NOT NULL
+);
+CREATE INDEX boards_by_age ON boards (created_at, deveui);
+"""
+
+Migration = str | Callable[[sqlite3.Connection], None]
+
+# MIGRATIONS[n] takes a ledger from schema n to n + 1 (0 is an empty file), inside the caller's
+# transaction: a SQL script or a function of the connection. A new column is one more line,
+# e.g. "ALTER TABLE boards ADD COLUMN firmware TEXT". Never edit one that has shipped.
+MIGRATIONS: list[Migration] = [
+    SCHEMA,
+    CLAIMS,
+]
+SCHEMA_VERSION = 2
+assert len(MIGRATIONS) == SCHEMA_VERSION
 
 EXPORT_FIELDS = ("deveui", "registration_id", "status", "current_step", "join_eui", "band", "app_key_source",
                  "id_scope", "device_key_check", "assigned_hub", "device_id", "header_path", "header_sha256", "attempts",
@@ -96,34 +126,133 @@ class BoardRecord:
 
 
 class Ledger:
-    """Thread-safe: boards are provisioned concurrently, each write is one transaction."""
+    """Thread-safe: boards are provisioned concurrently, each write is one transaction.
+
+    Opening migrates an older ledger to :data:`SCHEMA_VERSION` in one transaction, or
+    creates a new one (``create=True``) in one transaction, removing the file again if
+    that fails, so a ledger is never left half made.
+    """
 
     def __init__(self, path: str | os.PathLike, *, create: bool = True):
         self.path = Path(path)
-        if not create and not self.path.exists():
-            raise InputError(f"ledger {str(self.path)!r}: no such file")
-        if self.path.is_dir():
-            raise InputError(f"ledger {str(self.path)!r}: is a directory")
-        try:
-            if create:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA busy_timeout = 30000")
-            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if create and (not tables or "boards" in tables):  # new, or ours: never add tables to another database
-                self._db.execute("PRAGMA journal_mode = WAL")
-                self._db.executescript(SCHEMA)
-                tables |= {"boards", "steps"}
-        except sqlite3.DatabaseError as exc:
-            raise InputError(f"ledger {str(self.path)!r}: not a flasher ledger ({exc})") from None
-        except OSError as exc:
-            raise InputError(f"ledger {str(self.path)!r}: {exc.strerror or exc}") from None
-        if not {"boards", "steps"} <= tables:
-            self._db.close()
-            raise InputError(f"ledger {str(self.path)!r}: not a flasher ledger (no boards/steps tables)")
-        if create and os.name == "posix":
-            os.chmod(self.path, 0o600)
+        self._where = f"ledger {str(self.path)!r}"
         self._lock = threading.Lock()
+        if self.path.is_dir():
+            raise InputError(f"{self._where}: is a directory")
+        created: list[Path] = []  # what this open made, to remove again if it fails
+        if not self.path.exists():
+            if not create:
+                raise InputError(f"{self._where}: no such file")
+            created = self._create_file()
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            self._remove(created)
+            raise LedgerError(f"{self._where}: cannot open ({exc})") from None
+        try:
+            self._db.execute("PRAGMA busy_timeout = 30000")
+            self._open(create)
+        except BaseException:
+            self._db.close()
+            self._remove(created)
+            raise
+
+    def _create_file(self) -> list[Path]:
+        """Make the file (0600 from the start) and any missing folders (0700); return what was made."""
+        made: list[Path] = []
+        try:
+            missing = [d for d in self.path.parents if not d.exists()]
+            for d in reversed(missing):
+                try:
+                    d.mkdir(mode=0o700)
+                except FileExistsError:  # made by someone else meanwhile: theirs, leave its mode
+                    continue
+                made.append(d)
+                os.chmod(d, 0o700)  # the umask may have taken bits off
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:  # another run created it first: open it as an existing ledger
+                return made
+            made.append(self.path)
+            os.chmod(self.path, 0o600)
+        except OSError as exc:
+            self._remove(made)
+            raise InputError(f"{self._where}: {exc.strerror or exc}") from None
+        return made
+
+    def _remove(self, made: list[Path]) -> None:
+        """Undo a failed creation: the file, its -wal/-shm/-journal, then the folders made for it."""
+        for p in reversed(made):
+            if p == self.path:
+                for q in (p, *(Path(f"{p}{s}") for s in ("-wal", "-shm", "-journal"))):
+                    q.unlink(missing_ok=True)
+            else:
+                p.rmdir()
+
+    def _open(self, create: bool) -> None:
+        db = self._db
+        try:
+            version = self._version(create)
+        except sqlite3.Error as exc:
+            raise self._read_error(exc) from None
+        if version == SCHEMA_VERSION:
+            return
+        what = "cannot create" if version == 0 else f"cannot upgrade from schema {version} to {SCHEMA_VERSION}"
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode = WAL")  # readers never wait for the writer
+            db.execute("BEGIN IMMEDIATE")
+            version = self._version(create)  # again, now that no other run can change it
+            for migration in MIGRATIONS[version:SCHEMA_VERSION]:
+                if isinstance(migration, str):
+                    for statement in _statements(migration):
+                        db.execute(statement)
+                else:
+                    migration(db)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException as exc:
+            self._rollback()
+            if isinstance(exc, sqlite3.Error):
+                raise LedgerError(f"{self._where}: {what} ({exc})") from None
+            raise
+
+    def _rollback(self) -> None:
+        """Roll back if a transaction is still open: SQLite ends some itself (a full disk), and
+        ROLLBACK without one is an error that would hide the real one."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.warning("%s: rollback failed: %s", self._where, exc)
+
+    def _version(self, create: bool) -> int:
+        """The schema this file is at (0: empty), or refuse it; reads only."""
+        db = self._db
+        user_version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables and user_version == 0 and create:
+            return 0  # new: never add tables to a database that has any of its own
+        if not {"boards", "steps"} <= tables:
+            raise InputError(f"{self._where}: not a flasher ledger (no boards/steps tables)")
+        if user_version > SCHEMA_VERSION:
+            raise LedgerError(f"{self._where}: written by a newer flasher (schema {user_version}; "
+                              f"this one reads up to {SCHEMA_VERSION})")
+        version = max(user_version, 1)  # flasher 0.1.0 left user_version at 0
+        for table, columns in _columns(version).items():
+            have = {r[0] for r in db.execute("SELECT name FROM pragma_table_info(?)", (table,))}
+            missing = [c for c in columns if c not in have]
+            if len(missing) == len(columns):
+                raise InputError(f"{self._where}: not a flasher ledger (no {table} table)")
+            if missing:
+                raise InputError(f"{self._where}: not a flasher ledger (table {table} has no column "
+                                 f"{', '.join(missing)})")
+        return version
+
+    def _read_error(self, exc: sqlite3.Error) -> FlasherError:
+        if getattr(exc, "sqlite_errorname", None) == "SQLITE_NOTADB":
+            return InputError(f"{self._where}: not a flasher ledger ({exc})")
+        return LedgerError(f"{self._where}: cannot read ({exc})")
 
     def close(self) -> None:
         self._db.close()
@@ -213,6 +342,35 @@ class Ledger:
         with self._lock:
             euis = [r[0] for r in self._db.execute("SELECT deveui FROM boards ORDER BY created_at, deveui")]
         return [self.get(e) for e in euis]
+
+
+def _statements(script: str):
+    """Split a migration script into statements, since executescript() would commit mid-way."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+    if pending.strip():
+        if not sqlite3.complete_statement(pending + ";"):
+            raise ValueError(f"incomplete SQL statement in a migration: {pending.strip()[:60]!r}")
+        yield pending
+
+
+def _columns(version: int) -> dict[str, list[str]]:
+    """The tables and columns a ledger at ``version`` has, from running the migrations on an empty database."""
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        for migration in MIGRATIONS[:version]:
+            if isinstance(migration, str):
+                db.executescript(migration)
+            else:
+                migration(db)
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return {t: [r[0] for r in db.execute("SELECT name FROM pragma_table_info(?)", (t,))] for t in tables}
+    finally:
+        db.close()
 
 
 def export_json(records: list[BoardRecord]) -> str:
