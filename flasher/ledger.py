@@ -265,13 +265,16 @@ class Ledger:
 
     @contextmanager
     def _tx(self):
+        """One write transaction; a SQLite failure (full disk, lock timeout) becomes one line naming the ledger."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
                 self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except BaseException as exc:
+                self._rollback()
+                if isinstance(exc, sqlite3.Error):
+                    raise LedgerError(f"{self._where}: cannot write ({exc})") from None
                 raise
 
     # --- writes -------------------------------------------------------------------
@@ -319,13 +322,12 @@ class Ledger:
             db.execute("UPDATE boards SET status = 'provisioned', current_step = NULL, last_error = NULL, "
                        "updated_at = ? WHERE deveui = ?", (now, deveui))
 
-    @staticmethod
-    def _set(db, deveui: str, fields: dict, now: float) -> None:
+    def _set(self, db, deveui: str, fields: dict, now: float) -> None:
         if not fields:
             return
         bad = set(fields) - set(EXPORT_FIELDS)
         if bad:
-            raise LedgerError(f"ledger: unknown field(s) {sorted(bad)}")
+            raise LedgerError(f"{self._where}: unknown field(s) {sorted(bad)}")
         cols = ", ".join(f"{k} = ?" for k in fields)
         db.execute(f"UPDATE boards SET {cols}, updated_at = ? WHERE deveui = ?", (*fields.values(), now, deveui))
 
