@@ -16,10 +16,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from flasher.errors import FlasherError, InputError
 
@@ -289,7 +290,9 @@ class Ledger:
             db.execute("UPDATE boards SET attempts = attempts + 1, status = 'in_progress', registration_id = ?, "
                        "updated_at = ? WHERE deveui = ?", (registration_id, now, deveui))
             self._set(db, deveui, fields, now)
-        return self.get(deveui)
+            record = self._get(db, deveui)
+        assert record is not None
+        return record
 
     def reset(self, deveui: str) -> None:
         """--force: forget the steps of a board so every one runs again."""
@@ -332,18 +335,75 @@ class Ledger:
         db.execute(f"UPDATE boards SET {cols}, updated_at = ? WHERE deveui = ?", (*fields.values(), now, deveui))
 
     # --- reads --------------------------------------------------------------------
-    def get(self, deveui: str) -> BoardRecord | None:
+    @contextmanager
+    def _read(self):
+        """One read transaction, so a board and its steps are read as of the same moment."""
         with self._lock:
-            row = self._db.execute(f"SELECT {', '.join(EXPORT_FIELDS)} FROM boards WHERE deveui = ?", (deveui,)).fetchone()
-            if row is None:
-                return None
-            steps = dict(self._db.execute("SELECT step, outcome FROM steps WHERE deveui = ?", (deveui,)).fetchall())
-        return BoardRecord(*row, steps=steps)
+            try:
+                self._db.execute("BEGIN")
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                self._rollback()
+                if isinstance(exc, sqlite3.Error):
+                    raise self._read_error(exc) from None
+                raise
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, deveui: str) -> BoardRecord | None:
+        row = db.execute(f"SELECT {_BOARD_COLUMNS} FROM boards WHERE deveui = ?", (deveui,)).fetchone()
+        if row is None:
+            return None
+        return _record(row, dict(db.execute("SELECT step, outcome FROM steps WHERE deveui = ? ORDER BY step", (deveui,))))
+
+    def get(self, deveui: str) -> BoardRecord | None:
+        with self._read() as db:
+            return self._get(db, deveui)
 
     def all(self) -> list[BoardRecord]:
-        with self._lock:
-            euis = [r[0] for r in self._db.execute("SELECT deveui FROM boards ORDER BY created_at, deveui")]
-        return [self.get(e) for e in euis]
+        """Every board, oldest first, in two queries however many there are."""
+        with self._read() as db:
+            rows = db.execute(f"SELECT {_BOARD_COLUMNS} FROM boards ORDER BY created_at, deveui").fetchall()
+            steps = _group_steps(db.execute("SELECT deveui, step, outcome FROM steps ORDER BY deveui, step"))
+        return [_record(row, steps.get(row[0], {})) for row in rows]
+
+    def iter_records(self, batch: int = 1000) -> Iterator[BoardRecord]:
+        """Every board in the order of :meth:`all`, read ``batch`` boards (two queries) at a time.
+
+        Only one batch is held, so exporting 100,000 boards takes little memory. Other
+        threads can write between batches; paging by (created_at, deveui), which never
+        change, means no board is skipped or repeated.
+        """
+        if batch < 1:
+            raise InputError(f"batch must be at least 1, not {batch}")
+        after: tuple = ()
+        while True:
+            where = "WHERE (created_at, deveui) > (?, ?)" if after else ""
+            page = f"SELECT {{}} FROM boards {where} ORDER BY created_at, deveui LIMIT ?"
+            with self._read() as db:
+                rows = db.execute(page.format(_BOARD_COLUMNS), (*after, batch)).fetchall()
+                steps = _group_steps(db.execute(f"SELECT deveui, step, outcome FROM steps WHERE deveui IN "
+                                                f"({page.format('deveui')}) ORDER BY deveui, step", (*after, batch)))
+            for row in rows:
+                yield _record(row, steps.get(row[0], {}))
+            if len(rows) < batch:
+                return
+            after = (rows[-1][EXPORT_FIELDS.index("created_at")], rows[-1][0])
+
+
+_BOARD_COLUMNS = ", ".join(EXPORT_FIELDS)
+
+
+def _record(row: tuple, steps: dict) -> BoardRecord:
+    """A BoardRecord from a row of _BOARD_COLUMNS (positional: the fields are in that order)."""
+    return BoardRecord(*row, steps=steps)  # type: ignore[misc]
+
+
+def _group_steps(rows: Iterable[tuple[str, str, str]]) -> dict[str, dict[str, str]]:
+    grouped: dict[str, dict[str, str]] = {}
+    for deveui, step, outcome in rows:
+        grouped.setdefault(deveui, {})[step] = outcome
+    return grouped
 
 
 def _statements(script: str):
@@ -375,14 +435,27 @@ def _columns(version: int) -> dict[str, list[str]]:
         db.close()
 
 
-def export_json(records: list[BoardRecord]) -> str:
-    return "".join(json.dumps(r.to_dict(), sort_keys=False) + "\n" for r in records)
+def write_json(records: Iterable[BoardRecord], stream: TextIO) -> None:
+    """One JSON object per line, written as each record comes: no whole export in memory."""
+    for r in records:
+        stream.write(json.dumps(r.to_dict(), sort_keys=False) + "\n")
 
 
-def export_csv(records: list[BoardRecord]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=EXPORT_FIELDS, lineterminator="\n")
+def write_csv(records: Iterable[BoardRecord], stream: TextIO) -> None:
+    """CSV with a header row (EXPORT_FIELDS), one row written per record as it comes."""
+    w = csv.DictWriter(stream, fieldnames=EXPORT_FIELDS, lineterminator="\n")
     w.writeheader()
     for r in records:
         w.writerow({f: getattr(r, f) for f in EXPORT_FIELDS})
+
+
+def export_json(records: Iterable[BoardRecord]) -> str:
+    buf = io.StringIO()
+    write_json(records, buf)
+    return buf.getvalue()
+
+
+def export_csv(records: Iterable[BoardRecord]) -> str:
+    buf = io.StringIO()
+    write_csv(records, buf)
     return buf.getvalue()
