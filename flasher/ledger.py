@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import quote
 
 from flasher.errors import FlasherError, InputError
 
@@ -131,20 +132,30 @@ class Ledger:
 
     Opening migrates an older ledger to :data:`SCHEMA_VERSION` in one transaction, or
     creates a new one (``create=True``) in one transaction, removing the file again if
-    that fails, so a ledger is never left half made.
+    that fails, so a ledger is never left half made. ``readonly=True`` opens an existing
+    ledger (of any schema up to this one) without writing, migrating or creating anything,
+    even on read-only media.
     """
 
-    def __init__(self, path: str | os.PathLike, *, create: bool = True):
+    def __init__(self, path: str | os.PathLike, *, create: bool = True, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
         self._where = f"ledger {str(self.path)!r}"
         self._lock = threading.Lock()
         if self.path.is_dir():
             raise InputError(f"{self._where}: is a directory")
+        if readonly:
+            self._open_readonly()
+            return
         created: list[Path] = []  # what this open made, to remove again if it fails
         if not self.path.exists():
             if not create:
                 raise InputError(f"{self._where}: no such file")
             created = self._create_file()
+        else:
+            problem = self._write_problem()
+            if problem:
+                raise LedgerError(f"{self._where}: read-only ({problem})")
         try:
             self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
@@ -157,6 +168,43 @@ class Ledger:
             self._db.close()
             self._remove(created)
             raise
+
+    def _write_problem(self) -> str | None:
+        """Why this process cannot write the existing ledger (SQLite would only say so at the first write)."""
+        try:
+            os.close(os.open(self.path, os.O_RDWR))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        sidecars = [Path(f"{self.path}{s}") for s in ("-wal", "-shm")]
+        folder = self.path.parent
+        if not all(os.access(p, os.W_OK) for p in sidecars) and not os.access(folder, os.W_OK | os.X_OK):
+            return f"cannot create its -wal/-shm files in {str(folder)!r}"
+        return None
+
+    def _open_readonly(self) -> None:
+        """Open with SQLite's mode=ro; on read-only media, where the -shm a WAL ledger needs cannot be
+        made, open it immutable: nothing can write there, so nothing can change under the reader."""
+        if not self.path.exists():
+            raise InputError(f"{self._where}: no such file")
+        uri = f"file:{quote(str(self.path.absolute()))}?mode=ro"
+        for immutable in (False, True):
+            self._db = sqlite3.connect(uri + ("&immutable=1" if immutable else ""), uri=True, timeout=30,
+                                       check_same_thread=False, isolation_level=None)
+            try:
+                self._db.execute("PRAGMA busy_timeout = 30000")
+                self._version(create=False)
+                return
+            except sqlite3.Error as exc:
+                self._db.close()
+                if immutable or getattr(exc, "sqlite_errorname", None) != "SQLITE_CANTOPEN":
+                    raise self._read_error(exc) from None
+                wal = Path(f"{self.path}-wal")
+                if wal.exists() and wal.stat().st_size > 0:
+                    raise LedgerError(f"{self._where}: cannot read: its last changes are still in {str(wal)!r}, and "
+                                      f"reading them needs a writable folder (copy both files somewhere writable)") from None
+            except BaseException:
+                self._db.close()
+                raise
 
     def _create_file(self) -> list[Path]:
         """Make the file (0600 from the start) and any missing folders (0700); return what was made."""
@@ -267,6 +315,8 @@ class Ledger:
     @contextmanager
     def _tx(self):
         """One write transaction; a SQLite failure (full disk, lock timeout) becomes one line naming the ledger."""
+        if self.readonly:
+            raise LedgerError(f"{self._where}: opened read-only")
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
