@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -95,6 +96,14 @@ class LedgerError(FlasherError):
     pass
 
 
+class BoardClaimed(LedgerError):
+    """Another live run is working on this board: leave it alone (exit 1)."""
+
+    def __init__(self, deveui: str, pid: int, host: str, run_id: str):
+        super().__init__(f"in progress in another run (pid {pid} on {host})")
+        self.deveui, self.pid, self.host, self.run_id = deveui, pid, host, run_id
+
+
 @dataclass(frozen=True)
 class BoardRecord:
     deveui: str
@@ -135,13 +144,27 @@ class Ledger:
     that fails, so a ledger is never left half made. ``readonly=True`` opens an existing
     ledger (of any schema up to this one) without writing, migrating or creating anything,
     even on read-only media.
+
+    Each Ledger object is one "run" (``run_id``): :meth:`claim` keeps two runs off the
+    same board. A claim lives while its holder does: a run on this host whose process is
+    gone, or any run whose heartbeat is older than ``stale_after`` seconds, loses it.
     """
 
-    def __init__(self, path: str | os.PathLike, *, create: bool = True, readonly: bool = False):
+    def __init__(self, path: str | os.PathLike, *, create: bool = True, readonly: bool = False,
+                 run_id: str | None = None, stale_after: float = 60.0):
         self.path = Path(path)
         self.readonly = readonly
         self._where = f"ledger {str(self.path)!r}"
+        if not stale_after > 0:
+            raise InputError(f"{self._where}: stale_after must be a positive number of seconds, not {stale_after!r}")
+        self.stale_after = float(stale_after)
+        self._host, self._pid = socket.gethostname(), os.getpid()
+        self.run_id = run_id or f"{self._host}:{self._pid}:{os.urandom(4).hex()}"
         self._lock = threading.Lock()
+        self._claims: set[str] = set()
+        self._heartbeat: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
         if self.path.is_dir():
             raise InputError(f"{self._where}: is a directory")
         if readonly:
@@ -304,6 +327,19 @@ class Ledger:
         return LedgerError(f"{self._where}: cannot read ({exc})")
 
     def close(self) -> None:
+        """Stop the heartbeat, release this run's claims, close the file. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+            try:
+                with self._tx() as db:
+                    db.execute("DELETE FROM claims WHERE run_id = ?", (self.run_id,))
+                    self._claims.clear()
+            except LedgerError as exc:  # not fatal: they lapse with this process (or its heartbeat)
+                log.warning("%s: this run's claims were not released: %s", self._where, exc)
         self._db.close()
 
     def __enter__(self) -> Ledger:
@@ -311,6 +347,63 @@ class Ledger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # --- claims -------------------------------------------------------------------
+    def claim(self, deveui: str) -> None:
+        """Take the board for this run, or raise :class:`BoardClaimed` if another live run has it.
+
+        One transaction, so of two runs racing for a board exactly one wins. Claiming a
+        board this run holds again is fine. The first claim starts the heartbeat.
+        """
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT run_id, pid, host, heartbeat_at FROM claims WHERE deveui = ?", (deveui,)).fetchone()
+            if row is not None and row[0] == self.run_id:
+                db.execute("UPDATE claims SET heartbeat_at = ? WHERE deveui = ?", (now, deveui))
+            else:
+                if row is not None and self._alive(row[1], row[2], row[3], now):
+                    raise BoardClaimed(deveui, pid=row[1], host=row[2], run_id=row[0])
+                db.execute("INSERT OR REPLACE INTO claims (deveui, run_id, pid, host, claimed_at, heartbeat_at) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", (deveui, self.run_id, self._pid, self._host, now, now))
+        with self._lock:
+            self._claims.add(deveui)
+            if self._heartbeat is None:
+                self._heartbeat = threading.Thread(target=self._beat, name=f"ledger heartbeat {self.run_id}", daemon=True)
+                self._heartbeat.start()
+
+    def release(self, deveui: str) -> None:
+        """Give the board back (only if this run holds it)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM claims WHERE deveui = ? AND run_id = ?", (deveui, self.run_id))
+            self._claims.discard(deveui)
+
+    def _alive(self, pid: int, host: str, heartbeat_at: float, now: float) -> bool:
+        """Whether a claim's holder may still be working: a fresh heartbeat, and its process if it is ours to see."""
+        if now - heartbeat_at > self.stale_after:
+            return False
+        if host == self._host:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:  # exists, as another user
+                return True
+        return True
+
+    def _beat(self) -> None:
+        """Refresh this run's claims every stale_after/4 seconds until close(), so others see it alive."""
+        while not self._stop.wait(self.stale_after / 4):
+            try:
+                with self._tx() as db:
+                    db.execute("UPDATE claims SET heartbeat_at = ? WHERE run_id = ?", (time.time(), self.run_id))
+                    held = {r[0] for r in db.execute("SELECT deveui FROM claims WHERE run_id = ?", (self.run_id,))}
+                    lost, self._claims = self._claims - held, self._claims & held
+            except LedgerError as exc:  # a busy or full disk: try again next beat; the claims may lapse meanwhile
+                log.warning("%s: heartbeat not recorded: %s", self._where, exc)
+                continue
+            if lost:
+                log.warning("%s: another run took over %s after this run's heartbeat lapsed", self._where,
+                            ", ".join(sorted(lost)))
 
     @contextmanager
     def _tx(self):
