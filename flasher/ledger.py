@@ -254,12 +254,15 @@ class Ledger:
 
     def _remove(self, made: list[Path]) -> None:
         """Undo a failed creation: the file, its -wal/-shm/-journal, then the folders made for it."""
-        for p in reversed(made):
-            if p == self.path:
-                for q in (p, *(Path(f"{p}{s}") for s in ("-wal", "-shm", "-journal"))):
-                    q.unlink(missing_ok=True)
-            else:
-                p.rmdir()
+        try:
+            for p in reversed(made):
+                if p == self.path:
+                    for q in (p, *(Path(f"{p}{s}") for s in ("-wal", "-shm", "-journal"))):
+                        q.unlink(missing_ok=True)
+                else:
+                    p.rmdir()  # fails if someone put something there meanwhile: then it stays
+        except OSError as exc:  # the error being raised is the one to report; this one is only logged
+            log.warning("%s: could not remove what a failed creation made: %s", self._where, exc)
 
     def _open(self, create: bool) -> None:
         db = self._db
@@ -330,7 +333,6 @@ class Ledger:
         """Stop the heartbeat, release this run's claims, close the file. Safe to call twice."""
         if self._closed:
             return
-        self._closed = True
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join()
@@ -340,6 +342,7 @@ class Ledger:
                     self._claims.clear()
             except LedgerError as exc:  # not fatal: they lapse with this process (or its heartbeat)
                 log.warning("%s: this run's claims were not released: %s", self._where, exc)
+        self._closed = True
         self._db.close()
 
     def __enter__(self) -> Ledger:
@@ -410,6 +413,8 @@ class Ledger:
         """One write transaction; a SQLite failure (full disk, lock timeout) becomes one line naming the ledger."""
         if self.readonly:
             raise LedgerError(f"{self._where}: opened read-only")
+        if self._closed:
+            raise LedgerError(f"{self._where}: already closed")
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -481,6 +486,8 @@ class Ledger:
     @contextmanager
     def _read(self):
         """One read transaction, so a board and its steps are read as of the same moment."""
+        if self._closed:
+            raise LedgerError(f"{self._where}: already closed")
         with self._lock:
             try:
                 self._db.execute("BEGIN")

@@ -114,3 +114,14 @@ def test_a_full_disk_is_one_line_and_loses_nothing_committed(tmp_path):
     with Ledger(path) as led:
         assert [r.deveui for r in led.all()] == [*written, "FFFF000000000001"]
         assert led.get("FFFF000000000001").done("derive")
+
+
+def test_closing_twice_is_fine_and_a_closed_ledger_says_so(tmp_path):
+    path = tmp_path / "l.sqlite3"
+    led = Ledger(path)
+    led.close()
+    led.close()
+    for use in (lambda: led.begin("AA00000000000001", "aa00000000000001"), led.all, lambda: led.claim("AA00000000000001")):
+        with pytest.raises(LedgerError) as err:
+            use()
+        assert str(err.value) == f"ledger {str(path)!r}: already closed"

@@ -13,6 +13,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from ledger_mounts import tiny_tmpfs
 
 from flasher import ledger as ledger_mod
 from flasher.errors import InputError
@@ -220,3 +221,22 @@ def test_folders_made_for_the_ledger_are_private_whatever_the_umask(tmp_path):
     assert (existing / "x").stat().st_mode & 0o777 == 0o700
     assert (existing / "x" / "y").stat().st_mode & 0o777 == 0o700
     assert (existing / "x" / "y" / "ledger.sqlite3").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_creation_that_fills_a_real_disk_leaves_nothing_behind(tmp_path):
+    disk = tmp_path / "disk"
+    seen = tiny_tmpfs(disk, 64, 16, """
+        import json, os, sys
+        from flasher.ledger import Ledger, LedgerError
+        disk = sys.argv[1]
+        try:
+            Ledger(os.path.join(disk, "bench", "ledger.sqlite3")).close()
+            out = {"error": None}
+        except LedgerError as exc:
+            out = {"error": str(exc)}
+        out["files"] = sorted(os.listdir(disk))
+        print(json.dumps(out))
+    """, str(disk))
+    assert seen["error"].startswith(f"ledger {str(disk / 'bench' / 'ledger.sqlite3')!r}: cannot create (")
+    assert "\n" not in seen["error"]
+    assert seen["files"] == ["fill"]

@@ -1,23 +1,20 @@
 """Read-only ledgers: `flasher status` reads any ledger, even an old one on read-only media, and changes nothing.
 
-The tests run as root, where permission bits do not stop a write, so the media test
-makes a real read-only file system: a read-only bind mount inside a private mount
-namespace (`unshare -m`), which disappears with the child process that reads it.
+The tests run as root, where permission bits do not stop a write, so the media tests
+use a real read-only file system: a read-only bind mount inside a private mount
+namespace (see ledger_mounts.py), which disappears with the child process that reads it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sqlite3
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from ledger_mounts import read_only
 
 from flasher.errors import InputError
 from flasher.ledger import Ledger, LedgerError, export_csv, export_json
@@ -85,33 +82,18 @@ def test_readonly_sees_what_a_writer_commits_meanwhile(tmp_path):
 
 # --- real read-only media -------------------------------------------------------------
 
-def read_only_mount(src: Path, dst: Path, script: str) -> dict:
-    """Run ``script`` (Python; it prints one JSON object) in a child that sees ``src`` at ``dst``, read-only."""
-    dst.mkdir()
-    shell = f'mount --bind "{src}" "{dst}" && mount -o remount,bind,ro "{dst}" && exec "$0" -c "$1"'
-    try:
-        done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", shell, sys.executable,
-                               textwrap.dedent(script)], capture_output=True, text=True, timeout=120)
-    except FileNotFoundError:
-        pytest.skip("no unshare(1) here: cannot make a read-only file system for this test")
-    if done.returncode != 0 and "mount" in done.stderr and "Traceback" not in done.stderr:
-        pytest.skip(f"cannot make a read-only bind mount here (needs root and mount namespaces): {done.stderr.strip()}")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
 READ_MEDIA = """
     import json, os, sys
     from flasher.errors import FlasherError
     from flasher.ledger import Ledger, export_json
 
-    media = sys.argv[1] if len(sys.argv) > 1 else {media!r}
-    out = {{}}
+    media = sys.argv[1]
+    out = {}
     def attempt(name, fn):
         try:
             out[name] = fn()
         except FlasherError as exc:
-            out[name] = {{"error": str(exc), "type": type(exc).__name__}}
+            out[name] = {"error": str(exc), "type": type(exc).__name__}
     def read():
         with Ledger(os.path.join(media, "ledger.sqlite3"), create=False, readonly=True) as led:
             return export_json(led.all())
@@ -125,7 +107,7 @@ READ_MEDIA = """
 
 def test_a_wal_ledger_on_read_only_media(tmp_path, v1):
     media = tmp_path / "media"
-    seen = read_only_mount(v1.parent, media, READ_MEDIA.format(media=str(media)))
+    seen = read_only(v1.parent, media, READ_MEDIA, str(media))
     assert seen["read"] == (DATA / "ledger-v1.status.jsonl").read_text()
     where = f"ledger {str(media / 'ledger.sqlite3')!r}"
     assert seen["write"] == {"error": f"{where}: read-only (Read-only file system)", "type": "LedgerError"}
@@ -151,7 +133,7 @@ def test_read_only_media_with_changes_still_in_the_wal_is_refused_not_misread(tm
     db.close()
     assert (tmp_path / "copy" / "ledger.sqlite3-wal").stat().st_size > 0
     media = tmp_path / "media"
-    seen = read_only_mount(tmp_path / "copy", media, READ_MEDIA.format(media=str(media)))
+    seen = read_only(tmp_path / "copy", media, READ_MEDIA, str(media))
     where = f"ledger {str(media / 'ledger.sqlite3')!r}"
     assert seen["read"]["type"] == "LedgerError" and seen["read"]["error"].startswith(f"{where}: cannot read: its last "
                                                                                       f"changes are still in ")
