@@ -148,6 +148,8 @@ class Ledger:
     Each Ledger object is one "run" (``run_id``): :meth:`claim` keeps two runs off the
     same board. A claim lives while its holder does: a run on this host whose process is
     gone, or any run whose heartbeat is older than ``stale_after`` seconds, loses it.
+    The heartbeat is judged by the claiming run's ``stale_after``, so runs sharing a
+    ledger should use the same value (the default, unless a test needs it short).
     """
 
     def __init__(self, path: str | os.PathLike, *, create: bool = True, readonly: bool = False,
@@ -364,8 +366,11 @@ class Ledger:
             if row is not None and row[0] == self.run_id:
                 db.execute("UPDATE claims SET heartbeat_at = ? WHERE deveui = ?", (now, deveui))
             else:
-                if row is not None and self._alive(row[1], row[2], row[3], now):
-                    raise BoardClaimed(deveui, pid=row[1], host=row[2], run_id=row[0])
+                if row is not None:
+                    if self._alive(row[1], row[2], row[3], now):
+                        raise BoardClaimed(deveui, pid=row[1], host=row[2], run_id=row[0])
+                    log.info("%s: %s: taking over from run %s (pid %s on %s), which is gone", self._where, deveui,
+                             row[0], row[1], row[2])
                 db.execute("INSERT OR REPLACE INTO claims (deveui, run_id, pid, host, claimed_at, heartbeat_at) "
                            "VALUES (?, ?, ?, ?, ?, ?)", (deveui, self.run_id, self._pid, self._host, now, now))
         with self._lock:
@@ -384,7 +389,7 @@ class Ledger:
         """Whether a claim's holder may still be working: a fresh heartbeat, and its process if it is ours to see."""
         if now - heartbeat_at > self.stale_after:
             return False
-        if host == self._host:
+        if host == self._host and isinstance(pid, int) and pid > 0:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
@@ -525,7 +530,7 @@ class Ledger:
         change, means no board is skipped or repeated.
         """
         if batch < 1:
-            raise InputError(f"batch must be at least 1, not {batch}")
+            raise InputError(f"{self._where}: batch must be at least 1, not {batch}")
         after: tuple = ()
         while True:
             where = "WHERE (created_at, deveui) > (?, ?)" if after else ""

@@ -240,3 +240,20 @@ def test_a_creation_that_fills_a_real_disk_leaves_nothing_behind(tmp_path):
     assert seen["error"].startswith(f"ledger {str(disk / 'bench' / 'ledger.sqlite3')!r}: cannot create (")
     assert "\n" not in seen["error"]
     assert seen["files"] == ["fill"]
+
+
+def test_flasher_status_prints_for_an_old_ledger_what_0_1_0_printed(tmp_path, cli):
+    path = v1_copy(tmp_path)
+    for flag, golden in (("--json", "jsonl"), ("--csv", "csv")):
+        code, out, err = cli("status", "--ledger", path, flag)
+        assert (code, err) == (0, "") and out == (DATA / f"ledger-v1.status.{golden}").read_text()
+
+
+def test_flasher_status_on_a_newer_ledger_is_one_line_and_exit_1(tmp_path, cli):
+    path = v1_copy(tmp_path)
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 3")
+    db.close()
+    code, out, err = cli("status", "--ledger", path, "--json")
+    assert (code, out) == (1, "")
+    assert err == f"error: ledger {str(path)!r}: written by a newer flasher (schema 3; this one reads up to 2)\n"
