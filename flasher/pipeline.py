@@ -30,7 +30,7 @@ from flasher.errors import FlasherError
 from flasher.eui import EUI64
 from flasher.identity import RegistrationIdPolicy
 from flasher.keys import AppKeyPlan, AppKeySource
-from flasher.ledger import BoardClaimed, BoardRecord, Ledger
+from flasher.ledger import BoardClaimed, BoardRecord, Ledger, LedgerError
 from flasher.progress import DONE, BoardEvent, NullReporter, Reporter, StepState
 from flasher.secrets import Secret
 from flasher.states import BoardStatus, ResultStatus, StepOutcome
@@ -223,7 +223,10 @@ class _Recorder:
         finally:
             self.result.seconds = time.monotonic() - t0
             if self.claimed:
-                self.ledger.release(b.key)
+                try:
+                    self.ledger.release(b.key)
+                except LedgerError as exc:  # close() releases what is left; the board's outcome stands
+                    log.warning("%s: claim not released: %s", b.key, exc)
         return self.result
 
     def _run_step(self, step: Step, module_scope: ExitStack) -> None:
@@ -295,16 +298,24 @@ class _Recorder:
         r.status, r.error, r.failed_step = ResultStatus.CONFLICT, message, b.step
         self._fill_result()
         if b.record is not None or (b.deveui and self.ledger.get(b.key) is not None):
-            self.ledger.mark(b.key, BoardStatus.CONFLICT, message)
-        self.emit(StepState.FAILED, message)
+            self._record_failure(lambda: self.ledger.mark(b.key, BoardStatus.CONFLICT, message))
+        self.emit(StepState.FAILED, r.error or message)
 
     def _fail(self, message: str) -> None:
         b, r = self.b, self.result
         r.status, r.error, r.failed_step = ResultStatus.FAILED, message, b.step
         self._fill_result()
         if b.record is not None:
-            self.ledger.step_finished(b.key, b.step, StepOutcome.FAILED, message, current_step=b.step)
-        self.emit(StepState.FAILED, message)
+            self._record_failure(lambda: self.ledger.step_finished(b.key, b.step, StepOutcome.FAILED, message,
+                                                                   current_step=b.step))
+        self.emit(StepState.FAILED, r.error or message)
+
+    def _record_failure(self, write) -> None:
+        """Record a failure; if the ledger itself cannot be written (a full disk), say so in the board's error."""
+        try:
+            write()
+        except LedgerError as exc:
+            self.result.error = f"{self.result.error}; the ledger could not record it: {exc}"
 
 
 def _describe(changed: dict[str, tuple[Any, Any]]) -> str:

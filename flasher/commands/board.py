@@ -127,7 +127,7 @@ def verify(targets, expect, expect_file, as_json, **_options):
         from flasher.ledger import Ledger
         from flasher.verify import ledger_expectations
 
-        with Ledger(s.ledger, create=False) as ledger:
+        with Ledger(s.ledger, create=False, readonly=True) as ledger:
             provisioned = ledger_expectations(ledger.all())
     if expected is None and settings is None and provisioned is None:
         raise click.UsageError("nothing to verify against: give --expect, --expect-file, --join-eui/--band or --ledger")

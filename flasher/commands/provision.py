@@ -171,21 +171,22 @@ def provision(targets, no_test_message, upload, extras, force, as_json, quiet, *
 @config_option
 def status(as_json, as_csv, **_options):
     """List the boards in the ledger and where each one stands."""
-    from flasher.ledger import Ledger, export_csv, export_json
+    from flasher.ledger import Ledger, write_csv, write_json
     from flasher.settings import from_click
 
     if as_json and as_csv:
         raise click.UsageError("--json and --csv are exclusive")
     s = from_click(["ledger"])
-    with Ledger(s.ledger, create=False) as ledger:
-        records = ledger.all()
-    if as_json:
-        click.echo(export_json(records), nl=False)
-    elif as_csv:
-        click.echo(export_csv(records), nl=False)
-    else:
-        click.echo(f"{'DEVEUI':<16}  {'STATUS':<12} {'STEP':<9} {'HUB':<28} {'DEVICE':<18} ATTEMPTS  LAST ERROR")
-        for r in records:
-            click.echo(f"{r.deveui:<16}  {r.status:<12} {r.current_step or '-':<9} {r.assigned_hub or '-':<28} "
-                       f"{r.device_id or '-':<18} {r.attempts:>8}  {r.last_error or ''}")
+    out = sys.stdout
+    with Ledger(s.ledger, create=False, readonly=True) as ledger:   # reading never writes, nor migrates
+        records = ledger.iter_records()                            # streamed: any number of boards
+        if as_json:
+            write_json(records, out)
+        elif as_csv:
+            write_csv(records, out)
+        else:
+            out.write(f"{'DEVEUI':<16}  {'STATUS':<12} {'STEP':<9} {'HUB':<28} {'DEVICE':<18} ATTEMPTS  LAST ERROR\n")
+            for r in records:
+                out.write(f"{r.deveui:<16}  {r.status:<12} {r.current_step or '-':<9} {r.assigned_hub or '-':<28} "
+                          f"{r.device_id or '-':<18} {r.attempts:>8}  {r.last_error or ''}\n")
     return 0
