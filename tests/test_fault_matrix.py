@@ -77,7 +77,7 @@ class StepFaults:
 
     def __init__(self, board, after: int, *, silent: bool = False, corrupt: bool = False):
         self._board, self._after, self._silent, self._corrupt = board, after, silent, corrupt
-        self.latency, self.boot_noise, self.echo, self.unplug_after = 0.0, False, False, None
+        self.latency, self.boot_noise, self.echo, self.unplug_after, self.flip_rate = 0.0, False, False, None, 0.0
 
     def _active(self) -> bool:
         return self._board.commands > self._after
