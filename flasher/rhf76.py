@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from flasher.at import DEFAULT_TIMEOUT, ATClient, ATError, ATTimeout, ProtocolError
+from flasher.at import DEFAULT_TIMEOUT, ATClient, ATError, ATTimeout, ProtocolError, where
 from flasher.errors import InputError
 from flasher.eui import EUI64
 from flasher.secrets import Redactor
@@ -98,11 +98,11 @@ def parse_ids(lines: list[str], port: str = "?") -> ModuleIds:
     for line in lines:
         m = _ID_LINE.fullmatch(line)
         if not m:
-            raise ProtocolError(f"port {port}: unexpected AT+ID line {line!r}", port=port, command="AT+ID")
+            raise ProtocolError(f"{where(port)}: unexpected AT+ID line {line!r}", port=port, command="AT+ID")
         found[m.group(1).lower()] = m.group(2).replace(":", "").upper()
     missing = [k for k, n in (("deveui", 16), ("appeui", 16), ("devaddr", 8)) if len(found.get(k, "")) != n]
     if missing:
-        raise ProtocolError(f"port {port}: AT+ID answer lacks a valid {', '.join(missing)}", port=port, command="AT+ID")
+        raise ProtocolError(f"{where(port)}: AT+ID answer lacks a valid {', '.join(missing)}", port=port, command="AT+ID")
     return ModuleIds(EUI64(bytes.fromhex(found["deveui"])), EUI64(bytes.fromhex(found["appeui"])), found["devaddr"])
 
 
@@ -110,7 +110,7 @@ def parse_id_line(line: str, field: str, port: str = "?") -> str:
     """``AppEui, 70:B3:...`` -> ``70B3...`` after checking the field name."""
     m = _ID_LINE.fullmatch(line)
     if not m or m.group(1).lower() != field.lower():
-        raise ProtocolError(f"port {port}: expected {field} in {line!r}", port=port, command=f"AT+ID={field}")
+        raise ProtocolError(f"{where(port)}: expected {field} in {line!r}", port=port, command=f"AT+ID={field}")
     return m.group(2).replace(":", "").upper()
 
 
@@ -119,24 +119,24 @@ def parse_key_echo(line: str, port: str = "?") -> str:
     m = _KEY_ECHO.fullmatch(line)
     digits = m.group(1).replace(" ", "").upper() if m else ""
     if len(digits) != 32:
-        raise ProtocolError(f"port {port}: AT+KEY echo is not an APPKEY of 16 bytes", port=port, command="AT+KEY")
+        raise ProtocolError(f"{where(port)}: AT+KEY echo is not an APPKEY of 16 bytes", port=port, command="AT+KEY")
     return digits
 
 
 def parse_dr_query(lines: list[str], port: str = "?") -> tuple[int, str]:
     """``DR0`` / ``EU868 DR0  SF12 BW125K `` -> (0, "EU868")."""
     if len(lines) < 2:
-        raise ProtocolError(f"port {port}: AT+DR answered {len(lines)} line(s), expected 2", port=port, command="AT+DR")
+        raise ProtocolError(f"{where(port)}: AT+DR answered {len(lines)} line(s), expected 2", port=port, command="AT+DR")
     m, b = _DR.fullmatch(lines[0]), _BAND_LINE.fullmatch(lines[1])
     if not m or not b:
-        raise ProtocolError(f"port {port}: unexpected AT+DR answer {lines[:2]!r}", port=port, command="AT+DR")
+        raise ProtocolError(f"{where(port)}: unexpected AT+DR answer {lines[:2]!r}", port=port, command="AT+DR")
     return int(m.group(1)), b.group(1).upper()
 
 
 def parse_version(line: str, port: str = "?") -> str:
     m = _VERSION.fullmatch(line)
     if not m:
-        raise ProtocolError(f"port {port}: unexpected AT+VER answer {line!r}", port=port, command="AT+VER")
+        raise ProtocolError(f"{where(port)}: unexpected AT+VER answer {line!r}", port=port, command="AT+VER")
     return m.group(1)
 
 
@@ -170,7 +170,7 @@ class RHF76:
         return self.at.command(cmd, timeout=timeout)[0].strip()
 
     def _differs(self, field: str, cmd: str, wrote: str, got: str, how: str = "echoed") -> ModuleVerifyError:
-        return ModuleVerifyError(f"port {self.port}: {field} {how} {got}, wrote {wrote}", port=self.port,
+        return ModuleVerifyError(f"{where(self.port)}: {field} {how} {got}, wrote {wrote}", port=self.port,
                                  command=cmd, field=field)
 
     # --- reads -------------------------------------------------------------------
@@ -179,7 +179,7 @@ class RHF76:
         """``AT`` -> ``+AT: OK``; retried only if something (garbled) came back."""
         def ok(lines: list[str]) -> None:
             if lines[0].strip().upper() != "OK":
-                raise ProtocolError(f"port {self.port}: AT answered {lines[0]!r}, expected OK", port=self.port,
+                raise ProtocolError(f"{where(self.port)}: AT answered {lines[0]!r}, expected OK", port=self.port,
                                     command="AT")
 
         self._read("AT", ok)
@@ -228,7 +228,7 @@ class RHF76:
 
         cmd = f'AT+KEY=APPKEY,"{key_hex}"'
         if parse_key_echo(self._write(cmd), self.port) != key_hex:
-            raise ModuleVerifyError(f"port {self.port}: AppKey echo differs from the key written", port=self.port,
+            raise ModuleVerifyError(f"{where(self.port)}: AppKey echo differs from the key written", port=self.port,
                                     command=cmd, field="AppKey")
 
         for field, cmd, want in (("mode", "AT+MODE=LWOTAA", "LWOTAA"), ("band", f"AT+DR={band}", band)):
@@ -270,13 +270,13 @@ def _word(line: str, cmd: str, port: str) -> str:
     """The first word of an answer: ``+DR: EU868`` and ``+DR: EU868 DR0  SF12 BW125K`` both mean EU868."""
     w = (line.split() or [""])[0].upper()
     if not re.fullmatch(r"[A-Z0-9]+", w):
-        raise ProtocolError(f"port {port}: unexpected answer {line!r} to {cmd}", port=port, command=cmd)
+        raise ProtocolError(f"{where(port)}: unexpected answer {line!r} to {cmd}", port=port, command=cmd)
     return w
 
 
 def _check16(digits: str, port: str) -> str:
     if len(digits) != 16:
-        raise ProtocolError(f"port {port}: AppEui {digits!r} is not 8 bytes", port=port, command="AT+ID=AppEui")
+        raise ProtocolError(f"{where(port)}: AppEui {digits!r} is not 8 bytes", port=port, command="AT+ID=AppEui")
     return digits
 
 

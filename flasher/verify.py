@@ -100,6 +100,9 @@ def verify_board(port: str, *, expected_deveuis: set[EUI64] | None = None, setti
                  timeout: float = 2.0, retries: int = 2) -> Verdict:
     """Read one board and judge it; an unreadable board is a failed verdict, not an exception.
 
+    A ``port`` that is not a serial port at all (``/dev/null``) is the caller's mistake and
+    raises :class:`~flasher.at.NotSerialPort` (an :class:`InputError`) instead.
+
     ``provisioned`` is the ledger hook: DevEUI -> what was written. When given and
     ``expected_deveuis`` is None, the ledger's keys are the expected DevEUIs.
     """
