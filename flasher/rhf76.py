@@ -7,6 +7,12 @@ so within one timeout). Writes are sent once; every write's echo is checked and
 whatever the module lets us read is read back, because the module accepting a
 command is not the same as the module holding the value.
 
+The identity is trusted only once read twice alike: a line that flips a bit
+can turn ``2C:F7:...`` into another well-formed DevEUI, and a board provisioned
+under an EUI that is not its own is worse than a board that fails. So
+:meth:`RHF76.read_ids` reads ``AT+ID`` until two readable answers in a row agree
+(one extra exchange on a clean line), within a bounded number of reads.
+
 Keys are write-only on the module: the echo of ``AT+KEY`` is the only
 confirmation. Key values are masked in every log line (see :func:`flasher.at.mask`).
 """
@@ -185,7 +191,41 @@ class RHF76:
         self._read("AT", ok)
 
     def read_ids(self) -> ModuleIds:
-        return self._read("AT+ID", lambda lines: parse_ids(lines, self.port))
+        """``AT+ID``, read until two readable answers in a row agree on DevEUI, JoinEUI and DevAddr.
+
+        A clean line costs two exchanges. Garbled or incomplete answers are re-read,
+        ``retries`` of them at most (``retries + 2`` reads in all); silence is not re-read.
+        Raises :class:`ProtocolError` when the reads never agree ("DevEUI reads disagree
+        (A, B); check the cable/baud") or when fewer than two answers were readable.
+        """
+        reads = self.retries + 2
+        readable: list[ModuleIds] = []
+        last_error: ATError | None = None
+        n = 0
+        while n < reads and reads - n >= (1 if readable else 2):  # stop once agreement is out of reach
+            n += 1
+            try:
+                ids = parse_ids(self.at.command("AT+ID"), self.port)
+            except (ATTimeout, ProtocolError) as exc:
+                if isinstance(exc, ATTimeout) and exc.heard == 0:
+                    raise  # silence: a second ask will not be answered either
+                last_error = exc
+                log.info("port %s: AT+ID read %d/%d: %s", self.port, n, reads, exc)
+                continue
+            if readable and ids == readable[-1]:
+                return ids
+            if readable:
+                log.info("port %s: AT+ID read %d/%d disagrees with the one before", self.port, n, reads)
+            readable.append(ids)
+        if len(readable) > 1:
+            raise ProtocolError(f"{where(self.port)}: {_disagreement(readable)}; check the cable/baud",
+                                port=self.port, command="AT+ID")
+        if readable:
+            raise ProtocolError(f"{where(self.port)}: DevEUI {readable[0].dev_eui.hex} read once, not confirmed "
+                                f"({n - 1} of {n} AT+ID answers unreadable); check the cable/baud",
+                                port=self.port, command="AT+ID")
+        assert last_error is not None  # n >= 1 reads, none readable
+        raise last_error
 
     def version(self) -> str:
         return self._read("AT+VER", lambda lines: parse_version(lines[0], self.port))
@@ -272,6 +312,16 @@ def _word(line: str, cmd: str, port: str) -> str:
     if not re.fullmatch(r"[A-Z0-9]+", w):
         raise ProtocolError(f"{where(port)}: unexpected answer {line!r} to {cmd}", port=port, command=cmd)
     return w
+
+
+def _disagreement(reads: list[ModuleIds]) -> str:
+    """``DevEUI reads disagree (2CF7..., 2AF7...)``: the first field that differs, values in read order."""
+    for field, value in (("DevEUI", lambda i: i.dev_eui.hex), ("JoinEUI", lambda i: i.app_eui.hex),
+                         ("DevAddr", lambda i: i.dev_addr)):
+        values = list(dict.fromkeys(value(i) for i in reads))
+        if len(values) > 1:
+            return f"{field} reads disagree ({', '.join(values)})"
+    return "AT+ID reads disagree"
 
 
 def _check16(digits: str, port: str) -> str:

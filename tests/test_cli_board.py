@@ -190,6 +190,14 @@ def test_a_port_another_process_has_open_is_busy_and_untouched(cli, sim_boards, 
     assert sim.boards[0].commands == 0  # not one byte reached the board
 
 
+def test_a_board_whose_deveui_reads_disagree_is_one_line(cli, mini_module):
+    mod = mini_module(id_deveuis=["2c:f7:f1:20:24:90:01:38", "2a:f7:f1:20:b9:02:43:95"] * 3)
+    code, out, err = cli("eui", "--port", mod.path)
+    assert (code, out) == (1, "")
+    assert err == (f"error: port {mod.path!r}: DevEUI reads disagree (2CF7F12024900138, 2AF7F120B9024395); "
+                   "check the cable/baud\n")
+
+
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_a_timeout_that_is_not_finite_is_one_line(cli, sim_boards, value):
     sim = sim_boards(1)
