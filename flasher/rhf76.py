@@ -35,8 +35,6 @@ from flasher.secrets import Redactor
 log = logging.getLogger("flasher.rhf76")
 
 BANDS = ("EU868", "US915", "US915HYBRID", "AU915", "AS923", "CN470", "KR920", "IN865", "EU433")
-MODES = ("LWABP", "LWOTAA", "TEST")
-JOIN_TIMEOUT = 20.0  # real joins take 6-14 s
 
 _ID_LINE = re.compile(r"\s*(DevAddr|DevEui|AppEui)\s*,\s*([0-9A-Fa-f]{2}(?::?[0-9A-Fa-f]{2})*)\s*", re.IGNORECASE)
 _KEY_ECHO = re.compile(r"\s*APPKEY\s*,?\s*([0-9A-Fa-f ]+?)\s*", re.IGNORECASE)
@@ -75,12 +73,6 @@ class ModuleSettings:
     mode: str
     band: str
     data_rate: int | None = None
-
-
-@dataclass(frozen=True)
-class JoinResult:
-    joined: bool
-    lines: tuple[str, ...]
 
 
 def check_band(band: str) -> str:
@@ -290,20 +282,6 @@ class RHF76:
             raise self._differs("data rate", "AT+DR", f"DR{data_rate}", f"DR{s.data_rate}", how="reads back")
         log.info("port %s: programmed JoinEUI %s, AppKey %s, LWOTAA, %s%s", self.port, join_eui.hex, "********",
                  band, f" DR{data_rate}" if data_rate is not None else "")
-
-    def reset(self) -> None:
-        self._write("AT+RESET")
-
-    def factory_default(self) -> None:
-        """Factory ids back, keys cleared, mode LWABP."""
-        self._write("AT+FDEFAULT")
-
-    def join(self, timeout: float = JOIN_TIMEOUT) -> JoinResult:
-        """OTAA join; waits for ``+JOIN: Done`` (or a one-line refusal), never a fixed time."""
-        lines = self.at.command("AT+JOIN", timeout=timeout)
-        joined = any(line.strip().lower() == "network joined" for line in lines) or \
-            lines[-1].strip().lower() == "joined already"
-        return JoinResult(joined, tuple(lines))
 
 
 def _word(line: str, cmd: str, port: str) -> str:
