@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from flasher.at import ATClient, PortGone
+from flasher.at import ATClient, ATTimeout, PortGone
 from flasher.errors import InputError
 from flasher.rhf76 import open_module
 from flasher.sim.board import BoardSimulator, Faults, SimulatedBoard
@@ -152,7 +152,7 @@ def test_faults_change_at_runtime(sim_boards):
     with ATClient.open(sim.ports[0], timeout=0.3) as at:
         assert at.command("AT") == ["OK"]
         f.silent = True
-        with pytest.raises(Exception):
+        with pytest.raises(ATTimeout):
             at.command("AT")
         f.silent = False
         f.echo = True
@@ -212,7 +212,7 @@ def test_bit_flips_touch_the_share_of_bytes_asked_for(sim_boards):
     try:
         os.write(fd, b"AT+VER\r\n")
         got = _read_exactly(fd, len(clean))
-        assert [bin(a ^ b).count("1") for a, b in zip(got, clean)] == [1] * len(clean)  # every byte, one bit
+        assert [bin(a ^ b).count("1") for a, b in zip(got, clean, strict=True)] == [1] * len(clean)  # every byte, one bit
         sim.boards[0].faults.flip_rate = 0.25
         answers = []
         for _ in range(100):
@@ -220,7 +220,7 @@ def test_bit_flips_touch_the_share_of_bytes_asked_for(sim_boards):
             answers.append(_read_exactly(fd, len(clean)))
     finally:
         os.close(fd)
-    flips = [bin(a ^ b).count("1") for answer in answers for a, b in zip(answer, clean)]
+    flips = [bin(a ^ b).count("1") for answer in answers for a, b in zip(answer, clean, strict=True)]
     assert set(flips) == {0, 1}
     assert 0.2 < sum(flips) / len(flips) < 0.3
 
