@@ -12,24 +12,32 @@ echoed command, ``+INFO: Input timeout``, stray bytes glued to the front of a
 line) is skipped, and the input buffer is flushed before every command, which
 is how the client gets back in step after garbage.
 
+A device port is opened exclusively (an advisory ``flock``, pyserial's
+``exclusive=True``): a second process gets :class:`PortOpenError` "busy" before
+a byte is written. URL handlers without a device behind them (``loop://``,
+``socket://``) are opened without it.
+
 Every failure is an :class:`ATError` with a one-line message naming the port
 and the command (keys masked): :class:`ATTimeout` for silence,
 :class:`PortGone` for an unplug or a port that vanished, :class:`ModuleError`
 for ``ERROR(-n)`` (with ``.code`` and the module's meaning), and
-:class:`ProtocolError` for answers that do not make sense.
+:class:`ProtocolError` for answers that do not make sense. A path that is not
+a serial port at all (``/dev/null``, a file) is the user's mistake:
+:class:`NotSerialPort`, an :class:`~flasher.errors.InputError`.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
 
 import serial
 
-from flasher.errors import FlasherError
+from flasher.errors import FlasherError, InputError
 from flasher.secrets import MASK, Redactor
 
 log = logging.getLogger("flasher.at")
@@ -98,6 +106,14 @@ class PortOpenError(ATError):
     """The port could not be opened (no such device, busy, permission)."""
 
 
+class NotSerialPort(InputError):
+    """The name given as a port is not a serial port (``/dev/null``, a regular file, a directory): exit 2."""
+
+    def __init__(self, message: str, *, port: str):
+        super().__init__(message)
+        self.port = port
+
+
 class ModuleError(ATError):
     """The module answered ``+CMD: ERROR(code)``."""
 
@@ -112,6 +128,28 @@ class ProtocolError(ATError):
 
 
 # --- pure helpers (shared with the fuzz tests) -------------------------------------
+
+def where(port: str) -> str:
+    """How every message names a port: ``port '/dev/ttyACM0'``."""
+    return f"port {port!r}"
+
+
+def check_timeout(value: object, what: str = "timeout") -> float:
+    """A timeout in seconds, finite and above 0, else :class:`InputError` naming ``what``.
+
+    Accepts numbers and numeric strings (a config file's ``"2.5"``); refuses nan, inf, 0,
+    negatives, booleans and anything else.
+    """
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InputError(f"{what} {value!r}: expected a number of seconds") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InputError(f"{what} {value!r}: expected a finite number of seconds above 0")
+    return seconds
+
 
 def mask(text: str) -> str:
     """Mask key values in AT traffic, whatever the spelling, plus every registered secret."""
@@ -129,7 +167,7 @@ def command_name(cmd: str) -> str:
 def is_query(cmd: str) -> bool:
     """``AT+CMD``, ``AT+CMD?`` and ``AT+CMD=?`` all mean "tell me"."""
     m = _COMMAND.fullmatch(cmd)
-    return bool(m) and m.group(2).strip() in ("", "?", "=?")
+    return m is not None and m.group(2).strip() in ("", "?", "=?")
 
 
 Final = Callable[[list[str]], bool]
@@ -145,9 +183,6 @@ class _Count:
         return len(lines) >= self.n
 
 
-_count = _Count
-
-
 def _last_in(words: set[str]) -> Final:
     return lambda lines: bool(lines) and lines[-1].strip().lower() in words
 
@@ -156,14 +191,14 @@ def default_final(cmd: str) -> Final:
     """When is the answer to ``cmd`` complete? Decided per command, from the dialect."""
     name = command_name(cmd)
     if name == "ID" and is_query(cmd):
-        return _count(3)
+        return _Count(3)
     if name == "DR" and is_query(cmd):
-        return _count(2)
+        return _Count(2)
     if name == "JOIN":
         return _last_in(JOIN_FINAL)
     if name in MSG_COMMANDS:
         return _last_in(MSG_FINAL)
-    return _count(1)
+    return _Count(1)
 
 
 def _printable(text: str) -> bool:
@@ -183,7 +218,7 @@ class ResponseCollector:
         if final is None:
             final = default_final(cmd)
         elif isinstance(final, int):
-            final = _count(final)
+            final = _Count(final)
         self.final: Final = final
         self.lines: list[str] = []
         self.skipped = 0
@@ -201,7 +236,7 @@ class ResponseCollector:
             if err:
                 code = int(err.group(1))
                 meaning = ERROR_MEANINGS.get(code, "undocumented error")
-                raise ModuleError(f"port {self.port}: {mask(self.cmd)} failed: module error {code} ({meaning})",
+                raise ModuleError(f"{where(self.port)}: {mask(self.cmd)} failed: module error {code} ({meaning})",
                                   port=self.port, command=self.cmd, code=code, meaning=meaning)
             if name == self.name:
                 if not _printable(data):
@@ -220,7 +255,7 @@ class ResponseCollector:
         self.garbled += 1
         n = getattr(self.final, "n", None)
         if n is not None and len(self.lines) + self.garbled >= n:
-            raise ProtocolError(f"port {self.port}: garbled answer to {mask(self.cmd)}", port=self.port,
+            raise ProtocolError(f"{where(self.port)}: garbled answer to {mask(self.cmd)}", port=self.port,
                                 command=self.cmd)
         return False
 
@@ -238,12 +273,20 @@ class ATClient:
 
     @classmethod
     def open(cls, port: str, *, timeout: float = DEFAULT_TIMEOUT, baudrate: int = BAUDRATE) -> ATClient:
-        """Open ``/dev/ttyACM0``, ``COM5``, a pty path or any pyserial URL (``loop://``, ``socket://``)."""
+        """Open ``/dev/ttyACM0``, ``COM5``, a pty path or any pyserial URL (``loop://``, ``socket://``).
+
+        A device is opened exclusively: if another process holds it, :class:`PortOpenError`
+        ("busy") is raised before anything is written or reconfigured.
+        """
+        timeout = check_timeout(timeout, "AT timeout")
         try:
             ser = serial.serial_for_url(port, baudrate=baudrate, timeout=timeout, write_timeout=timeout,
-                                        exclusive=True)
+                                        do_not_open=True)
+            if isinstance(ser, serial.Serial):  # a device (also behind hwgrep://, spy://): lock it
+                ser.exclusive = True
+            ser.open()
         except (serial.SerialException, OSError, ValueError) as exc:
-            raise PortOpenError(f"port {port}: cannot open ({_open_why(exc)})", port=port) from None
+            raise _open_error(port, exc) from None
         return cls(ser, port, timeout=timeout)
 
     def close(self) -> None:
@@ -266,13 +309,13 @@ class ATClient:
         ``final`` overrides completion: a line count or a predicate over the payloads so far.
         """
         if len(cmd) + 2 > MAX_COMMAND:
-            raise ProtocolError(f"port {self.port}: {mask(cmd[:40])}...: longer than {MAX_COMMAND} bytes",
+            raise ProtocolError(f"{where(self.port)}: {mask(cmd[:40])}...: longer than {MAX_COMMAND} bytes",
                                 port=self.port, command=cmd)
         try:
             data = cmd.encode("ascii") + b"\r\n"
         except UnicodeEncodeError:
-            raise ProtocolError(f"port {self.port}: {mask(cmd)!r}: not ASCII", port=self.port, command=cmd) from None
-        limit = self.timeout if timeout is None else timeout
+            raise ProtocolError(f"{where(self.port)}: {mask(cmd)!r}: not ASCII", port=self.port, command=cmd) from None
+        limit = self.timeout if timeout is None else check_timeout(timeout, "AT timeout")
         collector = ResponseCollector(cmd, final, port=self.port)
         shown = mask(cmd)
         heard = 0
@@ -291,14 +334,14 @@ class ATClient:
                 if collector.feed(line):
                     return collector.lines
         except serial.SerialTimeoutException:
-            raise ATTimeout(f"port {self.port}: could not send {shown} within {limit:g} s (port blocked)",
+            raise ATTimeout(f"{where(self.port)}: could not send {shown} within {limit:g} s (port blocked)",
                             port=self.port, command=cmd) from None
         except _PORT_ERRORS as exc:
-            raise PortGone(f"port {self.port}: lost during {shown} ({_why(exc)}); was the board unplugged?",
+            raise PortGone(f"{where(self.port)}: lost during {shown} ({_why(exc)}); was the board unplugged?",
                            port=self.port, command=cmd) from None
         heard += len(self._buf)
         if collector.garbled:
-            raise ProtocolError(f"port {self.port}: garbled answer to {shown} within {limit:g} s", port=self.port,
+            raise ProtocolError(f"{where(self.port)}: garbled answer to {shown} within {limit:g} s", port=self.port,
                                 command=cmd)
         if collector.lines:
             n = len(collector.lines)
@@ -307,14 +350,7 @@ class ATClient:
             why = f"no answer to {shown} within {limit:g} s (only unrelated output)"
         else:
             why = f"no answer to {shown} within {limit:g} s (is the pass-through sketch running?)"
-        raise ATTimeout(f"port {self.port}: {why}", port=self.port, command=cmd, heard=heard)
-
-    def sync(self, timeout: float | None = None) -> None:
-        """Ping with ``AT`` until ``+AT: OK``: proves a module is listening and resynchronises."""
-        lines = self.command("AT", timeout=timeout)
-        if lines[0].strip().upper() != "OK":
-            raise ProtocolError(f"port {self.port}: AT answered {lines[0]!r}, expected OK", port=self.port,
-                                command="AT")
+        raise ATTimeout(f"{where(self.port)}: {why}", port=self.port, command=cmd, heard=heard)
 
     def _read_line(self, deadline: float) -> bytes | None:
         """Next line (without ``\\n``) or None at the deadline; blocks on the port's own timeout."""
@@ -341,13 +377,31 @@ def _why(exc: BaseException) -> str:
     return text
 
 
-def _open_why(exc: BaseException) -> str:
+def _errno(exc: BaseException) -> int | None:
+    """The OS error number behind a pyserial exception (it wraps termios.error without one)."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if e is None:
+            continue
+        code = getattr(e, "errno", None)
+        if isinstance(code, int):
+            return code
+        if e.args and isinstance(e.args[0], int):  # termios.error(25, 'Inappropriate ioctl for device')
+            return e.args[0]
+    return None
+
+
+def _open_error(port: str, exc: BaseException) -> PortOpenError | NotSerialPort:
     """pyserial wraps the OS error in its own words twice over; say what the user can act on."""
-    code = getattr(exc, "errno", None)
+    code = _errno(exc)
+    if code in (errno.ENOTTY, errno.EISDIR, errno.ENOTDIR):
+        what = "a directory" if code == errno.EISDIR else "not a terminal device"
+        return NotSerialPort(f"{where(port)}: not a serial port ({what}); see `flasher ports`", port=port)
+    if code in (errno.EBUSY, errno.EAGAIN, errno.EWOULDBLOCK):
+        return PortOpenError(f"{where(port)}: busy (another process has it open)", port=port)
     if code == errno.ENOENT:
-        return "no such device; see `flasher ports`"
-    if code in (errno.EACCES, errno.EPERM):
-        return "permission denied; on Linux join the dialout group"
-    if code in (errno.EBUSY, errno.EWOULDBLOCK) or "lock" in str(exc).lower():
-        return "in use by another program"
-    return _why(exc)
+        why = "no such device; see `flasher ports`"
+    elif code in (errno.EACCES, errno.EPERM):
+        why = "permission denied; on Linux join the dialout group"
+    else:
+        why = _why(exc)
+    return PortOpenError(f"{where(port)}: cannot open ({why})", port=port)

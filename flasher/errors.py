@@ -5,7 +5,6 @@ line on stderr and an exit code. Anything else escaping is a bug and keeps its
 traceback.
 """
 
-EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 

@@ -199,9 +199,6 @@ class _Recorder:
                         raise _Stopped(f"interrupted before {step.name}; rerun to resume here")
                     if not step.before_claim and b.record is None and not self._open_record():
                         return self.result
-                    if step.needs_port and b.module is not None:
-                        module_scope.close()   # arduino-cli needs the port to itself
-                        b.module = None
                     self._run_step(step, module_scope)
             self.ledger.finish(b.key)
             self.result.status = ResultStatus.PROVISIONED
@@ -241,6 +238,9 @@ class _Recorder:
             step.resume(b)
             self.emit(StepState.SKIPPED, "done earlier")
             return
+        if step.needs_port and b.module is not None:
+            module_scope.close()   # e.g. arduino-cli needs the port to itself; until then we hold it
+            b.module = None
         if step.needs_module and b.module is None:
             from flasher.rhf76 import open_module
 

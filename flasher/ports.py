@@ -13,19 +13,19 @@ devices. When the environment variable ``FLASHER_SIMULATED_PORTS`` names a
 JSON file (``flasher simulate boards`` writes one: ``<state>/ports.json``, a list
 of ``{"device", "serial_number", "vid", "pid", ...}``), its entries are merged
 into discovery so ``--all`` and ``--serial-number`` work against the simulator.
+A variable naming a missing, unreadable or malformed file is an
+:class:`~flasher.errors.InputError`, never silently ignored: a test or a
+demo that meant to use the simulator must not quietly run against nothing.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from flasher.errors import FlasherError, InputError
-
-log = logging.getLogger("flasher.ports")
 
 SEEED_VID = 0x2886
 APP_PID = 0x800C
@@ -61,7 +61,7 @@ class PortInfo:
 
 
 def board_kind(vid: int | None, pid: int | None) -> str | None:
-    if vid != SEEED_VID:
+    if vid != SEEED_VID or pid is None:
         return None
     return {APP_PID: APP, BOOTLOADER_PID: BOOTLOADER}.get(pid)
 
@@ -94,22 +94,53 @@ def classify(ports: Iterable[object], *, simulated: bool = False) -> list[PortIn
 
 
 def load_simulated(path: str | os.PathLike | None = None) -> list[PortInfo]:
-    """Entries of the simulator's ports file; ones whose device has gone are left out."""
+    """Entries of the simulator's ports file; ones whose device has gone are left out.
+
+    ``path`` defaults to ``$FLASHER_SIMULATED_PORTS``; unset or empty means no simulated
+    ports. A file that is missing, unreadable or not the simulator's shape is an
+    :class:`InputError` naming the variable and the file.
+    """
     path = path if path is not None else os.environ.get(SIMULATED_PORTS_ENV)
     if not path:
         return []
+    name = f"{SIMULATED_PORTS_ENV}={os.fspath(path)}"
     try:
         with open(path, encoding="utf-8") as f:
-            entries = json.load(f)
+            text = f.read()
     except FileNotFoundError:
-        log.warning("%s=%s: no such file (is `flasher simulate boards` running?)", SIMULATED_PORTS_ENV, path)
-        return []
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{SIMULATED_PORTS_ENV}={path}: not a readable JSON file ({exc.__class__.__name__})") from None
+        raise InputError(f"{name}: no such file (is `flasher simulate boards` running?)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{name}: cannot read ({_reason(exc)})") from None
+    try:
+        entries = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{name}: not valid JSON ({_reason(exc)})") from None
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise InputError(f"{SIMULATED_PORTS_ENV}={path}: expected a JSON list of objects")
-    live = [e for e in entries if not str(e.get("device", "")).startswith("/") or os.path.exists(e["device"])]
+        raise InputError(f"{name}: expected a JSON list of objects")
+    for n, e in enumerate(entries, 1):
+        problem = _entry_problem(e)
+        if problem:
+            raise InputError(f"{name}: entry {n}: {problem}")
+    live = [e for e in entries if not e["device"].startswith("/") or os.path.exists(e["device"])]
     return classify(live, simulated=True)
+
+
+def _entry_problem(e: dict) -> str | None:
+    """What is wrong with one ports-file entry, or None."""
+    if not isinstance(e.get("device"), str) or not e["device"]:
+        return '"device" must be a non-empty string'
+    for key in ("vid", "pid"):
+        v = e.get(key)
+        if v is not None and (isinstance(v, bool) or _int(v) is None):
+            return f"{key!r} {v!r} is not a USB id"
+    for key in ("serial_number", "location", "description"):
+        if e.get(key) is not None and not isinstance(e[key], str):
+            return f"{key!r} must be a string"
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    return (getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__).splitlines()[0]
 
 
 def list_ports() -> list[PortInfo]:
@@ -135,7 +166,7 @@ def resolve_targets(ports: list[str], serial_numbers: list[str], all_boards: boo
     ports, serial_numbers = list(ports or []), list(serial_numbers or [])
     if not (ports or serial_numbers or all_boards):
         raise InputError("no board selected: give --port, --serial-number or --all (see `flasher ports`)")
-    targets = list(ports)
+    targets: list[str] = list(ports)
     if serial_numbers or all_boards:
         boards = find_boards(available if available is not None else list_ports())
         for sn in serial_numbers:
@@ -150,8 +181,8 @@ def resolve_targets(ports: list[str], serial_numbers: list[str], all_boards: boo
                 raise InputError(f"serial number {sn}: matches several ports ({', '.join(b.device for b in apps)})")
             targets.append(apps[0].device)
         if all_boards:
-            apps = [b.device for b in boards if b.board == APP]
-            if not apps:
+            running = [b.device for b in boards if b.board == APP]
+            if not running:
                 raise InputError("--all: no Seeeduino LoRaWAN board running a sketch found (see `flasher ports`)")
-            targets.extend(apps)
+            targets.extend(running)
     return list(dict.fromkeys(targets))

@@ -7,6 +7,12 @@ so within one timeout). Writes are sent once; every write's echo is checked and
 whatever the module lets us read is read back, because the module accepting a
 command is not the same as the module holding the value.
 
+The identity is trusted only once read twice alike: a line that flips a bit
+can turn ``2C:F7:...`` into another well-formed DevEUI, and a board provisioned
+under an EUI that is not its own is worse than a board that fails. So
+:meth:`RHF76.read_ids` reads ``AT+ID`` until two readable answers in a row agree
+(one extra exchange on a clean line), within a bounded number of reads.
+
 Keys are write-only on the module: the echo of ``AT+KEY`` is the only
 confirmation. Key values are masked in every log line (see :func:`flasher.at.mask`).
 """
@@ -21,16 +27,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from flasher.at import DEFAULT_TIMEOUT, ATClient, ATError, ATTimeout, ProtocolError
+from flasher.at import DEFAULT_TIMEOUT, ATClient, ATError, ATTimeout, ProtocolError, where
+from flasher.bands import parse_band
 from flasher.errors import InputError
 from flasher.eui import EUI64
 from flasher.secrets import Redactor
 
 log = logging.getLogger("flasher.rhf76")
 
-BANDS = ("EU868", "US915", "US915HYBRID", "AU915", "AS923", "CN470", "KR920", "IN865", "EU433")
-MODES = ("LWABP", "LWOTAA", "TEST")
-JOIN_TIMEOUT = 20.0  # real joins take 6-14 s
 
 _ID_LINE = re.compile(r"\s*(DevAddr|DevEui|AppEui)\s*,\s*([0-9A-Fa-f]{2}(?::?[0-9A-Fa-f]{2})*)\s*", re.IGNORECASE)
 _KEY_ECHO = re.compile(r"\s*APPKEY\s*,?\s*([0-9A-Fa-f ]+?)\s*", re.IGNORECASE)
@@ -71,19 +75,6 @@ class ModuleSettings:
     data_rate: int | None = None
 
 
-@dataclass(frozen=True)
-class JoinResult:
-    joined: bool
-    lines: tuple[str, ...]
-
-
-def check_band(band: str) -> str:
-    b = (band or "").strip().upper()
-    if b not in BANDS:
-        raise InputError(f"band {band!r}: unknown (one of {', '.join(BANDS)})")
-    return b
-
-
 def check_data_rate(dr: int | None) -> int | None:
     if dr is not None and not (isinstance(dr, int) and 0 <= dr <= 15):
         raise InputError(f"data rate {dr!r}: expected DR0..DR15")
@@ -98,11 +89,11 @@ def parse_ids(lines: list[str], port: str = "?") -> ModuleIds:
     for line in lines:
         m = _ID_LINE.fullmatch(line)
         if not m:
-            raise ProtocolError(f"port {port}: unexpected AT+ID line {line!r}", port=port, command="AT+ID")
+            raise ProtocolError(f"{where(port)}: unexpected AT+ID line {line!r}", port=port, command="AT+ID")
         found[m.group(1).lower()] = m.group(2).replace(":", "").upper()
     missing = [k for k, n in (("deveui", 16), ("appeui", 16), ("devaddr", 8)) if len(found.get(k, "")) != n]
     if missing:
-        raise ProtocolError(f"port {port}: AT+ID answer lacks a valid {', '.join(missing)}", port=port, command="AT+ID")
+        raise ProtocolError(f"{where(port)}: AT+ID answer lacks a valid {', '.join(missing)}", port=port, command="AT+ID")
     return ModuleIds(EUI64(bytes.fromhex(found["deveui"])), EUI64(bytes.fromhex(found["appeui"])), found["devaddr"])
 
 
@@ -110,7 +101,7 @@ def parse_id_line(line: str, field: str, port: str = "?") -> str:
     """``AppEui, 70:B3:...`` -> ``70B3...`` after checking the field name."""
     m = _ID_LINE.fullmatch(line)
     if not m or m.group(1).lower() != field.lower():
-        raise ProtocolError(f"port {port}: expected {field} in {line!r}", port=port, command=f"AT+ID={field}")
+        raise ProtocolError(f"{where(port)}: expected {field} in {line!r}", port=port, command=f"AT+ID={field}")
     return m.group(2).replace(":", "").upper()
 
 
@@ -119,24 +110,24 @@ def parse_key_echo(line: str, port: str = "?") -> str:
     m = _KEY_ECHO.fullmatch(line)
     digits = m.group(1).replace(" ", "").upper() if m else ""
     if len(digits) != 32:
-        raise ProtocolError(f"port {port}: AT+KEY echo is not an APPKEY of 16 bytes", port=port, command="AT+KEY")
+        raise ProtocolError(f"{where(port)}: AT+KEY echo is not an APPKEY of 16 bytes", port=port, command="AT+KEY")
     return digits
 
 
 def parse_dr_query(lines: list[str], port: str = "?") -> tuple[int, str]:
     """``DR0`` / ``EU868 DR0  SF12 BW125K `` -> (0, "EU868")."""
     if len(lines) < 2:
-        raise ProtocolError(f"port {port}: AT+DR answered {len(lines)} line(s), expected 2", port=port, command="AT+DR")
+        raise ProtocolError(f"{where(port)}: AT+DR answered {len(lines)} line(s), expected 2", port=port, command="AT+DR")
     m, b = _DR.fullmatch(lines[0]), _BAND_LINE.fullmatch(lines[1])
     if not m or not b:
-        raise ProtocolError(f"port {port}: unexpected AT+DR answer {lines[:2]!r}", port=port, command="AT+DR")
+        raise ProtocolError(f"{where(port)}: unexpected AT+DR answer {lines[:2]!r}", port=port, command="AT+DR")
     return int(m.group(1)), b.group(1).upper()
 
 
 def parse_version(line: str, port: str = "?") -> str:
     m = _VERSION.fullmatch(line)
     if not m:
-        raise ProtocolError(f"port {port}: unexpected AT+VER answer {line!r}", port=port, command="AT+VER")
+        raise ProtocolError(f"{where(port)}: unexpected AT+VER answer {line!r}", port=port, command="AT+VER")
     return m.group(1)
 
 
@@ -170,7 +161,7 @@ class RHF76:
         return self.at.command(cmd, timeout=timeout)[0].strip()
 
     def _differs(self, field: str, cmd: str, wrote: str, got: str, how: str = "echoed") -> ModuleVerifyError:
-        return ModuleVerifyError(f"port {self.port}: {field} {how} {got}, wrote {wrote}", port=self.port,
+        return ModuleVerifyError(f"{where(self.port)}: {field} {how} {got}, wrote {wrote}", port=self.port,
                                  command=cmd, field=field)
 
     # --- reads -------------------------------------------------------------------
@@ -179,13 +170,47 @@ class RHF76:
         """``AT`` -> ``+AT: OK``; retried only if something (garbled) came back."""
         def ok(lines: list[str]) -> None:
             if lines[0].strip().upper() != "OK":
-                raise ProtocolError(f"port {self.port}: AT answered {lines[0]!r}, expected OK", port=self.port,
+                raise ProtocolError(f"{where(self.port)}: AT answered {lines[0]!r}, expected OK", port=self.port,
                                     command="AT")
 
         self._read("AT", ok)
 
     def read_ids(self) -> ModuleIds:
-        return self._read("AT+ID", lambda lines: parse_ids(lines, self.port))
+        """``AT+ID``, read until two readable answers in a row agree on DevEUI, JoinEUI and DevAddr.
+
+        A clean line costs two exchanges. Garbled or incomplete answers are re-read,
+        ``retries`` of them at most (``retries + 2`` reads in all); silence is not re-read.
+        Raises :class:`ProtocolError` when the reads never agree ("DevEUI reads disagree
+        (A, B); check the cable/baud") or when fewer than two answers were readable.
+        """
+        reads = self.retries + 2
+        readable: list[ModuleIds] = []
+        last_error: ATError | None = None
+        n = 0
+        while n < reads and reads - n >= (1 if readable else 2):  # stop once agreement is out of reach
+            n += 1
+            try:
+                ids = parse_ids(self.at.command("AT+ID"), self.port)
+            except (ATTimeout, ProtocolError) as exc:
+                if isinstance(exc, ATTimeout) and exc.heard == 0:
+                    raise  # silence: a second ask will not be answered either
+                last_error = exc
+                log.info("port %s: AT+ID read %d/%d: %s", self.port, n, reads, exc)
+                continue
+            if readable and ids == readable[-1]:
+                return ids
+            if readable:
+                log.info("port %s: AT+ID read %d/%d disagrees with the one before", self.port, n, reads)
+            readable.append(ids)
+        if len(readable) > 1:
+            raise ProtocolError(f"{where(self.port)}: {_disagreement(readable)}; check the cable/baud",
+                                port=self.port, command="AT+ID")
+        if readable:
+            raise ProtocolError(f"{where(self.port)}: DevEUI {readable[0].dev_eui.hex} read once, not confirmed "
+                                f"({n - 1} of {n} AT+ID answers unreadable); check the cable/baud",
+                                port=self.port, command="AT+ID")
+        assert last_error is not None  # n >= 1 reads, none readable
+        raise last_error
 
     def version(self) -> str:
         return self._read("AT+VER", lambda lines: parse_version(lines[0], self.port))
@@ -216,7 +241,7 @@ class RHF76:
         join_eui = EUI64.coerce(join_eui, "JoinEUI")
         if not isinstance(app_key, (bytes, bytearray)) or len(app_key) != 16:
             raise InputError("AppKey: expected 16 bytes")
-        band = check_band(band)
+        band = parse_band(band)
         check_data_rate(data_rate)
         Redactor.add(bytes(app_key))
         key_hex = bytes(app_key).hex().upper()
@@ -228,7 +253,7 @@ class RHF76:
 
         cmd = f'AT+KEY=APPKEY,"{key_hex}"'
         if parse_key_echo(self._write(cmd), self.port) != key_hex:
-            raise ModuleVerifyError(f"port {self.port}: AppKey echo differs from the key written", port=self.port,
+            raise ModuleVerifyError(f"{where(self.port)}: AppKey echo differs from the key written", port=self.port,
                                     command=cmd, field="AppKey")
 
         for field, cmd, want in (("mode", "AT+MODE=LWOTAA", "LWOTAA"), ("band", f"AT+DR={band}", band)):
@@ -251,32 +276,28 @@ class RHF76:
         log.info("port %s: programmed JoinEUI %s, AppKey %s, LWOTAA, %s%s", self.port, join_eui.hex, "********",
                  band, f" DR{data_rate}" if data_rate is not None else "")
 
-    def reset(self) -> None:
-        self._write("AT+RESET")
-
-    def factory_default(self) -> None:
-        """Factory ids back, keys cleared, mode LWABP."""
-        self._write("AT+FDEFAULT")
-
-    def join(self, timeout: float = JOIN_TIMEOUT) -> JoinResult:
-        """OTAA join; waits for ``+JOIN: Done`` (or a one-line refusal), never a fixed time."""
-        lines = self.at.command("AT+JOIN", timeout=timeout)
-        joined = any(line.strip().lower() == "network joined" for line in lines) or \
-            lines[-1].strip().lower() == "joined already"
-        return JoinResult(joined, tuple(lines))
-
 
 def _word(line: str, cmd: str, port: str) -> str:
     """The first word of an answer: ``+DR: EU868`` and ``+DR: EU868 DR0  SF12 BW125K`` both mean EU868."""
     w = (line.split() or [""])[0].upper()
     if not re.fullmatch(r"[A-Z0-9]+", w):
-        raise ProtocolError(f"port {port}: unexpected answer {line!r} to {cmd}", port=port, command=cmd)
+        raise ProtocolError(f"{where(port)}: unexpected answer {line!r} to {cmd}", port=port, command=cmd)
     return w
+
+
+def _disagreement(reads: list[ModuleIds]) -> str:
+    """``DevEUI reads disagree (2CF7..., 2AF7...)``: the first field that differs, values in read order."""
+    for field, value in (("DevEUI", lambda i: i.dev_eui.hex), ("JoinEUI", lambda i: i.app_eui.hex),
+                         ("DevAddr", lambda i: i.dev_addr)):
+        values = list(dict.fromkeys(value(i) for i in reads))
+        if len(values) > 1:
+            return f"{field} reads disagree ({', '.join(values)})"
+    return "AT+ID reads disagree"
 
 
 def _check16(digits: str, port: str) -> str:
     if len(digits) != 16:
-        raise ProtocolError(f"port {port}: AppEui {digits!r} is not 8 bytes", port=port, command="AT+ID=AppEui")
+        raise ProtocolError(f"{where(port)}: AppEui {digits!r} is not 8 bytes", port=port, command="AT+ID=AppEui")
     return digits
 
 

@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from flasher.at import ATError
+from flasher.bands import parse_band
 from flasher.errors import InputError
 from flasher.eui import EUI64
-from flasher.rhf76 import ModuleIds, ModuleSettings, check_band, open_module
+from flasher.rhf76 import ModuleIds, ModuleSettings, open_module
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Verdict:
 def parse_expect_file(path: str | os.PathLike) -> set[EUI64]:
     """One EUI per line, any spelling :meth:`EUI64.parse` accepts; blank lines and ``#`` comments skipped."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM (Windows editors) is not part of the first EUI
             lines = f.readlines()
     except FileNotFoundError:
         raise InputError(f"expect file {str(path)!r}: no such file") from None
@@ -100,6 +101,9 @@ def verify_board(port: str, *, expected_deveuis: set[EUI64] | None = None, setti
                  timeout: float = 2.0, retries: int = 2) -> Verdict:
     """Read one board and judge it; an unreadable board is a failed verdict, not an exception.
 
+    A ``port`` that is not a serial port at all (``/dev/null``) is the caller's mistake and
+    raises :class:`~flasher.at.NotSerialPort` (an :class:`InputError`) instead.
+
     ``provisioned`` is the ledger hook: DevEUI -> what was written. When given and
     ``expected_deveuis`` is None, the ledger's keys are the expected DevEUIs.
     """
@@ -122,7 +126,7 @@ def settings_expectation(join_eui: str | None, band: str | None) -> Expectation 
     if join_eui is None and band is None:
         return None
     return Expectation(join_eui=EUI64.parse(join_eui, "--join-eui") if join_eui else None,
-                       band=check_band(band) if band else None)
+                       band=parse_band(band) if band else None)
 
 
 def ledger_expectations(records) -> dict[EUI64, Expectation]:

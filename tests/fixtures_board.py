@@ -58,13 +58,14 @@ class MiniModule:
     command, ``boot_noise`` before the first answer, ``double_ok`` (the ping answered twice), ``latency``
     seconds before every answer, ``dribble`` (answers written a few bytes at a time), ``lower_names``
     (``+id:`` instead of ``+ID:``), ``upper_fields`` (``DEVEUI`` instead of ``DevEui``) and ``lower_values``
-    (``+MODE: lwotaa``, ``+DR: eu868 ...``).
+    (``+MODE: lwotaa``, ``+DR: eu868 ...``). ``id_deveuis`` plays a bad line: successive ``AT+ID`` queries
+    report these DevEUIs in turn, the last one repeating.
     """
 
     def __init__(self, deveui="47:86:c5:8b:00:11:22:33", lie: set[str] = frozenset(), mangle_key_echo=False, *,
                  version="2.0.10", sep=", ", upper_hex=False, plain_hex=False, key_echo="spaced", eol="\r\n",
                  trailing="", info=False, echo=False, boot_noise=False, double_ok=False, latency=0.0,
-                 dribble=False, lower_names=False, upper_fields=False, lower_values=False):
+                 dribble=False, lower_names=False, upper_fields=False, lower_values=False, id_deveuis=()):
         self.values = {"deveui": deveui, "appeui": "80:00:00:00:00:00:00:06", "devaddr": "00:11:22:33",
                        "mode": "LWABP", "band": "EU868", "dr": "0", "appkey": ""}
         self.lie = set(lie)
@@ -73,6 +74,7 @@ class MiniModule:
         self.key_echo, self.eol, self.trailing, self.info, self.echo = key_echo, eol, trailing, info, echo
         self.boot_noise, self.double_ok, self.latency, self.dribble = boot_noise, double_ok, latency, dribble
         self.lower_names, self.upper_fields, self.lower_values = lower_names, upper_fields, lower_values
+        self.id_deveuis = list(id_deveuis)
         self.received: list[str] = []
         self.master, self.slave = os.openpty()
         tty.setraw(self.slave)
@@ -141,7 +143,9 @@ class MiniModule:
         if up in ("AT+VER", "AT+VER?"):
             return [f"+VER: {self.version}"]
         if up in ("AT+ID", "AT+ID?"):
-            return [f"+ID: {name}{self.sep}{self._eui(v[name.lower()])}" for name in ("DevAddr", "DevEui", "AppEui")]
+            ids = dict(v, deveui=self.id_deveuis.pop(0) if len(self.id_deveuis) > 1 else
+                       (self.id_deveuis or [v["deveui"]])[0])
+            return [f"+ID: {name}{self.sep}{self._eui(ids[name.lower()])}" for name in ("DevAddr", "DevEui", "AppEui")]
         if up in ("AT+ID=APPEUI", "AT+ID=DEVEUI", "AT+ID=DEVADDR"):
             name = {"APPEUI": "AppEui", "DEVEUI": "DevEui", "DEVADDR": "DevAddr"}[up.split("=", 1)[1]]
             return [f"+ID: {name}{self.sep}{self._eui(v[name.lower()])}"]

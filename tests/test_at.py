@@ -15,16 +15,18 @@ from flasher.at import (
     ATError,
     ATTimeout,
     ModuleError,
+    NotSerialPort,
     PortGone,
     PortOpenError,
     ProtocolError,
     ResponseCollector,
+    check_timeout,
     command_name,
     default_final,
     is_query,
     mask,
 )
-from flasher.errors import FlasherError
+from flasher.errors import FlasherError, InputError
 from flasher.sim.board import Faults
 
 KEY = "2B7E151628AED2A6ABF7158809CF4F3C"
@@ -90,7 +92,7 @@ def test_silent_port_times_out_naming_port_and_command(sim_boards):
 
 def test_loop_url_only_hears_its_own_echo():
     with ATClient.open("loop://", timeout=0.2) as at:
-        with pytest.raises(ATTimeout, match=r"port loop://: no answer to AT within 0.2 s \(only unrelated output\)"):
+        with pytest.raises(ATTimeout, match=r"port 'loop://': no answer to AT within 0.2 s \(only unrelated output\)"):
             at.command("AT")
 
 
@@ -144,17 +146,65 @@ def test_garbled_answers_raise_protocol_error(sim_boards):
 
 
 def test_open_errors_are_one_line():
-    with pytest.raises(PortOpenError, match=r"port /dev/flasher-nope: cannot open \(no such device"):
+    with pytest.raises(PortOpenError, match=r"^port '/dev/flasher-nope': cannot open \(no such device"):
         ATClient.open("/dev/flasher-nope")
-    with pytest.raises(PortOpenError, match="protocol 'bogus' not known"):
+    with pytest.raises(PortOpenError, match=r"^port 'bogus://x': cannot open \(.*protocol 'bogus' not known\)$"):
         ATClient.open("bogus://x")
+
+
+def test_a_path_that_is_not_a_serial_port_is_an_input_error(tmp_path):
+    plain = tmp_path / "notes.txt"
+    plain.write_bytes(b"AT\r\n")
+    for path, what in (("/dev/null", "not a terminal device"), (str(plain), "not a terminal device"),
+                       (str(tmp_path), "a directory")):
+        with pytest.raises(NotSerialPort) as e:
+            ATClient.open(path)
+        assert str(e.value) == f"port {path!r}: not a serial port ({what}); see `flasher ports`"
+        assert isinstance(e.value, InputError) and not isinstance(e.value, ATError)  # exit 2, not a board failure
+    assert plain.read_bytes() == b"AT\r\n"  # untouched
 
 
 def test_busy_port(sim_boards):
     sim = sim_boards(1)
-    with ATClient.open(sim.ports[0]):
-        with pytest.raises(PortOpenError, match="in use"):
+    with ATClient.open(sim.ports[0]) as holder:
+        with pytest.raises(PortOpenError) as e:
             ATClient.open(sim.ports[0])
+        assert str(e.value) == f"port {sim.ports[0]!r}: busy (another process has it open)"
+        assert sim.boards[0].commands == 0
+        assert holder.command("AT") == ["OK"]  # the holder is undisturbed
+    with ATClient.open(sim.ports[0]) as at:  # released on close
+        assert at.command("AT") == ["OK"]
+
+
+def test_exclusive_lock_only_where_there_is_a_device(sim_boards):
+    sim = sim_boards(1)
+    with ATClient.open(sim.ports[0]) as at:
+        assert at._ser.exclusive is True
+    with ATClient.open("loop://") as at:  # no device behind it: nothing to lock
+        assert at._ser.exclusive is None
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 0, 0.0, -1, "soon", "", None, True])
+def test_check_timeout_refuses_what_is_not_a_finite_positive_number(value):
+    with pytest.raises(InputError) as e:
+        check_timeout(value, "--timeout")
+    assert str(e.value).startswith(f"--timeout {value!r}: expected ") and "\n" not in str(e.value)
+
+
+def test_check_timeout_accepts_seconds():
+    assert check_timeout(2, "--timeout") == 2.0 and isinstance(check_timeout(2, "x"), float)
+    assert check_timeout("0.25", "timeout in flasher.toml") == 0.25
+    assert check_timeout(1e-3, "x") == 1e-3
+
+
+def test_client_refuses_an_unusable_timeout(sim_boards):
+    sim = sim_boards(1)
+    with pytest.raises(InputError, match="AT timeout inf"):
+        ATClient.open(sim.ports[0], timeout=float("inf"))
+    with ATClient.open(sim.ports[0]) as at:
+        with pytest.raises(InputError, match="AT timeout nan"):
+            at.command("AT", timeout=float("nan"))
+    assert sim.boards[0].commands == 0
 
 
 def test_overlong_and_non_ascii_commands_refused_locally():

@@ -3,11 +3,13 @@
 import json
 import os
 import random
+import select
 import threading
 
 import pytest
 
-from flasher.at import ATClient, PortGone
+from flasher.at import ATClient, ATTimeout, PortGone
+from flasher.errors import InputError
 from flasher.rhf76 import open_module
 from flasher.sim.board import BoardSimulator, Faults, SimulatedBoard
 
@@ -150,7 +152,7 @@ def test_faults_change_at_runtime(sim_boards):
     with ATClient.open(sim.ports[0], timeout=0.3) as at:
         assert at.command("AT") == ["OK"]
         f.silent = True
-        with pytest.raises(Exception):
+        with pytest.raises(ATTimeout):
             at.command("AT")
         f.silent = False
         f.echo = True
@@ -190,3 +192,79 @@ def test_nobody_reading_does_not_block_or_spin(sim_boards):
         assert sim.replug(0) == sim.ports[0]  # the loop thread is responsive
     finally:
         os.close(fd)
+
+
+# --- line noise ----------------------------------------------------------------------------
+
+def _read_exactly(fd: int, n: int, timeout: float = 5.0) -> bytes:
+    got = b""
+    while len(got) < n:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"only {len(got)} of {n} bytes within {timeout} s"
+        got += os.read(fd, n - len(got))
+    return got
+
+
+def test_bit_flips_touch_the_share_of_bytes_asked_for(sim_boards):
+    sim = sim_boards(1, faults=Faults(flip_rate=1.0))
+    clean = b"+VER: 2.1.19\r\n"
+    fd = os.open(sim.ports[0], os.O_RDWR | os.O_NOCTTY)
+    try:
+        os.write(fd, b"AT+VER\r\n")
+        got = _read_exactly(fd, len(clean))
+        assert [bin(a ^ b).count("1") for a, b in zip(got, clean, strict=True)] == [1] * len(clean)  # every byte, one bit
+        sim.boards[0].faults.flip_rate = 0.25
+        answers = []
+        for _ in range(100):
+            os.write(fd, b"AT+VER\r\n")
+            answers.append(_read_exactly(fd, len(clean)))
+    finally:
+        os.close(fd)
+    flips = [bin(a ^ b).count("1") for answer in answers for a, b in zip(answer, clean, strict=True)]
+    assert set(flips) == {0, 1}
+    assert 0.2 < sum(flips) / len(flips) < 0.3
+
+
+# --- state files that cannot be used ----------------------------------------------------------
+
+GOOD_STATE = {"serial_number": "0A1B", "deveui": "2CF7F12024900138", "factory_deveui": "2CF7F12024900138",
+              "devaddr": "24900138"}
+
+
+@pytest.mark.parametrize("content,why", [
+    ("{not json", "not a simulated board's state (Expecting property name enclosed in double quotes: line 1 column 2"),
+    ("", "not a simulated board's state (Expecting value: line 1 column 1"),
+    ("[1, 2]", "not a simulated board's state (expected a JSON object)"),
+    ('{"serial_number": "0A1B"}', "not a simulated board's state (deveui, factory_deveui missing)"),
+    (json.dumps({**GOOD_STATE, "deveui": "2CF7F120"}), "not a simulated board's state (bad value for deveui)"),
+    (json.dumps({**GOOD_STATE, "dr": "0", "mode": "SLEEP"}), "not a simulated board's state (bad value for mode, dr)"),
+    (b"\xff\xfe{}", "cannot read ("),
+])
+def test_unusable_state_file_is_one_line_naming_it(tmp_path, content, why):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "board-0.json").write_text(json.dumps(GOOD_STATE))
+    bad = state / "board-1.json"
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    threads = threading.active_count()
+    with pytest.raises(InputError) as e:
+        BoardSimulator(count=2, state_dir=state)
+    msg = str(e.value)
+    assert msg.startswith(f"board state {str(bad)!r}: {why}") and "\n" not in msg
+    assert bad.read_bytes() == (content if isinstance(content, bytes) else content.encode())  # left as it was
+    assert threading.active_count() == threads
+
+
+def test_a_state_file_that_is_a_directory(tmp_path):
+    (tmp_path / "board-0.json").mkdir()
+    with pytest.raises(InputError, match=r"^board state '.*board-0.json': cannot read \(Is a directory\)$"):
+        BoardSimulator(count=1, state_dir=tmp_path)
+
+
+def test_simulate_boards_with_a_corrupt_state_file_is_one_line(cli, tmp_path):
+    (tmp_path / "board-0.json").write_text("{not json")
+    code, out, err = cli("simulate", "boards", "--state", tmp_path)
+    assert code == 2 and out == ""
+    assert err == (f"error: board state {str(tmp_path / 'board-0.json')!r}: not a simulated board's state "
+                   "(Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); "
+                   "fix it or delete it for a new board\n")

@@ -76,7 +76,7 @@ def test_every_fault_mode_is_one_line_and_exit_1(cli, sim_boards, faults, fix):
     code, out, err = cli("eui", "--port", port, "--timeout", "0.3")
     assert time.monotonic() - t0 < 10  # hang guard
     assert code == 1 and out == ""
-    assert err.count("\n") == 1 and err.startswith(f"error: port {port}: ") and fix in err
+    assert err.count("\n") == 1 and err.startswith(f"error: port {port!r}: ") and fix in err
     assert "Traceback" not in err
 
 
@@ -93,7 +93,8 @@ def test_one_bad_board_does_not_hide_the_others(cli, sim_boards):
     code, out, err = cli("eui", *sum((["--port", p] for p in sim.ports), []), "--timeout", "0.3")
     assert code == 1
     assert out.splitlines() == [f"{sim.boards[0].deveui}\t{sim.ports[0]}", f"{sim.boards[2].deveui}\t{sim.ports[2]}"]
-    assert err.splitlines() == [f"error: port {sim.ports[1]}: no answer to AT within 0.3 s (is the pass-through sketch running?)"]
+    assert err.splitlines() == [f"error: port {sim.ports[1]!r}: no answer to AT within 0.3 s "
+                                "(is the pass-through sketch running?)"]
 
 
 def test_verify_deveuis(cli, sim_boards, tmp_path):
@@ -127,7 +128,7 @@ def test_verify_settings_after_programming(cli, sim_boards):
 def test_verify_unreadable_board_is_a_failed_verdict(cli, sim_boards):
     sim = sim_boards(1, faults=Faults(silent=True))
     code, out, _ = cli("verify", "--port", sim.ports[0], "--expect", "0011223344556677", "--timeout", "0.2")
-    assert code == 1 and out.startswith(f"FAIL\t{sim.ports[0]}\t-\tunreadable: port {sim.ports[0]}: no answer")
+    assert code == 1 and out.startswith(f"FAIL\t{sim.ports[0]}\t-\tunreadable: port {sim.ports[0]!r}: no answer")
 
 
 def test_verify_needs_something_to_compare(cli, sim_boards, tmp_path):
@@ -140,6 +141,70 @@ def test_verify_needs_something_to_compare(cli, sim_boards, tmp_path):
     bad.write_text("0011223344556677\nzz\n")
     code, _, err = cli("verify", "--port", sim.ports[0], "--expect-file", bad)
     assert code == 2 and "line 2" in err
+
+
+# --- ports that cannot be used ------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["eui"], ["eui", "--json"], ["verify", "--expect", "0011223344556677"]])
+def test_a_port_that_is_not_a_serial_port_is_one_line(cli, argv):
+    code, out, err = cli(*argv, "--port", "/dev/null")
+    assert (code, out) == (2, "")
+    assert err == "error: port '/dev/null': not a serial port (not a terminal device); see `flasher ports`\n"
+
+
+@pytest.fixture
+def holder():
+    """A second process holding a port open the way flasher does (exclusively), until the test ends."""
+    procs = []
+
+    def hold(port: str) -> subprocess.Popen:
+        code = ("import sys\nfrom flasher.at import ATClient\n"
+                f"with ATClient.open({port!r}):\n    print('holding', flush=True)\n    sys.stdin.read()\n")
+        p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        procs.append(p)
+        assert p.stdout.readline() == "holding\n", p.stderr.read()
+        return p
+
+    try:
+        yield hold
+    finally:
+        for p in procs:
+            p.stdin.close()  # lets it leave the with-block and exit
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            p.stdout.close()
+            p.stderr.close()
+
+
+def test_a_port_another_process_has_open_is_busy_and_untouched(cli, sim_boards, holder):
+    sim = sim_boards(2)
+    port = sim.ports[0]
+    holder(port)
+    code, out, err = cli("eui", "--port", port, "--port", sim.ports[1])
+    assert code == 1 and out == f"{sim.boards[1].deveui}\t{sim.ports[1]}\n"
+    assert err == f"error: port {port!r}: busy (another process has it open)\n"
+    assert sim.boards[0].commands == 0  # not one byte reached the board
+
+
+def test_a_board_whose_deveui_reads_disagree_is_one_line(cli, mini_module):
+    mod = mini_module(id_deveuis=["2c:f7:f1:20:24:90:01:38", "2a:f7:f1:20:b9:02:43:95"] * 3)
+    code, out, err = cli("eui", "--port", mod.path)
+    assert (code, out) == (1, "")
+    assert err == (f"error: port {mod.path!r}: DevEUI reads disagree (2CF7F12024900138, 2AF7F120B9024395); "
+                   "check the cable/baud\n")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_timeout_that_is_not_finite_is_one_line(cli, sim_boards, value):
+    sim = sim_boards(1)
+    code, out, err = cli("eui", "--port", sim.ports[0], "--timeout", value)
+    assert (code, out) == (2, "")
+    assert err == f"error: --timeout {value!r}: must be a number of seconds from 0.05 to 600\n"
+    assert sim.boards[0].commands == 0
 
 
 # --- the simulator as a process ---------------------------------------------------------

@@ -8,11 +8,14 @@ import sqlite3
 import subprocess
 import sys
 
+from fixtures_dps import free_loopback
+
 
 def test_demo_provisions_three_boards_and_stops_everything(tmp_path):
     work = tmp_path / "demo"
-    p = subprocess.run([sys.executable, "-m", "flasher", "demo", "--workdir", str(work)], capture_output=True,
-                       text=True, timeout=120, cwd=tmp_path)
+    # an address of its own, so "nothing is left listening" cannot be confused by another test's emulator
+    p = subprocess.run([sys.executable, "-m", "flasher", "demo", "--workdir", str(work), "--bind", free_loopback()],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "3/3 boards provisioned" in p.stdout
     rows = sqlite3.connect(work / "ledger.sqlite3").execute("SELECT deveui, status, device_id FROM boards").fetchall()

@@ -8,7 +8,7 @@ fault is gone. The cells are independent and run concurrently (registrations tak
 >= 2 s each by SDK design). Impossible cells are marked n/a with the reason, not faked.
 
 Faults are injected deterministically, never by timing: board faults become active
-after a given number of AT commands (2 = after ``AT`` and ``AT+ID``, i.e. during
+after a given number of AT commands (3 = after ``AT`` and the two ``AT+ID`` reads, i.e. during
 programming); DPS faults through the emulator's knobs (429 throttling for one id, a
 hub refusing one device), a wrong group key (401) or an address with nothing
 listening (unreachable). A kill waits until the ledger (or the simulator) shows the
@@ -46,6 +46,7 @@ from flasher.sim.dps import DpsEmulator
 STEPS = tuple(step.name for step in PIPELINE_STEPS)   # the pipeline's own list: a new step gets a row here
 FAULTS = ("unplug", "silent", "corrupt", "dps-401", "dps-429", "dps-unreachable", "hub-refusing", "killed")
 AT_STEPS = tuple(step.name for step in PIPELINE_STEPS if step.needs_module)
+IDENTIFY_COMMANDS = 3  # AT, then AT+ID until two reads agree: board faults set after these hit "program"
 JOIN_EUI = "70B3D57ED003F06A"
 WRONG_KEY = base64.b64encode(b"\x5a" * 64).decode()
 
@@ -78,7 +79,7 @@ class StepFaults:
 
     def __init__(self, board, after: int, *, silent: bool = False, corrupt: bool = False):
         self._board, self._after, self._silent, self._corrupt = board, after, silent, corrupt
-        self.latency, self.boot_noise, self.echo, self.unplug_after = 0.0, False, False, None
+        self.latency, self.boot_noise, self.echo, self.unplug_after, self.flip_rate = 0.0, False, False, None, 0.0
 
     def _active(self) -> bool:
         return self._board.commands > self._after
@@ -206,11 +207,11 @@ class Cell:
         o, b, f = self.out, self.board, self.fault
         host, env, timeout = None, self.env(), 20.0
         if f == "unplug":
-            b.faults.unplug_after = 0 if self.step == "identify" else 2
+            b.faults.unplug_after = 0 if self.step == "identify" else IDENTIFY_COMMANDS
         elif f == "silent":
-            b.faults = StepFaults(b, 0 if self.step == "identify" else 2, silent=True)
+            b.faults = StepFaults(b, 0 if self.step == "identify" else IDENTIFY_COMMANDS, silent=True)
         elif f == "corrupt":
-            b.faults = StepFaults(b, 0 if self.step == "identify" else 2, corrupt=True)
+            b.faults = StepFaults(b, 0 if self.step == "identify" else IDENTIFY_COMMANDS, corrupt=True)
         elif f == "dps-401":
             env = self.env(WRONG_KEY)
         elif f == "dps-429":

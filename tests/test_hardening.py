@@ -38,3 +38,23 @@ def test_demo_binds_where_it_is_told(tmp_path):
     assert p.returncode == 0, p.stderr
     assert f"emulator on {host}:8883" in p.stdout
     assert f"hub={host}" in p.stdout
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(cli, sim_boards, tmp_path, monkeypatch):
+    """Windows editors start UTF-8 files with a BOM; the first EUI or id must still read."""
+    monkeypatch.setenv("FLASHER_GROUP_PRIMARY_KEY", GROUP_PRIMARY)
+    sim = sim_boards(1, seed=77)
+    expect = tmp_path / "expect.txt"
+    expect.write_bytes(b"\xef\xbb\xbf" + sim.boards[0].deveui.encode() + b"\r\n")
+    code, out, err = cli("verify", "--port", sim.ports[0], "--expect-file", expect)
+    assert code == 0 and out.startswith("ok"), out + err
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"\xef\xbb\xbf" + DEVEUI.encode() + b"\n")
+    code, out, err = cli("keys", "--input", ids)
+    assert code == 0 and out.startswith(DEVEUI.lower() + "\t"), out + err
+
+
+def test_a_mistyped_deveui_is_warned_about(cli, monkeypatch):
+    monkeypatch.setenv("FLASHER_GROUP_PRIMARY_KEY", GROUP_PRIMARY)
+    code, out, err = cli("keys", DEVEUI[:15].lower())
+    assert code == 0 and "15 hex digits" in err and "mistyped DevEUI" in err

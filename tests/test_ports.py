@@ -101,17 +101,45 @@ def test_simulated_ports_file(tmp_path, monkeypatch):
     assert resolve_targets([], ["sim1"], False) == [str(live)]
 
 
-def test_simulated_ports_file_problems(tmp_path, monkeypatch):
-    assert load_simulated(tmp_path / "missing.json") == []
-    bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    with pytest.raises(InputError, match=SIMULATED_PORTS_ENV):
-        load_simulated(bad)
-    bad.write_text('{"device": "x"}')
-    with pytest.raises(InputError, match="list of objects"):
-        load_simulated(bad)
+@pytest.mark.parametrize("content,why", [
+    (None, "no such file (is `flasher simulate boards` running?)"),
+    ("dir", "cannot read (Is a directory)"),
+    ("{not json", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    ("", "not valid JSON (Expecting value: line 1 column 1 (char 0))"),
+    (b"\xff[]", "cannot read ('utf-8' codec can't decode byte 0xff in position 0: invalid start byte)"),
+    ('{"device": "x"}', "expected a JSON list of objects"),
+    ('[{"serial_number": "SIM1", "vid": "2886", "pid": "800C"}]', 'entry 1: "device" must be a non-empty string'),
+    ('[{"device": "/dev/pts/1"}, {"device": "/dev/pts/2", "vid": "zz"}]', "entry 2: 'vid' 'zz' is not a USB id"),
+    ('[{"device": "/dev/pts/1", "pid": true}]', "entry 1: 'pid' True is not a USB id"),
+    ('[{"device": "/dev/pts/1", "serial_number": 7}]', "entry 1: 'serial_number' must be a string"),
+])
+def test_simulated_ports_file_problems_name_the_variable_and_file(tmp_path, monkeypatch, content, why):
+    f = tmp_path / "ports.json"
+    if content == "dir":
+        f.mkdir()
+    elif content is not None:
+        f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(InputError) as e:
+        load_simulated(f)
+    assert str(e.value) == f"{SIMULATED_PORTS_ENV}={f}: {why}"
+    monkeypatch.setenv(SIMULATED_PORTS_ENV, str(f))
+    with pytest.raises(InputError, match="^" + SIMULATED_PORTS_ENV):  # discovery, --all, --serial-number
+        resolve_targets([], [], True)
+
+
+def test_simulated_ports_unset_or_empty_means_none(monkeypatch):
     monkeypatch.delenv(SIMULATED_PORTS_ENV, raising=False)
     assert load_simulated() == []
+    monkeypatch.setenv(SIMULATED_PORTS_ENV, "")
+    assert load_simulated() == []
+
+
+def test_ports_command_with_a_missing_simulated_ports_file(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv(SIMULATED_PORTS_ENV, str(tmp_path / "ports.json"))
+    code, out, err = cli("ports")
+    assert (code, out) == (2, "")
+    assert err == (f"error: {SIMULATED_PORTS_ENV}={tmp_path / 'ports.json'}: no such file "
+                   "(is `flasher simulate boards` running?)\n")
 
 
 def test_discovery_finds_a_running_simulator(sim_boards, sim_env):

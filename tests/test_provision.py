@@ -104,7 +104,7 @@ def _steps(ledger: Ledger, eui: str) -> dict:
 def test_unplug_during_program_then_resume(sim_boards, dps_emulator, tmp_path):
     sim = sim_boards(1, seed=21)
     board = sim.boards[0]
-    board.faults.unplug_after = 2  # AT+ID answered, then the cable goes during programming
+    board.faults.unplug_after = 3  # AT and AT+ID twice answered, then the cable goes during programming
     with Ledger(tmp_path / "l.sqlite3") as ledger:
         [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path), ledger)
         assert r.status == "failed" and r.failed_step == "program"

@@ -4,7 +4,9 @@ Each board answers the RHF76 AT dialect the way the real module does (response
 lines, ``ERROR(-n)`` codes, multi-line answers, a fast ``AT+JOIN``), keeps its
 "EEPROM" in a JSON file per board (``board-<n>.json``, written atomically,
 reloaded on restart), and can misbehave on demand (:class:`Faults`): boot noise,
-latency, silence, an unplug after N commands, corrupted bytes, echo.
+latency, silence, an unplug after N commands, corrupted bytes, bit flips on a
+share of the bytes, echo. A state file that cannot be used (not JSON, not a
+board's shape) is an :class:`~flasher.errors.InputError` naming the file.
 
 Answers are decided by command, never popped off a list, so the client is
 exercised the way hardware would exercise it. One background thread runs one
@@ -35,6 +37,7 @@ import tty
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from flasher.errors import InputError
 from flasher.files import atomic_write
 
 log = logging.getLogger("flasher.sim.board")
@@ -55,8 +58,10 @@ class Faults:
     latency: seconds before every answer. boot_noise: banner and garbage before the
     first answer after a (re)plug or ``AT+RESET``. silent: read commands, answer
     nothing. unplug_after: answer N commands, then vanish on the next one (cleared
-    by the unplug). corrupt: mangle the next N answers (-1: every answer). echo:
-    send each command line back before the answer.
+    by the unplug). corrupt: mangle the next N answers (-1: every answer). flip_rate:
+    the share of answered bytes (0..1) that each get one random bit flipped, as line
+    noise would -- a hex digit may become another hex digit. echo: send each command
+    line back before the answer.
     """
 
     latency: float = 0.0
@@ -64,6 +69,7 @@ class Faults:
     silent: bool = False
     unplug_after: int | None = None
     corrupt: int = 0
+    flip_rate: float = 0.0
     echo: bool = False
 
 
@@ -92,12 +98,41 @@ class Eeprom:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> Eeprom:
+    def from_json(cls, d: object) -> Eeprom:
+        """Unknown keys are ignored; anything missing or of the wrong shape is a ValueError saying which."""
+        if not isinstance(d, dict):
+            raise ValueError("expected a JSON object")
         d = dict(d)
         if "class" in d:
             d["class_"] = d.pop("class")
+        missing = [k for k in ("serial_number", "deveui", "factory_deveui") if k not in d]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} missing")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        e = cls(**{k: v for k, v in d.items() if k in known})
+        problem = e._problem()
+        if problem:
+            raise ValueError(problem)
+        return e
+
+    def _problem(self) -> str | None:
+        def hexes(v: object, n: int) -> bool:
+            return isinstance(v, str) and re.fullmatch(f"[0-9A-Fa-f]{{{n}}}", v) is not None
+
+        checks = [
+            ("serial_number", isinstance(self.serial_number, str) and self.serial_number != ""),
+            ("deveui", hexes(self.deveui, 16)), ("factory_deveui", hexes(self.factory_deveui, 16)),
+            ("appeui", hexes(self.appeui, 16)), ("devaddr", hexes(self.devaddr, 8)),
+            ("appkey", self.appkey is None or hexes(self.appkey, 32)),
+            ("nwkskey", self.nwkskey is None or hexes(self.nwkskey, 32)),
+            ("appskey", self.appskey is None or hexes(self.appskey, 32)),
+            ("mode", self.mode in ("LWABP", "LWOTAA", "TEST")), ("band", self.band in BANDS),
+            ("dr", isinstance(self.dr, int) and not isinstance(self.dr, bool) and 0 <= self.dr <= 15),
+            ("class", self.class_ in ("A", "B", "C")), ("adr", isinstance(self.adr, bool)),
+            ("version", isinstance(self.version, str) and self.version != ""),
+        ]
+        bad = [name for name, ok in checks if not ok]
+        return f"bad value for {', '.join(bad)}" if bad else None
 
 
 def _colon(hexstr: str) -> str:
@@ -118,7 +153,7 @@ class SimulatedBoard:
         self.join_delay = join_delay
         self._rng = rng
         if state_path.exists():
-            self.eeprom = Eeprom.from_json(json.loads(state_path.read_text(encoding="utf-8")))
+            self.eeprom = _load_eeprom(state_path)
         else:
             deveui = rng.randbytes(8).hex().upper()
             self.eeprom = Eeprom(serial_number=rng.randbytes(16).hex().upper(), deveui=deveui,
@@ -199,7 +234,7 @@ class SimulatedBoard:
             return [self._id_line(field_)]
         value = self._unquote(parts[1])
         size = 8 if field_ == "devaddr" else 16
-        if not re.fullmatch(r"[0-9A-Fa-f]{%d}" % size, value):  # plain hex only, like real firmware
+        if not re.fullmatch(f"[0-9A-Fa-f]{{{size}}}", value):  # plain hex only, like real firmware
             return ["ERROR(-1)"]
         setattr(self.eeprom, field_, value.upper())
         self.save()
@@ -315,6 +350,23 @@ class SimulatedBoard:
     _cmd_msg = _cmd_cmsg = _cmd_msghex = _cmd_cmsghex = _msg
 
 
+def _load_eeprom(path: Path) -> Eeprom:
+    """A board's state file, or one line naming the file and what is wrong with it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"board state {str(path)!r}: cannot read ({_reason(exc)})") from None
+    try:
+        return Eeprom.from_json(json.loads(text))
+    except ValueError as exc:  # JSONDecodeError is one
+        raise InputError(f"board state {str(path)!r}: not a simulated board's state ({_reason(exc)}); "
+                         "fix it or delete it for a new board") from None
+
+
+def _reason(exc: BaseException) -> str:
+    return (getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__).splitlines()[0]
+
+
 # --- the pty loop --------------------------------------------------------------------------
 
 @dataclass
@@ -340,15 +392,24 @@ class BoardSimulator:
     def __init__(self, count: int = 1, state_dir: str | os.PathLike | None = None, seed: int = 0,
                  faults: Faults | None = None, *, version: str = DEFAULT_VERSION, join_delay: float = 0.05):
         if count < 1:
-            raise ValueError("count must be at least 1")
+            raise InputError(f"board count {count}: must be at least 1")
         self._own_dir = state_dir is None
         self.state_dir = Path(state_dir) if state_dir is not None else Path(tempfile.mkdtemp(prefix="flasher-sim-"))
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.boards = [
-            SimulatedBoard(i, self.state_dir / f"board-{i}.json", random.Random(f"flasher-sim:{seed}:{i}"),
-                           Faults(**asdict(faults)) if faults else Faults(), version=version, join_delay=join_delay)
-            for i in range(count)
-        ]
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"simulator state {str(self.state_dir)!r}: cannot create ({_reason(exc)})") from None
+        try:
+            self.boards = [
+                SimulatedBoard(i, self.state_dir / f"board-{i}.json", random.Random(f"flasher-sim:{seed}:{i}"),
+                               Faults(**asdict(faults)) if faults else Faults(), version=version,
+                               join_delay=join_delay)
+                for i in range(count)
+            ]
+        except BaseException:
+            if self._own_dir:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+            raise
         self._plugs: dict[int, _Plug] = {}
         self._lock = threading.Lock()
         self._requests: list = []
@@ -537,7 +598,7 @@ class BoardSimulator:
         b.commands += 1
         now = time.monotonic()
         if f.echo:
-            self._send(plug, now, line.rstrip(b"\r") + b"\r\n")
+            self._send(plug, now, self._flip(b, line.rstrip(b"\r") + b"\r\n"))
         if f.silent:
             return
         self._queue(b, plug, b.respond(line))
@@ -562,7 +623,19 @@ class BoardSimulator:
             chunks[0] = (t, BOOT_NOISE + data)
         b.booting = False
         for t, data in chunks:
-            self._send(plug, t, data)
+            self._send(plug, t, self._flip(b, data))
+
+    @staticmethod
+    def _flip(b: SimulatedBoard, data: bytes) -> bytes:
+        """Line noise: each byte, with probability ``flip_rate``, gets one of its 8 bits flipped."""
+        rate = b.faults.flip_rate
+        if not rate:
+            return data
+        out = bytearray(data)
+        for i in range(len(out)):
+            if b._rng.random() < rate:
+                out[i] ^= 1 << b._rng.randrange(8)
+        return bytes(out)
 
     @staticmethod
     def _send(plug: _Plug, due: float, data: bytes) -> None:

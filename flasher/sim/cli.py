@@ -28,8 +28,11 @@ def simulate():
 @click.option("--silent", is_flag=True, help="Read commands, answer nothing.")
 @click.option("--corrupt", type=int, default=0, metavar="N", help="Mangle the next N answers (-1: all).")
 @click.option("--unplug-after", type=click.IntRange(min=0), metavar="N", help="Vanish on command N+1.")
+@click.option("--flip-rate", type=click.FloatRange(0, 1), default=0.0, metavar="P",
+              help="Flip one bit in this share of answered bytes (line noise).")
 @click.option("--json", "as_json", is_flag=True, help='One object per board: {"port", "serial_number", "deveui"}.')
-def simulate_boards(count, state_dir, seed, latency, boot_noise, echo_, silent, corrupt, unplug_after, as_json):
+def simulate_boards(count, state_dir, seed, latency, boot_noise, echo_, silent, corrupt, unplug_after, flip_rate,
+                    as_json):
     """Simulated Seeeduino LoRaWAN boards on pseudo-terminals, until Ctrl-C or SIGTERM.
 
     Prints each board's port path on stdout. To find them with --all or
@@ -46,7 +49,7 @@ def simulate_boards(count, state_dir, seed, latency, boot_noise, echo_, silent, 
     from flasher.sim.board import BoardSimulator, Faults
 
     faults = Faults(latency=latency, boot_noise=boot_noise, silent=silent, unplug_after=unplug_after,
-                    corrupt=corrupt, echo=echo_)
+                    corrupt=corrupt, echo=echo_, flip_rate=flip_rate)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
