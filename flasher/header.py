@@ -25,7 +25,7 @@ from flasher import __version__
 from flasher.cliteral import c_bytes, c_comment, c_identifier, c_string
 from flasher.errors import FlasherError, InputError
 from flasher.eui import EUI64
-from flasher.files import atomic_write, shipped
+from flasher.files import atomic_write, check_replaceable, make_private_dirs, shipped
 from flasher.identity import RegistrationIdPolicy, validate_registration_id
 from flasher.keys import check_master_secret, decode_symmetric_key, derive_app_key, parse_app_key, random_app_key
 from flasher.secrets import Redactor
@@ -279,17 +279,18 @@ def _plain_identifier(value: object, what: str) -> str:
 
 def write_header(text: str, path: str | os.PathLike) -> str:
     """Write ``text`` to ``path`` atomically (temp file in the same directory, then rename),
-    mode 0600, creating the parent directory. Returns the SHA-256 (hex) of the bytes written."""
+    mode 0600, creating missing parent folders with mode 0700. Returns the SHA-256 (hex)
+    of the bytes written. A ``path`` that exists and is not a regular file (a directory,
+    a device node, a FIFO, a socket, a symbolic link) is refused and nothing is written."""
     target = Path(path)
-    if target.is_dir():
-        raise InputError(f"output {str(target)!r}: is a directory")
+    check_replaceable(target, "output")
     data = text.encode("utf-8")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(target.parent)
     except OSError as exc:
         raise FlasherError(f"output {str(target)!r}: cannot create ({exc.strerror or exc.__class__.__name__})") from None
     try:
-        atomic_write(target, data, mode=0o600, fsync=True)
+        atomic_write(target, data, mode=0o600, fsync=True, what="output")
     except OSError as exc:
         verb = "cannot create" if not target.parent.is_dir() else "cannot write"
         raise FlasherError(f"output {str(target)!r}: {verb} ({exc.strerror or exc.__class__.__name__})") from None
