@@ -40,6 +40,7 @@ log = logging.getLogger("flasher.arduino")
 DEFAULT_FQBN = "Seeeduino:samd:rolawan"
 DEFAULT_SKETCH = "flasher_otaa"
 BUILD_FOLDER = ".flasher-build"
+BUILDERS_FILE = ".builders"  # in a build folder: the pid of each arduino-cli started for it
 _BUILD_NAME = re.compile(r"(\d+)-[A-Za-z0-9_-]+")
 
 
@@ -87,31 +88,46 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _kill_orphans_of(folder: Path) -> None:
-    """SIGKILL the process groups still running on ``folder`` (a builder whose flasher was killed).
+def _session_of(proc_entry: Path) -> tuple[int, int]:
+    """``(process group, session)`` of a /proc/<pid> entry."""
+    fields = (proc_entry / "stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[2]), int(fields[3])
 
-    Linux only (/proc). A process qualifies when its command line names the folder,
-    which every arduino-cli call flasher makes does; as flasher starts arduino-cli in
-    a session of its own, the whole group of such a process goes with it (the tools
-    arduino-cli started). Our own group is never touched.
+
+def _kill_orphans_of(folder: Path) -> None:
+    """SIGKILL what a killed flasher left building in ``folder`` (Linux, through /proc).
+
+    Every arduino-cli flasher starts leads a session of its own, and its pid is noted in
+    the folder (``.builders``). A session is stopped only if its id is one of those pids
+    *and* one of its processes names the folder on its command line, so a pid reused
+    since by an unrelated session is left alone. Our own process group never qualifies.
     """
+    try:
+        recorded = {int(x) for x in (folder / BUILDERS_FILE).read_text().split()}
+    except (FileNotFoundError, ValueError):
+        return
     proc = Path("/proc")
-    if not proc.is_dir():
+    if not recorded or not proc.is_dir():
         return
     needle = os.fsencode(str(folder))
-    groups: set[int] = set()
+    groups: dict[int, set[int]] = {}
+    named: set[int] = set()
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
         try:
+            pgrp, sid = _session_of(entry)
+            if sid not in recorded:
+                continue
+            groups.setdefault(sid, set()).add(pgrp)
             if needle in (entry / "cmdline").read_bytes():
-                groups.add(os.getpgid(int(entry.name)))
-        except (OSError, ProcessLookupError):  # gone meanwhile, or not ours to read
+                named.add(sid)
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
             continue
-    groups.discard(os.getpgrp())
-    for pgid in sorted(groups):
-        log.warning("stopping process group %s left running on stale build folder %s", pgid, folder)
-        _signal_group(pgid, signal.SIGKILL)
+    for sid in sorted(named):
+        for pgrp in sorted(groups[sid] - {os.getpgrp()}):
+            log.warning("stopping process group %s left running on stale build folder %s", pgrp, folder)
+            _signal_group(pgrp, signal.SIGKILL)
 
 
 def _remove_tree(path: Path) -> None:
@@ -190,13 +206,16 @@ class ArduinoCli:
         _signal_group(proc.pid, signal.SIGKILL)  # the leader if it is still there, and whatever it started
         proc.wait()
 
-    def _run(self, *args: str, cancel: threading.Event | None = None) -> str:
+    def _run(self, *args: str, cancel: threading.Event | None = None, folder: Path | None = None) -> str:
         cmd = [self.executable, *args]
         log.debug("running %s", " ".join(cmd))
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=child_env(), start_new_session=True)
         deadline = time.monotonic() + self.timeout
         try:
+            if folder is not None:  # so that a later run can stop it if we are killed outright
+                with open(folder / BUILDERS_FILE, "a") as f:
+                    f.write(f"{proc.pid}\n")
             while True:
                 try:
                     out, err = proc.communicate(timeout=max(0.0, min(0.25, deadline - time.monotonic())))
@@ -236,12 +255,14 @@ class ArduinoCli:
             shutil.copyfile(header, work / "config.h")
             (work / "config.h").chmod(0o600)
             problem = bossac_problem(self._run("compile", "--fqbn", self.fqbn, "--show-properties", str(work),
-                                               cancel=cancel))
+                                               cancel=cancel, folder=folder))
             if problem:
                 raise ArduinoError(f"refusing to upload to {port}: {problem}")
             build = folder / "build"
-            self._run("compile", "--fqbn", self.fqbn, "--output-dir", str(build), str(work), cancel=cancel)
-            self._run("upload", "--fqbn", self.fqbn, "-p", port, "--input-dir", str(build), str(work), cancel=cancel)
+            self._run("compile", "--fqbn", self.fqbn, "--output-dir", str(build), str(work), cancel=cancel,
+                      folder=folder)
+            self._run("upload", "--fqbn", self.fqbn, "-p", port, "--input-dir", str(build), str(work), cancel=cancel,
+                      folder=folder)
         finally:
             _drop_build_folder(folder)
 

@@ -297,9 +297,16 @@ def test_sigkill_leaves_a_folder_the_next_run_removes(build_child):
     keep_live.mkdir()
     keep_other = out / ".flasher-build" / "notes"
     keep_other.mkdir()
-    assert clean_stale_builds(out) == [folder]
-    assert not folder.exists() and keep_live.is_dir() and keep_other.is_dir()
-    wait_until(lambda: not running(stand_in) and not running(grandchild), 10, "orphaned arduino-cli left running")
+    # Someone else's process that merely names the folder (an editor, say) is not ours to stop.
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(folder / "flasher_otaa")])
+    try:
+        assert clean_stale_builds(out) == [folder]
+        assert not folder.exists() and keep_live.is_dir() and keep_other.is_dir()
+        wait_until(lambda: not running(stand_in) and not running(grandchild), 10, "orphaned arduino-cli left running")
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def test_cancel_stops_a_build_in_a_worker_thread(fake_arduino, tmp_path, monkeypatch):
