@@ -70,6 +70,7 @@ def main() -> int:
     import flasher.header as current
 
     baseline = load_baseline(rev)
+    shown = rev[:12] + ("^" if rev.endswith("^") else "")
     with tempfile.TemporaryDirectory() as tmp:
         user = Path(tmp) / "mine.h.j2"
         user.write_text(USER_TEMPLATE)
@@ -82,7 +83,7 @@ def main() -> int:
                 base.append(run(baseline, template, args.headers))
             c, b = statistics.median(cand), statistics.median(base)
             print(f"{label}: {args.headers} headers in {c * 1000:.0f} ms (sandbox, cached) vs {b * 1000:.0f} ms "
-                  f"(baseline {rev[:12]}, compiled every time): ratio {c / b:.3f} ({b / c:.1f}x faster)")
+                  f"(baseline {shown}, compiled every time): ratio {c / b:.3f} ({b / c:.1f}x faster)")
     return 0
 
 

@@ -727,6 +727,9 @@ def render(template: str, context: Mapping[str, object], *, folder: str | None, 
     except (UndefinedError, SecurityError) as exc:
         raise _input_error(label, _where(exc, loader, template) + (exc.message or type(exc).__name__),
                            secrets) from None
+    except jinja2.TemplateError as exc:  # TemplateRuntimeError, FilterArgumentError ...
+        raise _input_error(label, _where(exc, loader, template) + (exc.message or type(exc).__name__),
+                           secrets) from None
     except InputError as exc:  # a C filter refused a value
         raise _input_error(label, _where(exc, loader, template) + str(exc), secrets) from None
     except RecursionError:
