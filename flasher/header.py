@@ -14,22 +14,27 @@ template cannot forget to escape a value. Jinja2 is imported only when rendering
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flasher import __version__
 from flasher.bands import BANDS, parse_band
-from flasher.cliteral import c_bytes, c_comment, c_identifier, c_string
+from flasher.cliteral import c_comment, c_identifier, c_string
 from flasher.errors import FlasherError, InputError
 from flasher.eui import EUI64
-from flasher.files import atomic_write, shipped
+from flasher.files import atomic_write, check_replaceable, make_private_dirs, shipped
 from flasher.identity import RegistrationIdPolicy, validate_id_scope, validate_registration_id
 from flasher.keys import check_master_secret, decode_symmetric_key, derive_app_key, parse_app_key, random_app_key
 from flasher.secrets import Redactor
+
+if TYPE_CHECKING:
+    from flasher.sandbox import RenderLimits
 
 DEFAULT_TEMPLATE = "seeed-lorawan"
 TEMPLATE_SUFFIX = ".h.j2"
@@ -164,109 +169,52 @@ def build_header_data(dev_eui: EUI64 | str, *, app_key: bytes, app_key_source: s
 
 def shipped_templates() -> list[str]:
     """Names of the templates shipped in the package (``flasher.templates``)."""
-    return sorted(p.name[: -len(TEMPLATE_SUFFIX)] for p in shipped("templates").iterdir()
-                  if p.name.endswith(TEMPLATE_SUFFIX) and not p.name.startswith("_"))
+    return list(_shipped_names())
 
 
-def _shipped_source(filename: str) -> str | None:
-    res = shipped("templates").joinpath(filename)
-    try:
-        return res.read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None
+@functools.lru_cache(maxsize=1)
+def _shipped_names() -> tuple[str, ...]:
+    return tuple(sorted(p.name[: -len(TEMPLATE_SUFFIX)] for p in shipped("templates").iterdir()
+                        if p.name.endswith(TEMPLATE_SUFFIX) and not p.name.startswith("_")))
 
 
-class _CText(str):
-    """Text a C filter produced: the only kind of string a template may output."""
+def render_header(data: HeaderData, template: str = DEFAULT_TEMPLATE, *, limits: RenderLimits | None = None) -> str:
+    """Render ``template`` (a shipped name such as ``seeed-lorawan``, or a path) with ``data``.
 
+    A template is untrusted input: it renders in a sandbox with limits (see
+    :mod:`flasher.sandbox`), and any failure is one :class:`InputError` naming it.
+    """
+    from flasher import sandbox
 
-def _load(template: str) -> tuple[str, str, Path | None]:
-    """``(label, source, directory)`` for a shipped NAME or a PATH."""
+    secrets = [data.app_key.hex(), data.app_key.hex().upper(), *([data.device_key] if data.device_key else []),
+               *Redactor.known()]
     if _TEMPLATE_NAME.fullmatch(template):
-        src = _shipped_source(template + TEMPLATE_SUFFIX)
-        if src is None:
+        names = shipped_templates()
+        if template not in names:
             raise InputError(f"template {template!r}: no such shipped template "
-                             f"(shipped: {', '.join(shipped_templates())}; or give a path)")
-        return template, src, None
-    path = Path(template)
-    try:
-        return str(path), path.read_text(encoding="utf-8"), path.parent
-    except FileNotFoundError:
-        raise InputError(f"template {template!r}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"template {template!r}: cannot read ({exc.__class__.__name__})") from None
-
-
-def render_header(data: HeaderData, template: str = DEFAULT_TEMPLATE) -> str:
-    """Render ``template`` (a shipped name such as ``seeed-lorawan``, or a path) with ``data``."""
-    import jinja2
-
-    label, source, directory = _load(template)
-
-    def finalize(value):
-        if isinstance(value, (_CText, int)) and not isinstance(value, bool):
-            return value
-        raise InputError(f"template {label!r}: an expression outputs raw {type(value).__name__}; "
-                         f"pass it through c_string, c_bytes, c_ident or c_comment")
-
-    def shipped_loader(name: str):
-        src = _shipped_source(name)
-        return None if src is None else (src, None, lambda: True)
-
-    loaders: list = [jinja2.FunctionLoader(shipped_loader)]
-    if directory is not None:
-        loaders.insert(0, jinja2.FileSystemLoader(str(directory)))
-    env = jinja2.Environment(loader=jinja2.ChoiceLoader(loaders), undefined=jinja2.StrictUndefined,
-                             autoescape=False, keep_trailing_newline=True, trim_blocks=True,
-                             lstrip_blocks=True, finalize=finalize)
-    def c_filter(fn):
-        def apply(value, *args, **kwargs):
-            if isinstance(value, jinja2.Undefined):
-                str(value)  # StrictUndefined raises here, naming the missing variable
-            return _CText(fn(value, *args, **kwargs))
-        return apply
-
-    env.filters.update(
-        c_string=c_filter(lambda v, what="template value": c_string(v, what)),
-        c_bytes=c_filter(lambda v, lsb_first=False: c_bytes(v, lsb_first)),
-        c_ident=c_filter(lambda v, what="identifier": _plain_identifier(v, what)),
-        c_comment=c_filter(lambda v, what="comment text": c_comment(v, what)),
-    )
-    try:
-        return env.from_string(source).render(data.context())
-    except jinja2.TemplateSyntaxError as exc:
-        where = exc.name or label
-        raise InputError(f"template {where!r}: syntax error on line {exc.lineno}: {exc.message}") from None
-    except jinja2.UndefinedError as exc:
-        raise InputError(f"template {label!r}: {exc.message}") from None
-    except jinja2.TemplateNotFound as exc:
-        raise InputError(f"template {label!r}: includes {exc.name!r}, which is not found") from None
-    except jinja2.TemplateError as exc:
-        raise InputError(f"template {label!r}: {exc.message or exc.__class__.__name__}") from None
-
-
-def _plain_identifier(value: object, what: str) -> str:
-    text = str(value)
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
-        raise InputError(f"{what} {text!r}: not a C identifier")
-    return text
+                             f"(shipped: {', '.join(names)}; or give a path)")
+        return sandbox.render(template + TEMPLATE_SUFFIX, data.context(), folder=None, label=template,
+                              secrets=secrets, limits=limits)
+    folder, name = sandbox.resolve_path(template, limits)
+    return sandbox.render(name, data.context(), folder=folder, label=template, secrets=secrets, limits=limits)
 
 
 # --- writing ---------------------------------------------------------------------
 
 def write_header(text: str, path: str | os.PathLike) -> str:
     """Write ``text`` to ``path`` atomically (temp file in the same directory, then rename),
-    mode 0600, creating the parent directory. Returns the SHA-256 (hex) of the bytes written."""
+    mode 0600, creating missing parent folders with mode 0700. Returns the SHA-256 (hex)
+    of the bytes written. A ``path`` that exists and is not a regular file (a directory,
+    a device node, a FIFO, a socket, a symbolic link) is refused and nothing is written."""
     target = Path(path)
-    if target.is_dir():
-        raise InputError(f"output {str(target)!r}: is a directory")
+    check_replaceable(target, "output")
     data = text.encode("utf-8")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(target.parent)
     except OSError as exc:
         raise FlasherError(f"output {str(target)!r}: cannot create ({exc.strerror or exc.__class__.__name__})") from None
     try:
-        atomic_write(target, data, mode=0o600, fsync=True)
+        atomic_write(target, data, mode=0o600, fsync=True, what="output")
     except OSError as exc:
         verb = "cannot create" if not target.parent.is_dir() else "cannot write"
         raise FlasherError(f"output {str(target)!r}: {verb} ({exc.strerror or exc.__class__.__name__})") from None

@@ -139,7 +139,7 @@ def test_lmic_byte_order():
 
 
 def test_missing_value_is_named():
-    with pytest.raises(InputError, match="template 'azure-dps': 'id_scope' is undefined"):
+    with pytest.raises(InputError, match="template 'azure-dps': line 9: 'id_scope' is undefined"):
         render_header(data(id_scope=None), "azure-dps")
     assert "FLASHER_DPS_ID_SCOPE" not in render_header(data(id_scope=None), "seeed-lorawan")
 
@@ -177,7 +177,7 @@ def test_unknown_or_unreadable_templates(tmp_path):
     (tmp_path / "bin.j2").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(InputError, match="cannot read"):
         render_header(data(), str(tmp_path / "bin.j2"))
-    with pytest.raises(InputError, match="cannot read"):
+    with pytest.raises(InputError, match=r"not a regular file \(a directory\)"):
         render_header(data(), str(tmp_path))
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import click
 
 from flasher.commands.options import config_option, err, group_key_options, id_format_option, setting_option
 from flasher.errors import InputError
+from flasher.files import check_replaceable
 
 log = logging.getLogger("flasher")
 
@@ -93,8 +93,8 @@ def header(dev_eui, random_key, sets, output, **_options):
     reg_id = s.registration_id_format.for_eui(dev)
     plan = choose_app_key(s, random_key=random_key)
     primary = decode_symmetric_key(s.secret("group_key", prompt=True, warn=err).reveal(), "group primary key")
-    if output and os.path.lexists(output) and not os.path.isfile(output):
-        raise InputError(f"output {output!r}: not a regular file")
+    if output:
+        check_replaceable(output, "output")   # before any key is derived: -o /dev/null is refused, not replaced
     app_key = plan.key_for(dev)
     data = build_header_data(dev, join_eui=s.join_eui, app_key=app_key.reveal(), app_key_source=str(plan.source),
                              band=s.band, id_scope=s.id_scope, registration_id=reg_id,

@@ -33,7 +33,9 @@ class Upload(Step):
 
         up = board.settings.upload
         serial_number = next((b.serial_number for b in find_boards() if b.device == board.port), None)
-        ArduinoCli(up.arduino_cli, up.fqbn).build_and_upload(up.sketch, board.header_path, board.port)
+        # builds in a private folder under out_dir; board.stop (Ctrl-C, SIGTERM) cancels arduino-cli at once
+        ArduinoCli(up.arduino_cli, up.fqbn).build_and_upload(up.sketch, board.header_path, board.port,
+                                                             build_parent=board.settings.out_dir, cancel=board.stop)
         fields = {}
         if serial_number:
             board.port = wait_for_serial_number(serial_number)
