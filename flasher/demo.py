@@ -38,6 +38,7 @@ def _fresh_workdir(work: Path) -> Path:
 def run_demo(workdir: str | None, boards: int, progress, echo, bind: str | None = None) -> int:
     from flasher.ledger import Ledger
     from flasher.pipeline import Settings, provision_boards
+    from flasher.secrets import Secret
     from flasher.sim.board import BoardSimulator
     from flasher.sim.dps import DpsEmulator, free_loopback
 
@@ -55,10 +56,11 @@ def run_demo(workdir: str | None, boards: int, progress, echo, bind: str | None 
         sim = stack.enter_context(BoardSimulator(count=boards, state_dir=work / "boards"))
         emu = stack.enter_context(DpsEmulator(enrollments, host=host, cert_dir=work / "dps",
                                               state_file=work / "dps" / "state.json"))
-        settings = Settings(id_scope=DEMO_SCOPE, group_key=group_key, dps_host=emu.host, ca_cert=str(emu.ca_cert_path),
+        settings = Settings(id_scope=DEMO_SCOPE, group_key=Secret(group_key, "the demo's own group key"),
+                            dps_host=emu.host, ca_cert=str(emu.ca_cert_path),
                             out_dir=work / "headers")
         ledger = stack.enter_context(Ledger(work / "ledger.sqlite3"))
-        results = list(provision_boards(list(sim.ports), settings, ledger, progress))
+        results = list(provision_boards([p for p in sim.ports if p], settings, ledger, progress))
         progress.close()
         echo("")
         echo("ledger:")

@@ -95,7 +95,8 @@ def read_ca_cert(path: str | Path) -> str:
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=text)
     except (ssl.SSLError, ValueError) as exc:
-        raise InputError(f"CA certificate {str(path)!r}: not a valid PEM certificate ({getattr(exc, 'reason', None) or exc})") from None
+        why = getattr(exc, "reason", None) or exc
+        raise InputError(f"CA certificate {str(path)!r}: not a valid PEM certificate ({why})") from None
     return text
 
 
@@ -229,7 +230,7 @@ def _provision(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle
         def tracking_run_op(op):
             ops.append(op)
             if isinstance(op, ops_provisioning.RegisterOperation) and not getattr(op, "_flasher_printable", False):
-                op._flasher_printable = True
+                op._flasher_printable = True  # type: ignore[attr-defined]  # our mark on the SDK's object
                 op.add_callback(_make_result_printable)  # runs before the SDK's own callbacks (LIFO)
             if isinstance(stage, stages.PollingStatusStage) and not throttled.get("assigning"):
                 throttled["assigning"] = True
@@ -391,8 +392,9 @@ def _track_paho_threads(root) -> list[threading.Thread]:
 
     started: list[threading.Thread] = []
     for stage in _stages(root):
-        if isinstance(stage, MQTTTransportStage) and getattr(stage, "transport", None) is not None:
-            paho = stage.transport._mqtt_client
+        transport = getattr(stage, "transport", None)
+        if isinstance(stage, MQTTTransportStage) and transport is not None:
+            paho = transport._mqtt_client
             loop_start = paho.loop_start
 
             def tracking_loop_start(paho=paho, loop_start=loop_start):
@@ -419,11 +421,13 @@ def _join_all(threads: list[threading.Thread], where: str) -> None:
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
-    out, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        out.append(exc)
-        exc = exc.__cause__ or exc.__context__
+    out: list[BaseException] = []
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        out.append(link)
+        link = link.__cause__ or link.__context__
     return out
 
 
@@ -460,7 +464,8 @@ def _classify(exc: BaseException, where: str, throttle_retries: int = 0, hub: bo
         return DpsError("timeout", f"{where}: DPS did not answer a request within 30 s")
     if any(isinstance(e, ssl.SSLError) for e in chain) or "TlsExchangeAuthError" in names:
         reason = next((e.verify_message for e in chain if isinstance(e, ssl.SSLCertVerificationError)), None)
-        reason = reason or next((getattr(e, "reason", None) or str(e) for e in chain if isinstance(e, ssl.SSLError)), "handshake failed")
+        reason = reason or next((getattr(e, "reason", None) or str(e) for e in chain if isinstance(e, ssl.SSLError)),
+                                "handshake failed")
         return DpsError("tls", f"{where}: TLS failed ({reason}); check the host name, or --ca-cert for a private root of trust")
     if any(isinstance(e, socket.gaierror) for e in chain):
         return DpsError("unreachable", f"{where}: cannot resolve the host name")

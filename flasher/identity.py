@@ -30,7 +30,8 @@ def validate_registration_id(text: str) -> str:
     if _ID.fullmatch(text):
         return text
     if text != text.lower() and _ID.fullmatch(text.lower()):
-        raise InputError(f"registration id {text!r}: upper-case letters (DPS ids must be lower case: the key is derived over the exact string)")
+        raise InputError(f"registration id {text!r}: upper-case letters "
+                         f"(DPS ids must be lower case: the key is derived over the exact string)")
     if text[-1] in "._:":
         raise InputError(f"registration id {text!r}: must end with a letter, digit or '-'")
     bad = next(c for c in text if not _ID.fullmatch(c) and c not in "._:")

@@ -248,7 +248,7 @@ class Resolved:
         if origin is None:
             text = resolve_secret(sec.what, env_var=sec.env, prompt=prompt, required=required)
             return None if text is None else Secret(text, "prompt")
-        kind, label, ref = origin.kind, origin.label, origin.ref
+        kind, label, ref = origin.kind, origin.label, origin.ref or ""
         if kind == "option":
             kwargs = {} if warn is None else {"warn": warn}
             text = resolve_secret(sec.what, option=self._options[sec.name], option_name=sec.option, env_var=sec.env,
@@ -256,11 +256,13 @@ class Resolved:
         elif kind == "file":
             text = read_secret_file(ref, sec.what)
         else:
-            text = os.environ.get(ref or "", "").strip()
+            text = os.environ.get(ref, "").strip()
             if not text:
                 if not required:
                     return None
                 raise InputError(f"{sec.what}: ${ref} (named in flasher.toml) is not set")
+        if text is None:
+            raise InputError(f"{sec.what}: missing")
         return Secret(text, label)
 
 

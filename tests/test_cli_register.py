@@ -76,8 +76,10 @@ def test_errors_are_one_line_and_exit_nonzero(target, tmp_path):
     (["register", "2cf7f12024900138"], {"FLASHER_GROUP_PRIMARY_KEY": GROUP_PRIMARY}, "--id-scope is required"),
     (["register", "2cf7f12024900138", "--id-scope", "0ne/00"], {"FLASHER_GROUP_PRIMARY_KEY": GROUP_PRIMARY}, "ID scope"),
     (["register", "2cf7f12024900138", "--id-scope", ID_SCOPE], {}, "group primary key: missing"),
-    (["register", "a", "b", "--id-scope", ID_SCOPE, "--enrollment", "individual"], {"FLASHER_DEVICE_KEY": INDIVIDUAL_PRIMARY}, "one id"),
-    (["register", "2cf7f12024900138", "--id-scope", ID_SCOPE, "--ca-cert", "/nonexistent.pem"], {"FLASHER_GROUP_PRIMARY_KEY": GROUP_PRIMARY}, "no such file"),
+    (["register", "a", "b", "--id-scope", ID_SCOPE, "--enrollment", "individual"],
+     {"FLASHER_DEVICE_KEY": INDIVIDUAL_PRIMARY}, "one id"),
+    (["register", "2cf7f12024900138", "--id-scope", ID_SCOPE, "--ca-cert", "/nonexistent.pem"],
+     {"FLASHER_GROUP_PRIMARY_KEY": GROUP_PRIMARY}, "no such file"),
 ])
 def test_usage_errors_exit_2(args, env, fragment):
     p = run(args, env=env)

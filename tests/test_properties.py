@@ -12,7 +12,7 @@ euis = st.binary(min_size=8, max_size=8).map(EUI64)
 
 
 def _mixed_case(text: str, flips: list[bool]) -> str:
-    return "".join(c.upper() if f else c.lower() for c, f in zip(text, flips + [False] * len(text)))
+    return "".join(c.upper() if f else c.lower() for c, f in zip(text, (flips + [False] * len(text))[:len(text)], strict=True))
 
 
 @given(euis, st.sampled_from([":", "-", " "]), st.lists(st.booleans(), max_size=23))

@@ -394,9 +394,11 @@ def test_derived_and_given_app_keys_reach_the_module(sim_boards, dps_emulator, t
     master, given = b"a master secret of 32 bytes....!", bytes.fromhex("2B7E151628AED2A6ABF7158809CF4F3C")
     with Ledger(tmp_path / "l.sqlite3") as ledger:
         [derived] = provision_boards(sim.ports[:1], settings_for(dps_emulator, tmp_path, test_message=None,
-                                                                 app_key=AppKeyPlan(AppKeySource.DERIVED, master=Secret(master))), ledger)
+                                                                 app_key=AppKeyPlan(AppKeySource.DERIVED,
+                                                                                    master=Secret(master))), ledger)
         [fixed] = provision_boards(sim.ports[1:], settings_for(dps_emulator, tmp_path, test_message=None,
-                                                               app_key=AppKeyPlan(AppKeySource.GIVEN, given=Secret(given))), ledger)
+                                                               app_key=AppKeyPlan(AppKeySource.GIVEN,
+                                                                                  given=Secret(given))), ledger)
         assert derived.ok and fixed.ok
         assert ledger.get(derived.deveui).app_key_source == "derived"
     assert sim.boards[0].state["appkey"] == derive_app_key(master, EUI64.parse(derived.deveui)).hex().upper()

@@ -76,6 +76,7 @@ def eui(targets, as_json, **_options):
             failed += 1
             err(f"error: {exc}")
             continue
+        assert res is not None
         ids, version = res
         if as_json:
             json_line({"port": port, **ids.to_json(), "version": version})
@@ -131,9 +132,10 @@ def verify(targets, expect, expect_file, as_json, **_options):
             provisioned = ledger_expectations(ledger.all())
     if expected is None and settings is None and provisioned is None:
         raise click.UsageError("nothing to verify against: give --expect, --expect-file, --join-eui/--band or --ledger")
-    verdicts = [res for _, res, _ in each_board(
+    verdicts = [res for _, res, _ in each_board(  # verify_board turns every failure into a verdict
+
         targets, lambda port: verify_board(port, expected_deveuis=expected, settings=settings,
-                                           provisioned=provisioned, timeout=s.at_timeout))]
+                                           provisioned=provisioned, timeout=s.at_timeout)) if res is not None]
     for v in verdicts:
         if as_json:
             json_line(v.to_json())

@@ -63,7 +63,8 @@ def choose_app_key(settings, *, random_key: bool):
 @setting_option("--id-scope", name="id_scope", metavar="SCOPE")
 @setting_option("--template", name="template", metavar="NAME|PATH",
                 help="A shipped template (seeed-lorawan, lmic, azure-dps) or a Jinja2 file")
-@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Extra string macro #define NAME \"VALUE\" (repeatable).")
+@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
+              help="Extra string macro #define NAME \"VALUE\" (repeatable).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here (atomically, mode 0600) instead of stdout.")
 @id_format_option
 @group_key_options

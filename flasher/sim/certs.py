@@ -40,10 +40,12 @@ def _san_entries(hosts: list[str]):
         if not h or h in seen:
             continue
         seen.add(h)
+        name: x509.GeneralName
         try:
-            names.append(x509.IPAddress(ipaddress.ip_address(h)))
+            name = x509.IPAddress(ipaddress.ip_address(h))
         except ValueError:
-            names.append(x509.DNSName(h))
+            name = x509.DNSName(h)
+        names.append(name)
     return names
 
 

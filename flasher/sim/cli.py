@@ -75,10 +75,13 @@ def simulate_boards(count, state_dir, seed, latency, boot_noise, echo_, silent, 
               help="JSON: {id_scope, groups: [{name, primary_key, secondary_key, enabled}], individual: [...]}.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; also the assigned hub's host name.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8883, show_default=True, help="The SDK only dials 8883.")
-@click.option("--cert-dir", type=click.Path(file_okay=False), help="Where the CA and server certificate live [~/.cache/flasher/dps-emulator].")
+@click.option("--cert-dir", type=click.Path(file_okay=False),
+              help="Where the CA and server certificate live [~/.cache/flasher/dps-emulator].")
 @click.option("--ca-cert-out", type=click.Path(dir_okay=False), help="Also copy the CA certificate (PEM) here, for --ca-cert.")
-@click.option("--state", "state_file", type=click.Path(dir_okay=False), help="Keep registrations, devices and messages in this JSON file.")
-@click.option("--assign-delay", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Seconds DPS spends 'assigning'.")
+@click.option("--state", "state_file", type=click.Path(dir_okay=False),
+              help="Keep registrations, devices and messages in this JSON file.")
+@click.option("--assign-delay", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds DPS spends 'assigning'.")
 def simulate_dps(enrollments_file, host, port, cert_dir, ca_cert_out, state_file, assign_delay):
     """Run a local DPS + IoT Hub emulator (MQTT over TLS) until Ctrl-C or SIGTERM.
 

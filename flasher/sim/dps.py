@@ -286,23 +286,26 @@ class DpsEmulator(MqttApplication):
         started: list[BaseException | None] = []
         ready = threading.Event()
 
+        loop, server = self._loop, self._server
+        assert loop is not None
+
         def run() -> None:
-            asyncio.set_event_loop(self._loop)
+            asyncio.set_event_loop(loop)
             try:
-                self._loop.run_until_complete(self._server.start())
+                loop.run_until_complete(server.start())
             except OSError as exc:
                 started.append(exc)
                 ready.set()
-                self._loop.close()
+                loop.close()
                 return
             started.append(None)
             ready.set()
             try:
-                self._loop.run_forever()
+                loop.run_forever()
             finally:
-                self._loop.run_until_complete(self._server.stop())
-                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-                self._loop.close()
+                loop.run_until_complete(server.stop())
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
 
         self._thread = threading.Thread(target=run, name=f"dps-emulator-{self.host}", daemon=True)
         self._thread.start()
@@ -311,14 +314,15 @@ class DpsEmulator(MqttApplication):
             self._thread.join()
             self._thread = None
             exc = started[0]
-            raise FlasherError(f"DPS emulator: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}")
+            why = getattr(exc, "strerror", None) or exc
+            raise FlasherError(f"DPS emulator: cannot listen on {self.host}:{self.port}: {why}")
         self.port = self._server.port
         self._write_state()
         log.info("DPS emulator on %s:%d (hub %s), ID scope %s", self.host, self.port, self.hub_name, self.id_scope)
         return self
 
     def stop(self) -> None:
-        if self._thread is not None:
+        if self._thread is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(30)
             self._thread = None
@@ -416,7 +420,8 @@ class DpsEmulator(MqttApplication):
             return REFUSED_SERVER_UNAVAILABLE  # what DPS answers for an unknown ID scope
         conn.info.update(kind="dps", registration_id=reg_id)
         conn.session_key = ("dps", req.client_id)
-        reason, enrollment = "client id differs from the registration id", None
+        reason: str | None = "client id differs from the registration id"
+        enrollment = None
         if req.client_id == reg_id:
             reason, enrollment = self._authenticate(reg_id, req.password)
         conn.info["auth_error"], conn.info["enrollment"] = reason, enrollment
@@ -445,6 +450,7 @@ class DpsEmulator(MqttApplication):
         conn.session_key = ("hub", device_id)
         with self._lock:
             keys = self._device_keys.get(device_id)
+            why: str | None
             if req.client_id != device_id:
                 why = "client id differs from the device id"
             elif keys is None:
@@ -524,7 +530,8 @@ class DpsEmulator(MqttApplication):
             return await self._respond(conn, status, rid, self._error(status * 1000 + 1, message), throttle)
         if conn.info["auth_error"]:
             return await self._respond(conn, 401, rid, self._error(
-                401002, "The specified SAS token has an invalid signature. It does not match either the primary or secondary key."))
+                401002, "The specified SAS token has an invalid signature. "
+                        "It does not match either the primary or secondary key."))
         if path == REGISTER_PATH:
             await self._register(conn, rid, reg_id, payload)
         else:
@@ -536,7 +543,8 @@ class DpsEmulator(MqttApplication):
         except (UnicodeDecodeError, json.JSONDecodeError):
             body = None
         if not isinstance(body, dict) or body.get("registrationId") != reg_id:
-            return await self._respond(conn, 400, rid, self._error(400004, "The registration id in the request body does not match the token."))
+            return await self._respond(conn, 400, rid, self._error(
+                400004, "The registration id in the request body does not match the token."))
         enrollment: Enrollment = conn.info["enrollment"]
         now = _utc_now()
         with self._lock:

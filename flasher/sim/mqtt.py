@@ -242,6 +242,7 @@ class MqttServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None  # always inside asyncio's own task here
         self._tasks.add(task)
         peer = writer.get_extra_info("peername")
         conn = Connection(reader, writer, f"{peer[0]}:{peer[1]}" if peer else "?")
@@ -403,7 +404,7 @@ class MqttServer:
         if qos == 1:
             # Answer before the application replies: a DPS response must not overtake the PUBACK.
             conn._send(PUBACK, 0, struct.pack("!H", pid))
-        elif qos == 2:
+        elif qos == 2 and pid is not None:
             conn._qos2_pending.add(pid)
             conn._send(PUBREC, 0, struct.pack("!H", pid))
         await conn._drain()
