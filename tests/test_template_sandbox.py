@@ -1,13 +1,14 @@
 """Templates are untrusted input: attacks and runaway templates, each through the real `flasher header`.
 
 Every case writes a template file (and what it needs beside it: a secret file one folder
-up, a link out of the folder, a FIFO, a device node), then runs `python -m flasher header
-... --template FILE -o OUT` as a child process with secrets in its environment (group
-keys, the AppKey master secret, a device key). Each must end within the child's timeout
-in exit 2 and one line `error: template 'FILE': ...` naming what went wrong, with no
-traceback, no header written, no secret in anything the child printed or left behind,
-and no command run. The child gets an address-space limit, so a template that would
-allocate without bound fails rather than take the machine down.
+up, a link out of the folder, a FIFO, a device node) in a folder of its own, then runs
+`flasher header ... --template FILE -o OUT` through the CLI's own entry point with
+secrets in the environment (group keys, the AppKey master secret, a device key). The
+cases run one after another in ONE child process (a process start per case cost more
+CPU than the renders). Each must end in exit 2 and one line `error: template 'FILE': ...`
+naming what went wrong, with no traceback, no header written, no secret in anything
+printed or left behind, and no command run. The child gets an address-space limit, so
+a template that would allocate without bound fails rather than take the machine down.
 
 The deadline and the compile cache are tested in process: a deadline case would need a
 template that is slow without taking many steps, and the steps limit stops those first.
@@ -131,21 +132,50 @@ CASES = [
 ]
 
 
-def run_header(template: Path, out: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+# Runs in the child: every case through flasher's own error funnel, one JSON line per case.
+DRIVER = r"""
+import contextlib, io, json, sys
+from flasher.cli import main
+for line in sys.stdin:
+    case = json.loads(line)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(case["argv"])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    print(json.dumps({"case": case["case"], "code": code, "out": out.getvalue(), "err": err.getvalue()}), flush=True)
+"""
+
+
+def run_many(jobs: list[tuple[str, Path, Path]], timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
+    """Run ``flasher header`` for each ``(case, template, out)`` in one child; a CompletedProcess per case."""
+    import json
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHER_")}
     env.update(ENV)
 
     def limit_memory():  # a runaway template must fail, not swap the test machine to death
         resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 
-    return subprocess.run([sys.executable, "-m", "flasher", "header", DEVEUI, "--id-scope", "0ne0001A2B3",
-                           "--template", str(template), "-o", str(out)], capture_output=True, text=True, env=env,
-                          timeout=timeout, preexec_fn=limit_memory)
+    lines = "".join(json.dumps({"case": case, "argv": ["header", DEVEUI, "--id-scope", "0ne0001A2B3", "--template",
+                                                       str(template), "-o", str(out)]}) + "\n"
+                    for case, template, out in jobs)
+    child = subprocess.run([sys.executable, "-c", DRIVER], input=lines, capture_output=True, text=True, env=env,
+                           timeout=timeout, preexec_fn=limit_memory)
+    assert child.returncode == 0, child.stderr[-3000:]
+    results = {}
+    for line in child.stdout.splitlines():
+        r = json.loads(line)
+        results[r["case"]] = subprocess.CompletedProcess([], r["code"], r["out"], r["err"])
+    return results
 
 
-@pytest.fixture
-def workdir(tmp_path):
+def make_workdir(base: Path) -> Path:
     """A template folder with the neighbours the cases need: a secret one level up, a link out, a FIFO, a device."""
+    tmp_path = base
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "secret.txt").write_text(SECRET_FILE_TEXT + "\n")
     tpl = tmp_path / "tpl"
     tpl.mkdir()
@@ -156,15 +186,33 @@ def workdir(tmp_path):
     return tmp_path
 
 
+@pytest.fixture
+def workdir(tmp_path):
+    return make_workdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """Every hostile case, each in its own folder, run in one child: case -> (result, workdir, template, out)."""
+    base = tmp_path_factory.mktemp("hostile")
+    jobs, where = [], {}
+    for case, source, _ in CASES:
+        work = make_workdir(base / case)
+        template = work / "tpl" / "self.h.j2"
+        template.write_text(source.replace("{marker}", str(work / "ran")))
+        out = work / "out" / "config.h"
+        jobs.append((case, template, out))
+        where[case] = (work, template, out)
+    results = run_many(jobs)
+    return {case: (results[case], *where[case]) for case in where}
+
+
 @pytest.mark.parametrize("case,source,match", CASES, ids=[c[0] for c in CASES])
-def test_hostile_templates_end_in_one_input_error(workdir, case, source, match):
+def test_hostile_templates_end_in_one_input_error(hostile, case, source, match):
     if case == "include-device" and os.geteuid() != 0:
         pytest.skip("mknod needs root")
+    r, workdir, template, out = hostile[case]
     marker = workdir / "ran"
-    template = workdir / "tpl" / "self.h.j2"
-    template.write_text(source.replace("{marker}", str(marker)))
-    out = workdir / "out" / "config.h"
-    r = run_header(template, out)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert r.stdout == ""
     lines = r.stderr.splitlines()
@@ -194,7 +242,7 @@ def test_template_paths_that_are_not_small_regular_files_are_refused_unopened(wo
         path.write_text("/* x */\n" * 140000)
         match = "larger than 1 MiB"
     out = workdir / "out" / "config.h"
-    r = run_header(path, out)
+    r = run_many([(kind, path, out)])[kind]
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr == f"error: template {str(path)!r}: {match}\n"
     assert not out.exists()
