@@ -99,11 +99,17 @@ def run_demo(workdir: str | None, boards: int, progress, echo, bind: str | None 
 
 def _show_tts(echo, tts, target, records, module_keys: dict) -> None:
     """Each board's end device on the four servers, and whether the Join Server's AppKey is the module's."""
+    from flasher.tts import TtsClient
+
+    with TtsClient(target) as client:
+        _show_each(echo, tts, target, client, records, module_keys)
+
+
+def _show_each(echo, tts, target, client, records, module_keys: dict) -> None:
     from flasher.eui import EUI64
     from flasher.secrets import Secret
-    from flasher.tts import EndDevice, TtsClient, read_back
+    from flasher.tts import EndDevice, read_back
 
-    client = TtsClient(target)
     for r in records:
         if not r.tts_device_id:
             echo(f"  {r.deveui}: not registered")

@@ -349,6 +349,11 @@ class Reply:
     headers: dict[str, str]
 
     @property
+    def ok(self) -> bool:
+        """Any 2xx: the gateway answers 200, a proxy or another implementation may say 201 or 204."""
+        return 200 <= self.status < 300
+
+    @property
     def detail(self) -> dict:
         details = self.body.get("details") if isinstance(self.body, dict) else None
         first = details[0] if isinstance(details, list) and details and isinstance(details[0], dict) else {}
@@ -388,7 +393,43 @@ class TtsClient:
         self.cancel = cancel or threading.Event()
         self.on_phase = on_phase or (lambda _text: None)
         self._ssl: Any = None
+        self._conns: dict[Endpoint, Any] = {}
         self.calls: list[tuple[str, str, str, int]] = []   # (server, method, path, status): what was asked
+
+    def _connection(self, ep: Endpoint, timeout: float, *, fresh: bool):
+        """The kept-alive connection to ``ep`` (one TLS handshake per server, not per request), and whether it
+        was open already."""
+        import http.client
+
+        conn = None if fresh else self._conns.get(ep)
+        was_open = conn is not None and conn.sock is not None
+        if conn is None:
+            self._drop(ep)
+            if ep.scheme == "https":
+                conn = http.client.HTTPSConnection(ep.host, ep.port, timeout=timeout, context=self._context())
+            else:
+                conn = http.client.HTTPConnection(ep.host, ep.port, timeout=timeout)
+            self._conns[ep] = conn
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        return conn, was_open
+
+    def _drop(self, ep: Endpoint) -> None:
+        conn = self._conns.pop(ep, None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        """Close the kept-alive connections (every caller does, on every path)."""
+        for ep in list(self._conns):
+            self._drop(ep)
+
+    def __enter__(self) -> TtsClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _context(self):
         if self._ssl is None:
@@ -452,27 +493,30 @@ class TtsClient:
         if body is not None:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        conn: http.client.HTTPConnection
-        if ep.scheme == "https":
-            conn = http.client.HTTPSConnection(ep.host, ep.port, timeout=min(left, 30.0), context=self._context())
-        else:
-            conn = http.client.HTTPConnection(ep.host, ep.port, timeout=min(left, 30.0))
-        try:
-            conn.request(method, url, body=payload, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
-            status, resp_headers = resp.status, {k.lower(): v for k, v in resp.getheaders()}
-        except ssl.SSLCertVerificationError as exc:
-            raise TtsError(f"{self._where(server)}: TLS certificate not trusted ({exc.verify_message}); "
-                           f"give its CA with --tts-ca-cert") from None
-        except TimeoutError:
-            raise TtsError(f"{self._where(server)}: no answer to {method} {path} within "
-                           f"{min(left, 30.0):.0f} s") from None
-        except (OSError, http.client.HTTPException) as exc:
-            why = getattr(exc, "strerror", None) or exc.__class__.__name__
-            raise TtsError(f"{self._where(server)}: cannot connect ({why})") from None
-        finally:
-            conn.close()
+        timeout = min(left, 30.0)
+        for reused in (True, False):
+            conn, was_open = self._connection(ep, timeout, fresh=not reused)
+            try:
+                conn.request(method, url, body=payload, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+                status, resp_headers = resp.status, {k.lower(): v for k, v in resp.getheaders()}
+                if resp.will_close:
+                    self._drop(ep)
+                break
+            except ssl.SSLCertVerificationError as exc:
+                self._drop(ep)
+                raise TtsError(f"{self._where(server)}: TLS certificate not trusted ({exc.verify_message}); "
+                               f"give its CA with --tts-ca-cert") from None
+            except TimeoutError:
+                self._drop(ep)
+                raise TtsError(f"{self._where(server)}: no answer to {method} {path} within {timeout:.0f} s") from None
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop(ep)
+                if was_open and reused:
+                    continue   # the server closed an idle kept-alive connection: once more on a new one
+                why = getattr(exc, "strerror", None) or exc.__class__.__name__
+                raise TtsError(f"{self._where(server)}: cannot connect ({why})") from None
         self.calls.append((server, method, path, status))
         log.debug("%s %s %s -> %d", server, method, path, status)
         try:
@@ -572,7 +616,7 @@ def register_end_device(client: TtsClient, dev: EndDevice, held: Iterable[str] =
             raise TtsError(f"The Things Stack Join Server ({client.target.endpoints['js']}): DevEUI {dev.dev_eui} "
                            f"(JoinEUI {dev.join_eui}) is already provisioned there under another device "
                            f"({reply.message}); not overwritten", status=409, name=reply.name)
-        if reply.status != 200:
+        if not reply.ok:
             raise client.fail(server, "PUT", path, reply)
         reg.written.append(server)
         _mark(reg, server)
@@ -593,7 +637,7 @@ def _create_on_identity_server(client: TtsClient, dev: EndDevice, reg: Registrat
     client.on_phase("Identity Server: POST")
     reply = client.request("is", "POST", path, {"end_device": body, "field_mask": {"paths": paths}},
                            deadline=deadline)
-    if reply.status == 200:
+    if reply.ok:
         reg.written.append("is")
         return True
     if reply.status != 409:
@@ -601,7 +645,7 @@ def _create_on_identity_server(client: TtsClient, dev: EndDevice, reg: Registrat
     # Taken: if it is this very device (an earlier run, a lost answer), read it back and go on.
     get_path = f"{path}/{quote(dev.device_id, safe='')}"
     mine = client.request("is", "GET", get_path, query={"field_mask": "ids.dev_eui,ids.join_eui"}, deadline=deadline)
-    if mine.status == 200:
+    if mine.ok:
         ids = mine.body.get("ids", {}) if isinstance(mine.body, dict) else {}
         dev_eui, join_eui = _eui(ids.get("dev_eui")), _eui(ids.get("join_eui"))
         if dev_eui == dev.dev_eui and join_eui == dev.join_eui:
@@ -639,14 +683,14 @@ def _holds(client: TtsClient, server: str, dev: EndDevice, deadline: float) -> b
         # no right to read keys: whether the device is there is all we can learn; the key is written again
         reply = client.request(server, "GET", path, query={"field_mask": "ids.dev_eui,ids.join_eui"},
                                deadline=deadline)
-        if reply.status == 200:
+        if reply.ok:
             return False
     if reply.status == 404:
         return False
     if reply.status == 403 and reply.name != "no_application_rights":
         log.info("%s: %s: no right to read it back; writing it (a PUT creates or updates)", dev.device_id, server)
         return False
-    if reply.status != 200:
+    if not reply.ok:
         raise client.fail(server, "GET", path, reply)
     got = reply.body if isinstance(reply.body, dict) else {}
     if server == "js":
@@ -691,7 +735,7 @@ def read_back(client: TtsClient, dev: EndDevice, *, deadline: float | None = Non
         reply = client.request(server, "GET", path, query={"field_mask": masks[server]}, deadline=deadline)
         if reply.status == 404:
             out[server] = None
-        elif reply.status == 200 and isinstance(reply.body, dict):
+        elif reply.ok and isinstance(reply.body, dict):
             out[server] = reply.body
         else:
             raise client.fail(server, "GET", path, reply)

@@ -738,6 +738,7 @@ def _mask(query: dict[str, list[str]]) -> list[str]:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 10
+    wbufsize = -1   # one write per response (flushed by handle_one_request), not one per header line
     server: _HttpServer
 
     def _serve(self) -> None:
@@ -776,7 +777,10 @@ class _HttpServer(ThreadingHTTPServer):
 
     def finish_request(self, request, client_address) -> None:
         """TLS handshakes happen here, in the request's own thread, never in the accepting one."""
+        import socket
+
         request.settimeout(10)
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # headers and body leave at once
         if self.ctx is not None:
             try:
                 request = self.ctx.wrap_socket(request, server_side=True)

@@ -52,11 +52,11 @@ def register_board(target: TtsTarget, device: EndDevice, held: list[str], *, can
     from flasher.tts import TtsClient, register_end_device
 
     note = checkpoint or (lambda _fields: None)
-    client = TtsClient(target, cancel=cancel, on_phase=on_phase)
-    return register_end_device(
-        client, device, held, deadline=time.monotonic() + target.timeout,
-        on_held=lambda servers: note({"tts_app": device.app, "tts_device_id": device.device_id,
-                                      "tts_servers": ",".join(servers)}))
+    with TtsClient(target, cancel=cancel, on_phase=on_phase) as client:
+        return register_end_device(
+            client, device, held, deadline=time.monotonic() + target.timeout,
+            on_held=lambda servers: note({"tts_app": device.app, "tts_device_id": device.device_id,
+                                          "tts_servers": ",".join(servers)}))
 
 
 def recorded_fields(reg: Registration, app: str) -> dict:
