@@ -62,8 +62,8 @@ def run_demo(workdir: str | None, boards: int, progress, echo, bind: str | None 
                                               state_file=work / "tts" / "state.json"))
         emu = stack.enter_context(DpsEmulator(enrollments, host=host, cert_dir=work / "dps",
                                               state_file=work / "dps" / "state.json"))
-        echo(f"demo: {boards} simulated boards, The Things Stack emulator on {tts.url}, DPS + IoT Hub emulator on "
-             f"{host}:8883, work dir {work}")
+        echo(f"demo: {boards} simulated boards, DPS + IoT Hub emulator on {host}:8883, The Things Stack emulator on "
+             f"{tts.url}, work dir {work}")
         from flasher.dps import load_ca_cert
 
         assert tts.ca_cert_path is not None

@@ -263,7 +263,7 @@ def _register_one(target, b: _Board, ledger) -> dict:
 
 @tts.command("export")
 @click.argument("deveuis", nargs=-1, metavar="[DEVEUI...]")
-@click.option("--format", "fmt", type=click.Choice(["tts-csv", "tts-json"]), required=True,
+@click.option("--format", "fmt", type=click.Choice(["tts-csv", "tts-json"]),
               help="tts-csv: The Things Stack CSV; tts-json: The Things Stack JSON (one end device a line).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The file to write (mode 0600: it holds every board's AppKey).")
@@ -292,6 +292,8 @@ def export_cmd(deveuis, fmt, output, **_options):
     from flasher.settings import from_click
     from flasher.tts import EndDevice, frequency_plan_for, tts_csv, tts_json
 
+    if fmt is None:
+        raise click.UsageError("--format is required: tts-csv or tts-json")
     s = from_click(["ledger", "tts_app", "tts_device_id_format", "frequency_plan", "lorawan_version",
                     "lorawan_phy_version", "join_eui"])
     euis = _parse_euis(deveuis)

@@ -71,14 +71,15 @@ def check_key_carried(settings) -> None:
     from flasher.errors import InputError
     from flasher.eui import EUI64
     from flasher.header import build_header_data, read_app_key, render_header
-    from flasher.keys import AppKeySource
+    from flasher.keys import AppKeySource, derive_device_key
 
     if settings.app_key.source is not AppKeySource.RANDOM:
         return
     sample = bytes(range(0xA1, 0xB1))
     data = build_header_data(EUI64(bytes(8)), app_key=sample, app_key_source="random", join_eui=settings.join_eui,
                              band=settings.band, id_scope=settings.id_scope,
-                             registration_id=settings.id_policy.for_eui(EUI64(bytes(8))), extras=settings.extras)
+                             registration_id=settings.id_policy.for_eui(EUI64(bytes(8))), extras=settings.extras,
+                             device_key=derive_device_key(settings.group_key.reveal(), "preflight"))
     if read_app_key(render_header(data, settings.template)) != sample:
         raise InputError(f"--template {settings.template!r} does not write the AppKey (as FLASHER_APP_KEY or "
                          f"APPKEY[16]), and with --app-key-source random the header is its only copy: with "
