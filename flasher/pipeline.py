@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flasher.dps import CaCert
 from flasher.errors import FlasherError
@@ -43,7 +43,9 @@ from flasher.steps.program import Program
 from flasher.steps.register import Register
 from flasher.steps.render import Render
 from flasher.steps.upload import Upload as UploadStep
-from flasher.tts import TtsTarget
+
+if TYPE_CHECKING:
+    from flasher.tts import TtsTarget
 
 log = logging.getLogger("flasher.pipeline")
 

@@ -228,11 +228,15 @@ def parse_url(text: str, where: str = "The Things Stack URL") -> Endpoint:
     return Endpoint(u.scheme, host, port or (443 if u.scheme == "https" else 80))
 
 
-_TOKEN = re.compile(r"[A-Z2-7]{5,6}\.[A-Z2-7]+\.[A-Z2-7]+")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
 def check_api_key(key: Secret) -> Secret:
-    """An API key looks like ``NNSXS.<id>.<secret>`` (``pkg/auth``); the message never shows it."""
+    """An API key looks like ``NNSXS.<id>.<secret>`` (``pkg/auth``: three base32 parts); the message never shows it.
+
+    Only the shape is checked (three dot-separated parts, no spaces), so a pasted wrong value fails here, before
+    any board, while the stack stays the judge of whether the key is valid.
+    """
     text = key.reveal()
     text = text.decode() if isinstance(text, bytes) else text
     if not _TOKEN.fullmatch(text.strip()):

@@ -186,8 +186,8 @@ def test_state_never_shows_an_appkey_and_stop_leaves_nothing_behind(make_tts, tm
     emu.stop()
     idle.close()
     assert not [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+    with pytest.raises(ConnectionRefusedError):   # nothing listens there any more
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 def test_flasher_simulate_tts_serves_until_sigterm(tmp_path):

@@ -123,12 +123,12 @@ def tts_target(s, *, required: bool = False):
     Every part is checked here, before any board is touched; the API key is loaded
     only when an application is given (``FLASHER_TTS_API_KEY`` or ``--tts-api-key-file``).
     """
-    from flasher.tts import SERVERS, TtsTarget, check_api_key
-
     if not s.tts_app:
         if required:
             raise click.UsageError("--tts-app is required (or FLASHER_TTS_APP, or tts_app in flasher.toml)")
         return None
+    from flasher.tts import SERVERS, TtsTarget, check_api_key
+
     endpoints = {srv: getattr(s, f"tts_{srv}_url") or s.tts_url for srv in SERVERS}
     missing = [srv for srv, ep in endpoints.items() if ep is None]
     if missing:
