@@ -28,6 +28,7 @@ COMMANDS = {
     "keys": "flasher.commands.keys:keys",
     "header": "flasher.commands.header:header",
     "register": "flasher.commands.register:register",
+    "tts": "flasher.commands.tts:tts",
     "ports": "flasher.commands.board:ports_cmd",
     "eui": "flasher.commands.board:eui",
     "verify": "flasher.commands.board:verify",

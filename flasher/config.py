@@ -26,6 +26,8 @@ INLINE_SECRETS = {
     "app_key_master": "app_key_master_env or app_key_master_file",
     "master_secret": "app_key_master_env or app_key_master_file",
     "device_key": "device_key_env or device_key_file",
+    "tts_api_key": "tts_api_key_env or tts_api_key_file",
+    "api_key": "tts_api_key_env or tts_api_key_file",
 }
 
 

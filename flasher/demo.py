@@ -1,9 +1,11 @@
 """``flasher demo``: the whole job on the built-in simulators, nothing to install or own.
 
-Three simulated boards on pseudo-terminals, the local DPS + IoT Hub emulator over
-TLS, the real azure-iot-device SDK, a real ledger and real headers in a work
-directory (``./flasher-demo`` unless told). A fresh group key is made for the run
-and never shown. Everything it starts is stopped on every path, Ctrl-C included.
+Three simulated boards on pseudo-terminals, the local The Things Stack emulator
+(HTTPS, the four servers), the local DPS + IoT Hub emulator over TLS, the real
+azure-iot-device SDK, a real ledger and real headers in a work directory
+(``./flasher-demo`` unless told): the whole chain, boards -> The Things Stack -> DPS
+-> a hub message. A fresh group key and API key are made for the run and never
+shown. Everything it starts is stopped on every path, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from flasher.errors import InputError
 
 DEMO_SCOPE = "0ne00DE0001"
+DEMO_APP = "flasher-demo"
 DEFAULT_WORKDIR = "flasher-demo"
 MARKER = ".flasher-demo"
 
@@ -41,6 +44,8 @@ def run_demo(workdir: str | None, boards: int, progress, echo, bind: str | None 
     from flasher.secrets import Secret
     from flasher.sim.board import BoardSimulator
     from flasher.sim.dps import DpsEmulator, free_loopback
+    from flasher.sim.tts import TtsEmulator
+    from flasher.tts import TtsTarget
 
     if bind is not None and not bind.startswith("127."):
         raise InputError(f"--bind {bind!r}: a loopback address (127.x.y.z): the demo's emulator is not for a network")
@@ -52,20 +57,32 @@ def run_demo(workdir: str | None, boards: int, progress, echo, bind: str | None 
                                    "secondary_key": base64.b64encode(os.urandom(64)).decode(), "enabled": True}],
                        "individual": []}
         host = bind or free_loopback(prefer=("127.0.0.1",))
-        echo(f"demo: {boards} simulated boards, DPS + IoT Hub emulator on {host}:8883, work dir {work}")
         sim = stack.enter_context(BoardSimulator(count=boards, state_dir=work / "boards"))
+        tts = stack.enter_context(TtsEmulator(host, 0, cert_dir=work / "tts", applications=[DEMO_APP],
+                                              state_file=work / "tts" / "state.json"))
         emu = stack.enter_context(DpsEmulator(enrollments, host=host, cert_dir=work / "dps",
                                               state_file=work / "dps" / "state.json"))
+        echo(f"demo: {boards} simulated boards, DPS + IoT Hub emulator on {host}:8883, The Things Stack emulator on "
+             f"{tts.url}, work dir {work}")
+        from flasher.dps import load_ca_cert
+
+        assert tts.ca_cert_path is not None
+        target = TtsTarget.single(DEMO_APP, tts.url, Secret(tts.add_api_key(app=DEMO_APP), "the demo's own API key"),
+                                  ca_cert=load_ca_cert(tts.ca_cert_path))
         settings = Settings(id_scope=DEMO_SCOPE, group_key=Secret(group_key, "the demo's own group key"),
-                            dps_host=emu.host, ca_cert=str(emu.ca_cert_path),
+                            dps_host=emu.host, ca_cert=str(emu.ca_cert_path), tts=target,
                             out_dir=work / "headers")
         ledger = stack.enter_context(Ledger(work / "ledger.sqlite3"))
         results = list(provision_boards([p for p in sim.ports if p], settings, ledger, progress))
         progress.close()
         echo("")
         echo("ledger:")
-        for r in ledger.all():
-            echo(f"  {r.deveui}  {r.status:<12} hub={r.assigned_hub}  device={r.device_id}  header={r.header_path}")
+        records = ledger.all()
+        for r in records:
+            echo(f"  {r.deveui}  {r.status:<12} tts={r.tts_device_id}  hub={r.assigned_hub}  device={r.device_id}  "
+                 f"header={r.header_path}")
+        echo(f"The Things Stack emulator, application {DEMO_APP} (read back with the API, as the console would):")
+        _show_tts(echo, tts, target, records, {b.deveui: b.state.get("appkey") for b in sim.boards})
         state = emu.state()
         echo("DPS emulator registration records:")
         for reg in state["registrations"]:
@@ -75,6 +92,35 @@ def run_demo(workdir: str | None, boards: int, progress, echo, bind: str | None 
         for msg in state["messages"]:
             echo(f"  {msg.get('device_id')}: {msg.get('payload')!r}")
         ok = sum(r.ok for r in results)
-    echo(f"demo: {ok}/{len(results)} boards provisioned; the simulators and emulator are stopped")
+    echo(f"demo: {ok}/{len(results)} boards provisioned; the simulators and emulators are stopped")
     echo(f"demo: headers, ledger and emulator state are in {work}/ (try: flasher status --ledger {work / 'ledger.sqlite3'})")
     return 0 if ok == len(results) else 1
+
+
+def _show_tts(echo, tts, target, records, module_keys: dict) -> None:
+    """Each board's end device on the four servers, and whether the Join Server's AppKey is the module's."""
+    from flasher.tts import TtsClient
+
+    with TtsClient(target) as client:
+        _show_each(echo, tts, target, client, records, module_keys)
+
+
+def _show_each(echo, tts, target, client, records, module_keys: dict) -> None:
+    from flasher.eui import EUI64
+    from flasher.secrets import Secret
+    from flasher.tts import EndDevice, read_back
+
+    for r in records:
+        if not r.tts_device_id:
+            echo(f"  {r.deveui}: not registered")
+            continue
+        dev = EndDevice(target.app, r.tts_device_id, EUI64.parse(r.deveui), EUI64.parse(r.join_eui or "0" * 16),
+                        Secret(bytes(16), "placeholder"))
+        copies = read_back(client, dev)
+        on = [s.upper() for s, c in copies.items() if c is not None]
+        ns = copies.get("ns") or {}
+        js_key = tts.app_key(target.app, r.tts_device_id)
+        same = js_key is not None and js_key == (module_keys.get(r.deveui) or "").upper()
+        verdict = "is the module's" if same else "DIFFERS from the module's"
+        echo(f"  {r.tts_device_id}  on {'+'.join(on) or 'no server'}  {ns.get('frequency_plan_id')} "
+             f"{ns.get('lorawan_version')} {ns.get('lorawan_phy_version')}  Join Server AppKey {verdict}")

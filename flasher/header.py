@@ -219,3 +219,57 @@ def write_header(text: str, path: str | os.PathLike) -> str:
         verb = "cannot create" if not target.parent.is_dir() else "cannot write"
         raise FlasherError(f"output {str(target)!r}: {verb} ({exc.strerror or exc.__class__.__name__})") from None
     return hashlib.sha256(data).hexdigest()
+
+
+# --- reading back ----------------------------------------------------------------
+
+_APP_KEY_MACRO = re.compile(r'#[ \t]*define[ \t]+FLASHER_APP_KEY[ \t]+"([0-9A-Fa-f]{32})"')
+_APP_KEY_ARRAY = re.compile(r"\bAPPKEY[ \t]*\[[ \t]*16[ \t]*\][ \t]*=[ \t]*\{([^}]*)\}")
+_BYTE = re.compile(r"0[xX]([0-9A-Fa-f]{1,2})")
+
+
+def _strip_comments(text: str) -> str:
+    """C source without its comments (string and character literals kept whole)."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"'":
+            j = i + 1
+            while j < n and text[j] != c and text[j] != "\n":
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i:j + 1])
+            i = j + 1
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+            out.append(" ")
+        elif text.startswith("//", i):
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def read_app_key(text: str) -> bytes | None:
+    """The AppKey a rendered header carries, or None if it carries none.
+
+    The shipped templates write it as ``#define FLASHER_APP_KEY "<32 hex>"`` (``_common.h.j2``)
+    and, for LMIC, as ``APPKEY[16] = { 0x.., ... }`` (most significant byte first). A header
+    is the only copy of a ``random`` AppKey, so a resumed board reads it back from there.
+    Two spellings that disagree are refused rather than guessed between.
+    """
+    code = _strip_comments(text)
+    found: list[bytes] = [bytes.fromhex(m.group(1)) for m in _APP_KEY_MACRO.finditer(code)]
+    for m in _APP_KEY_ARRAY.finditer(code):
+        items = [x.strip() for x in m.group(1).split(",") if x.strip()]
+        values = [_BYTE.fullmatch(x) for x in items]
+        if len(items) == 16 and all(values):
+            found.append(bytes(int(v.group(1), 16) for v in values if v))
+    if not found:
+        return None
+    if any(k != found[0] for k in found):
+        raise InputError("header: its AppKey spellings disagree (FLASHER_APP_KEY and APPKEY[16] differ)")
+    Redactor.add(found[0])
+    return found[0]

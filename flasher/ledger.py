@@ -75,6 +75,14 @@ CREATE TABLE claims (
 CREATE INDEX boards_by_age ON boards (created_at, deveui);
 """
 
+# Adds The Things Stack: the application and end device id a board is registered as, and which of the
+# four servers (is, js, ns, as) hold it, so a board interrupted between two resumes at the missing one.
+TTS = """
+ALTER TABLE boards ADD COLUMN tts_app TEXT;
+ALTER TABLE boards ADD COLUMN tts_device_id TEXT;
+ALTER TABLE boards ADD COLUMN tts_servers TEXT;
+"""
+
 Migration = str | Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] takes a ledger from schema n to n + 1 (0 is an empty file), inside the caller's
@@ -83,13 +91,15 @@ Migration = str | Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[Migration] = [
     SCHEMA,
     CLAIMS,
+    TTS,
 ]
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 EXPORT_FIELDS = ("deveui", "registration_id", "status", "current_step", "join_eui", "band", "app_key_source",
                  "id_scope", "device_key_check", "assigned_hub", "device_id", "header_path", "header_sha256", "attempts",
-                 "last_error", "port", "serial_number", "created_at", "updated_at")
+                 "last_error", "port", "serial_number", "created_at", "updated_at", "tts_app", "tts_device_id",
+                 "tts_servers")
 
 
 class LedgerError(FlasherError):
@@ -125,6 +135,9 @@ class BoardRecord:
     serial_number: str | None
     created_at: float
     updated_at: float
+    tts_app: str | None          # The Things Stack application, end device id, and the servers holding it
+    tts_device_id: str | None
+    tts_servers: str | None      # comma-separated, in the order is,js,ns,as
     steps: dict  # step -> outcome
 
     def done(self, step: str) -> bool:
@@ -163,6 +176,7 @@ class Ledger:
         self._host, self._pid = socket.gethostname(), os.getpid()
         self.run_id = run_id or f"{self._host}:{self._pid}:{os.urandom(4).hex()}"
         self._lock = threading.Lock()
+        self._select = _BOARD_COLUMNS   # read-only opens of an older schema narrow it (see _select_list)
         self._claims: set[str] = set()
         self._heartbeat: threading.Thread | None = None
         self._stop = threading.Event()
@@ -218,6 +232,7 @@ class Ledger:
             try:
                 self._db.execute("PRAGMA busy_timeout = 30000")
                 self._version(create=False)
+                self._select = _select_list(self._db)
                 return
             except sqlite3.Error as exc:
                 self._db.close()
@@ -459,8 +474,13 @@ class Ledger:
                        (deveui, step, now))
             db.execute("UPDATE boards SET current_step = ?, updated_at = ? WHERE deveui = ?", (step, now, deveui))
 
-    def step_finished(self, deveui: str, step: str, outcome: str = "ok", detail: str | None = None, **fields) -> None:
-        """Record a step's outcome together with what it produced, in one transaction."""
+    def step_finished(self, deveui: str, step: str, outcome: str = "ok", detail: str | None = None, *,
+                      keep_status: bool = False, **fields) -> None:
+        """Record a step's outcome together with what it produced, in one transaction.
+
+        A failure marks the board failed, unless ``keep_status`` (a step run on its own,
+        such as ``flasher tts register``, which leaves the board's provisioning status alone).
+        """
         now = time.time()
         with self._tx() as db:
             cur = db.execute("UPDATE steps SET outcome = ?, finished_at = ?, detail = ? WHERE deveui = ? AND step = ?",
@@ -468,9 +488,14 @@ class Ledger:
             if cur.rowcount == 0:
                 db.execute("INSERT INTO steps (deveui, step, outcome, started_at, finished_at, detail) "
                            "VALUES (?, ?, ?, ?, ?, ?)", (deveui, step, outcome, now, now, detail))
-            if outcome == "failed":
+            if outcome == "failed" and not keep_status:
                 fields = {**fields, "status": "failed", "last_error": detail}
             self._set(db, deveui, fields, now)
+
+    def note(self, deveui: str, **fields) -> None:
+        """Record what a running step has done so far (the servers that hold an end device), before it ends."""
+        with self._tx() as db:
+            self._set(db, deveui, fields, time.time())
 
     def finish(self, deveui: str) -> None:
         now = time.time()
@@ -511,9 +536,8 @@ class Ledger:
                     raise self._read_error(exc) from None
                 raise
 
-    @staticmethod
-    def _get(db: sqlite3.Connection, deveui: str) -> BoardRecord | None:
-        row = db.execute(f"SELECT {_BOARD_COLUMNS} FROM boards WHERE deveui = ?", (deveui,)).fetchone()
+    def _get(self, db: sqlite3.Connection, deveui: str) -> BoardRecord | None:
+        row = db.execute(f"SELECT {self._select} FROM boards WHERE deveui = ?", (deveui,)).fetchone()
         if row is None:
             return None
         return _record(row, dict(db.execute("SELECT step, outcome FROM steps WHERE deveui = ? ORDER BY step", (deveui,))))
@@ -525,7 +549,7 @@ class Ledger:
     def all(self) -> list[BoardRecord]:
         """Every board, oldest first, in two queries however many there are."""
         with self._read() as db:
-            rows = db.execute(f"SELECT {_BOARD_COLUMNS} FROM boards ORDER BY created_at, deveui").fetchall()
+            rows = db.execute(f"SELECT {self._select} FROM boards ORDER BY created_at, deveui").fetchall()
             steps = _group_steps(db.execute("SELECT deveui, step, outcome FROM steps ORDER BY deveui, step"))
         return [_record(row, steps.get(row[0], {})) for row in rows]
 
@@ -543,7 +567,7 @@ class Ledger:
             where = "WHERE (created_at, deveui) > (?, ?)" if after else ""
             page = f"SELECT {{}} FROM boards {where} ORDER BY created_at, deveui LIMIT ?"
             with self._read() as db:
-                rows = db.execute(page.format(_BOARD_COLUMNS), (*after, batch)).fetchall()
+                rows = db.execute(page.format(self._select), (*after, batch)).fetchall()
                 steps = _group_steps(db.execute(f"SELECT deveui, step, outcome FROM steps WHERE deveui IN "
                                                 f"({page.format('deveui')}) ORDER BY deveui, step", (*after, batch)))
             for row in rows:
@@ -554,6 +578,12 @@ class Ledger:
 
 
 _BOARD_COLUMNS = ", ".join(EXPORT_FIELDS)
+
+
+def _select_list(db: sqlite3.Connection) -> str:
+    """EXPORT_FIELDS as a SELECT list; columns an older ledger (read without migrating) lacks read as NULL."""
+    have = {r[0] for r in db.execute("SELECT name FROM pragma_table_info('boards')")}
+    return ", ".join(f if f in have else f"NULL AS {f}" for f in EXPORT_FIELDS)
 
 
 def _record(row: tuple, steps: dict) -> BoardRecord:

@@ -18,12 +18,12 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flasher.dps import CaCert
 from flasher.errors import FlasherError
@@ -38,10 +38,14 @@ from flasher.steps import Conflict, Step
 from flasher.steps.derive import Derive
 from flasher.steps.identify import Identify
 from flasher.steps.message import Message
+from flasher.steps.network import Network
 from flasher.steps.program import Program
 from flasher.steps.register import Register
 from flasher.steps.render import Render
 from flasher.steps.upload import Upload as UploadStep
+
+if TYPE_CHECKING:
+    from flasher.tts import TtsTarget
 
 log = logging.getLogger("flasher.pipeline")
 
@@ -52,6 +56,7 @@ STEPS: list[Step] = [
     Render(),
     Program(),
     UploadStep(),
+    Network(),
     Register(),
     Message(),
 ]
@@ -86,6 +91,7 @@ class Settings:
     at_timeout: float = 2.0                 # per AT command
     test_message: str | None = "TestMessage"
     upload: Upload | None = None
+    tts: TtsTarget | None = None            # The Things Stack (--tts-app): the network step
     force: bool = False
     extras: dict = field(default_factory=dict)
 
@@ -100,8 +106,11 @@ class Settings:
 
     def fingerprint(self) -> dict[str, str]:
         """What a finished board depends on: if one of these changed, the board was provisioned otherwise."""
-        return {"join_eui": self.join_eui.hex, "band": self.band, "id_scope": self.id_scope,
-                "app_key_source": str(self.app_key.source)}
+        fingerprint = {"join_eui": self.join_eui.hex, "band": self.band, "id_scope": self.id_scope,
+                       "app_key_source": str(self.app_key.source)}
+        if self.tts is not None:
+            fingerprint["tts_app"] = self.tts.app
+        return fingerprint
 
 
 @dataclass
@@ -116,6 +125,7 @@ class BoardResult:
     error: str | None = None
     failed_step: str | None = None
     seconds: float = 0.0
+    tts_device_id: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -125,7 +135,7 @@ class BoardResult:
         return {"port": self.port, "deveui": self.deveui, "registration_id": self.registration_id,
                 "status": str(self.status), "assigned_hub": self.assigned_hub, "device_id": self.device_id,
                 "header": self.header, "error": self.error, "failed_step": self.failed_step,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "tts_device_id": self.tts_device_id}
 
 
 @dataclass
@@ -147,6 +157,9 @@ class Board:
     header_path: Path | None = None
     assigned_hub: str | None = None
     device_id: str | None = None
+    tts_device_id: str | None = None        # the end device id in The Things Stack
+    checkpoint: Callable[[dict], None] = field(default=lambda fields: None, repr=False)
+    # ^ a running step reports progress worth keeping if it is interrupted (the recorder writes it to the ledger)
 
     @property
     def deveui(self) -> str | None:
@@ -248,6 +261,7 @@ class _Recorder:
         self.emit(StepState.RUNNING)
         if not step.before_claim:
             self.ledger.step_started(b.key, step.name)
+            b.checkpoint = lambda fields: self.ledger.note(b.key, **fields)
         started = time.monotonic()
         done = step.run(b)
         if step.before_claim:
@@ -274,6 +288,7 @@ class _Recorder:
             if existing.status == BoardStatus.PROVISIONED and not changed:
                 r.status = ResultStatus.ALREADY_PROVISIONED
                 r.assigned_hub, r.device_id, r.header = existing.assigned_hub, existing.device_id, existing.header_path
+                r.tts_device_id = existing.tts_device_id
                 self.emit(StepState.SKIPPED, "already provisioned (use --force to redo)", step=DONE)
                 return False
             if existing.status == BoardStatus.PROVISIONED:
@@ -290,7 +305,7 @@ class _Recorder:
 
     def _fill_result(self) -> None:
         b, r = self.b, self.result
-        r.assigned_hub, r.device_id = b.assigned_hub, b.device_id
+        r.assigned_hub, r.device_id, r.tts_device_id = b.assigned_hub, b.device_id, b.tts_device_id
         r.header = str(b.header_path) if b.header_path else r.header
 
     def _conflict(self, message: str) -> None:
@@ -320,7 +335,8 @@ class _Recorder:
 
 def _describe(changed: dict[str, tuple[Any, Any]]) -> str:
     names = {"device_key_check": "device key (group key or registration id)", "join_eui": "JoinEUI",
-             "app_key_source": "AppKey source", "id_scope": "ID scope", "registration_id": "registration id"}
+             "app_key_source": "AppKey source", "id_scope": "ID scope", "registration_id": "registration id",
+             "tts_app": "The Things Stack application"}
     return ", ".join(f"{names.get(k, k)} was {old} (now {new})" if k != "device_key_check" else f"{names[k]} differs"
                      for k, (old, new) in changed.items())
 

@@ -98,6 +98,45 @@ def _ca_cert(value: Any, where: str):
     return load_ca_cert(str(value))
 
 
+def _tts_app(value: Any, where: str) -> str:
+    from flasher.tts import validate_id
+
+    return validate_id(str(value), where)
+
+
+def _tts_url(value: Any, where: str):
+    from flasher.tts import parse_url
+
+    return parse_url(str(value), where)
+
+
+def _tts_device_id_format(value: Any, where: str):
+    from flasher.tts import DeviceIdPolicy
+
+    try:
+        return DeviceIdPolicy(str(value))
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+
+
+def _frequency_plan(value: Any, where: str) -> str:
+    from flasher.tts import parse_frequency_plan
+
+    return parse_frequency_plan(str(value), where)
+
+
+def _mac_version(value: Any, where: str) -> str:
+    from flasher.tts import parse_mac_version
+
+    return parse_mac_version(str(value), where)
+
+
+def _phy_version(value: Any, where: str) -> str:
+    from flasher.tts import parse_phy_version
+
+    return parse_phy_version(str(value), where)
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting. ``name`` is also the keyword a command's option stores into."""
@@ -160,6 +199,28 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("fqbn", "board FQBN for --upload", default="Seeeduino:samd:rolawan"),
     Setting("sketch", "sketch folder for --upload (default: the shipped flasher_otaa)", path=True),
     Setting("arduino_cli", "arduino-cli executable (default: found on PATH)"),
+    # The Things Stack (the network step): on when an application is given.
+    Setting("tts_app", "The Things Stack application id; registers every board there (the network step)",
+            env="FLASHER_TTS_APP", parse=_tts_app),
+    Setting("tts_url", "The Things Stack address, e.g. https://eu1.cloud.thethings.network", env="FLASHER_TTS_URL",
+            parse=_tts_url),
+    Setting("tts_is_url", "Identity Server address, if not --tts-url (a self-hosted cluster)", env="FLASHER_TTS_IS_URL",
+            parse=_tts_url),
+    Setting("tts_js_url", "Join Server address, if not --tts-url", env="FLASHER_TTS_JS_URL", parse=_tts_url),
+    Setting("tts_ns_url", "Network Server address, if not --tts-url", env="FLASHER_TTS_NS_URL", parse=_tts_url),
+    Setting("tts_as_url", "Application Server address, if not --tts-url", env="FLASHER_TTS_AS_URL", parse=_tts_url),
+    Setting("tts_ca_cert", "PEM root of trust for a private The Things Stack (the emulator)", parse=_ca_cert,
+            path=True),
+    Setting("tts_device_id_format", "how a DevEUI becomes an end device id; {deveui} is its lower-case hex",
+            default="eui-{deveui}", parse=_tts_device_id_format),
+    Setting("frequency_plan", "The Things Stack frequency plan id (default: from the band, see the README)",
+            parse=_frequency_plan),
+    Setting("lorawan_version", "LoRaWAN MAC version the module speaks (the RHF76-052: 1.0.2)", default="1.0.2",
+            parse=_mac_version),
+    Setting("lorawan_phy_version", "LoRaWAN regional parameters version (1.0.2-b for the RHF76-052)",
+            default="1.0.2-b", parse=_phy_version),
+    Setting("tts_timeout", "seconds for each board's network step, retries of 429/503 included", default=60.0,
+            parse=_seconds(1.0), toml_type=(int, float)),
 ]}
 
 SECRETS: dict[str, SecretSetting] = {s.name: s for s in [
@@ -172,6 +233,8 @@ SECRETS: dict[str, SecretSetting] = {s.name: s for s in [
     SecretSetting("app_key", "AppKey", "FLASHER_APP_KEY", "app_key", "--app-key", "--app-key-file"),
     SecretSetting("device_key", "device key", "FLASHER_DEVICE_KEY", "device_key", "--device-key",
                   "--device-key-file"),
+    SecretSetting("tts_api_key", "API key for The Things Stack", "FLASHER_TTS_API_KEY", "tts_api_key", None,
+                  "--tts-api-key-file"),
 ]}
 
 

@@ -53,11 +53,17 @@ INPUTS = {
     "utf16.txt": "2cf7f12024900138\n".encode("utf-16"),
     "binary.bin": bytes(range(256)) * 4,
     "long-line.txt": "a" * 5000 + "\n",
+    "appkey.txt": "2B7E151628AED2A6ABF7158809CF4F3C\n",
+    "tts-inline-key.toml": 'tts_api_key = "NNSXS.ABCDEFGHIJKLMNOPQRSTUVWXYZ234567ABCDEFG.ABCD"\n',
 }
 
 ENV_KEY = {"FLASHER_GROUP_PRIMARY_KEY": GOOD_KEY}
 ENV_KEY_MASTER = {**ENV_KEY, "FLASHER_APPKEY_MASTER": MASTER}
 PROVISION = ["provision", "--port", "{port}", "--id-scope", SCOPE, "--dps-host", "127.0.0.1"]
+TTS_KEY = "NNSXS.ABCDEFGHIJKLMNOPQRSTUVWXYZ234567ABCDEFG.ABCDEFGHIJKLMNOPQRSTUVWXYZ234567ABCDEFGHIJKLMNOPQRST"
+ENV_TTS = {**ENV_KEY, "FLASHER_TTS_API_KEY": TTS_KEY}
+TTS = ["--tts-app", "fleet", "--tts-url", "https://eu1.cloud.thethings.network"]
+TTS_REGISTER = ["tts", "register", *TTS]
 
 # (id, argv, env, exit code, substring of the one error line)
 CASES = [
@@ -207,6 +213,58 @@ CASES = [
     ("header-output-fifo", ["header", DEVEUI, "--random-app-key", "-o", "{in}/fifo"], ENV_KEY, 2,
      "not a regular file"),
     ("unknown-command", ["frobnicate"], {}, 2, "frobnicate"),
+    # --- The Things Stack (issue 11): every option is checked before any board is touched
+    ("provision-tts-app-bad", [*PROVISION, "--tts-app", "My_App", "--tts-url", "https://eu1.cloud.thethings.network"],
+     ENV_TTS, 2, "--tts-app 'My_App'"),
+    ("provision-tts-no-url", [*PROVISION, "--tts-app", "fleet"], ENV_TTS, 2, "--tts-url is required"),
+    ("provision-tts-url-http", [*PROVISION, "--tts-app", "fleet", "--tts-url", "http://eu1.cloud.thethings.network"],
+     ENV_TTS, 2, "unencrypted"),
+    ("provision-tts-url-path", [*PROVISION, "--tts-app", "fleet", "--tts-url", "https://x.example/console"], ENV_TTS, 2,
+     "no path"),
+    ("provision-tts-url-scheme", [*PROVISION, "--tts-app", "fleet", "--tts-url", "eu1.cloud.thethings.network"],
+     ENV_TTS, 2, "--tts-url"),
+    ("provision-tts-no-key", [*PROVISION, *TTS], ENV_KEY, 2, "API key for The Things Stack: missing"),
+    ("provision-tts-key-malformed", [*PROVISION, *TTS], {**ENV_KEY, "FLASHER_TTS_API_KEY": "hunter2"}, 2,
+     "not an API key"),
+    ("provision-tts-key-file-missing", [*PROVISION, *TTS, "--tts-api-key-file", "{in}/nope.key"], ENV_KEY, 2,
+     "no such file"),
+    ("provision-tts-key-inline-in-toml", [*PROVISION, *TTS, "--config", "{in}/tts-inline-key.toml"], ENV_KEY, 2,
+     "holds a secret inline"),
+    ("provision-tts-device-id-upper", [*PROVISION, *TTS, "--tts-device-id-format", "Board-{deveui}"], ENV_TTS, 2,
+     "--tts-device-id-format"),
+    ("provision-tts-device-id-too-long", [*PROVISION, *TTS, "--tts-device-id-format", "seeeduino-lorawan-rhf76-{deveui}"],
+     ENV_TTS, 2, "not a valid id"),
+    ("provision-tts-device-id-no-field", [*PROVISION, *TTS, "--tts-device-id-format", "board"], ENV_TTS, 2,
+     "{deveui}"),
+    ("provision-tts-frequency-plan", [*PROVISION, *TTS, "--frequency-plan", "eu868"], ENV_TTS, 2,
+     "--frequency-plan 'eu868'"),
+    ("provision-tts-lorawan-version", [*PROVISION, *TTS, "--lorawan-version", "1.9"], ENV_TTS, 2,
+     "--lorawan-version '1.9'"),
+    ("provision-tts-phy-version", [*PROVISION, *TTS, "--lorawan-phy-version", "rev-b"], ENV_TTS, 2,
+     "--lorawan-phy-version 'rev-b'"),
+    ("provision-tts-timeout-zero", [*PROVISION, *TTS, "--tts-timeout", "0"], ENV_TTS, 2, "--tts-timeout"),
+    ("provision-tts-random-key-template-drops-it", [*PROVISION, *TTS, "--template", "azure-dps",
+                                                    "--app-key-source", "random"], ENV_TTS, 2,
+     "does not write the AppKey"),
+    ("tts-register-no-app", ["tts", "register", "--tts-url", "https://eu1.cloud.thethings.network"], ENV_TTS, 2,
+     "--tts-app is required"),
+    ("tts-register-ledger-missing", [*TTS_REGISTER, "--ledger", "{in}/nope.sqlite3"], ENV_TTS, 2, "no such file"),
+    ("tts-register-source-without-euis", [*TTS_REGISTER, "--app-key-source", "given", "--app-key-file",
+                                          "{in}/appkey.txt"], ENV_TTS, 2, "give at least one"),
+    ("tts-register-bad-eui", [*TTS_REGISTER, "ZZ", "--app-key-source", "given", "--app-key-file", "{in}/appkey.txt"],
+     ENV_TTS, 2, "DevEUI 'ZZ'"),
+    ("tts-register-key-file-without-source", [*TTS_REGISTER, "--app-key-file", "{in}/appkey.txt"], ENV_TTS, 2,
+     "are for --app-key-source"),
+    ("tts-register-short-appkey", [*TTS_REGISTER, DEVEUI, "--app-key-source", "given", "--app-key-file",
+                                   "{in}/appkey30.txt"], ENV_TTS, 2, "32 hex digits"),
+    ("tts-export-no-format", ["tts", "export", "-o", "{work}/x.csv"], {}, 2, "--format"),
+    ("tts-export-unknown-format", ["tts", "export", "--format", "csv", "-o", "{work}/x.csv"], {}, 2, "'csv'"),
+    ("tts-export-output-is-dir", ["tts", "export", "--format", "tts-csv", "-o", "{in}"], {}, 2, "directory"),
+    ("tts-export-output-fifo", ["tts", "export", "--format", "tts-csv", "-o", "{in}/fifo"], {}, 2,
+     "not a regular file"),
+    ("tts-export-ledger-missing", ["tts", "export", "--format", "tts-json", "-o", "{work}/x.json", "--ledger",
+                                   "{in}/nope.sqlite3"], {}, 2, "no such file"),
+    ("simulate-tts-not-loopback", ["simulate", "tts", "--host", "192.0.2.1"], {}, 2, "--host"),
 ]
 
 
@@ -257,7 +315,7 @@ def _run(argv, capsys):
 def test_table_has_at_least_40_cases_over_every_command():
     assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
     commands = {c[1][0] for c in CASES}
-    assert {"keys", "header", "eui", "verify", "register", "provision", "status", "simulate", "demo"} <= commands
+    assert {"keys", "header", "eui", "verify", "register", "provision", "status", "simulate", "demo", "tts"} <= commands
 
 
 # Rows that expose a product bug get an entry here (id -> reason) and run as strict xfails until it is fixed.

@@ -24,10 +24,20 @@ def test_demo_provisions_three_boards_and_stops_everything(tmp_path):
     assert sorted(r["registrationId"] for r in state["registrations"]) == sorted(r[0].lower() for r in rows)
     assert sorted(m["device_id"] for m in state["messages"] if m["payload"] == "TestMessage") == sorted(r[2] for r in rows)
     assert len(list((work / "headers").glob("*.h"))) == 3
+    # the whole chain: every board on The Things Stack's four servers, the module's AppKey on the Join Server
+    tts = json.loads((work / "tts" / "state.json").read_text())
+    assert sorted(d["device_id"] for d in tts["devices"]) == sorted(f"eui-{r[0].lower()}" for r in rows)
+    assert all(d["servers"] == ["is", "js", "ns", "as"] for d in tts["devices"])
+    assert p.stdout.count("on IS+JS+NS+AS  EU_863_870_TTN MAC_V1_0_2 PHY_V1_0_2_REV_B  Join Server AppKey is the "
+                          "module's") == 3
+    assert "(set)" in json.dumps(tts) and not any("AppKey" in line and "DIFFERS" in line for line in p.stdout.splitlines())
     # nothing is left listening: the emulator's address is free again
     host = p.stdout.split("emulator on ")[1].split(":8883")[0]
     with socket.socket() as s:
         s.bind((host, 8883))
+    tts_host, tts_port = p.stdout.split("The Things Stack emulator on https://")[1].split(",")[0].split(":")
+    with socket.socket() as s:
+        s.bind((tts_host, int(tts_port)))
     # a second run starts clean in the same folder; a folder the demo did not make is refused
     again = subprocess.run([sys.executable, "-m", "flasher", "demo", "--workdir", str(work), "--boards", "1"],
                            capture_output=True, text=True, timeout=120)

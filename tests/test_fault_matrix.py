@@ -66,6 +66,11 @@ for s in ("identify", "program"):
 for s in ("register", "message"):
     for f in ("unplug", "silent", "corrupt"):
         NA[(s, f)] = NA_NO_BOARD
+NA_NETWORK = ("only with --tts-app; the matrix provisions without it (the step is skipped): "
+              "tests/test_tts_pipeline.py gives The Things Stack's faults (401/403, 429/503, a refusing server, a "
+              "kill between servers) through its emulator")
+for f in FAULTS:
+    NA[("network", f)] = NA_NETWORK
 NA[("register", "hub-refusing")] = "registration talks to DPS only; the hub is first contacted in the message step"
 NA[("message", "dps-401")] = "the hub's refusal of the device's credentials is the hub-refusing column"
 NA[("message", "dps-429")] = "DPS is not contacted in the message step (the hub does not throttle in the emulator)"

@@ -33,7 +33,9 @@ def test_board_and_ledger_commands_stay_light(sim_boards, tmp_path):
     argvs = [["keys", "2cf7f12024900138", "--format", "json"], ["ports", "--json"],
              ["eui", "--port", sim.ports[0], "--json"],
              ["verify", "--port", sim.ports[0], "--expect", sim.boards[0].deveui],
-             ["status", "--ledger", str(ledger), "--json"], ["provision", "--help"], ["demo", "--help"]]
+             ["status", "--ledger", str(ledger), "--json"], ["provision", "--help"], ["demo", "--help"],
+             ["tts", "--help"], ["tts", "register", "--help"],
+             ["tts", "export", "--format", "tts-csv", "-o", str(tmp_path / "fleet.csv"), "--ledger", str(ledger)]]
     assert loaded_after(argvs, {"FLASHER_SIMULATED_PORTS": str(sim.ports_file)}) == set()
 
 

@@ -89,3 +89,52 @@ def at_timeout_option(f):
 def id_format_option(f):
     return setting_option("--registration-id-format", name="registration_id_format", metavar="FORMAT",
                           help="How a DevEUI becomes a registration id; {deveui} is its 16 lower-case hex digits")(f)
+
+
+# The Things Stack: the settings the network step, `tts register` and `tts export` read.
+TTS_SETTINGS = ["tts_app", "tts_url", "tts_is_url", "tts_js_url", "tts_ns_url", "tts_as_url", "tts_ca_cert",
+                "tts_device_id_format", "frequency_plan", "lorawan_version", "lorawan_phy_version", "tts_timeout"]
+
+
+def tts_options(f):
+    """``--tts-app``, ``--tts-url`` (and per-server URLs), the API key file and the end device's LoRaWAN values."""
+    for decorate in reversed([
+        setting_option("--tts-app", name="tts_app", metavar="APP_ID"),
+        setting_option("--tts-url", name="tts_url", metavar="URL"),
+        setting_option("--tts-is-url", name="tts_is_url", metavar="URL"),
+        setting_option("--tts-js-url", name="tts_js_url", metavar="URL"),
+        setting_option("--tts-ns-url", name="tts_ns_url", metavar="URL"),
+        setting_option("--tts-as-url", name="tts_as_url", metavar="URL"),
+        setting_option("--tts-ca-cert", name="tts_ca_cert", type=click.Path(dir_okay=False)),
+        setting_option("--tts-device-id-format", name="tts_device_id_format", metavar="FORMAT"),
+        setting_option("--frequency-plan", name="frequency_plan", metavar="ID"),
+        setting_option("--lorawan-version", name="lorawan_version", metavar="VERSION"),
+        setting_option("--lorawan-phy-version", name="lorawan_phy_version", metavar="VERSION"),
+        setting_option("--tts-timeout", name="tts_timeout", metavar="S"),
+        secret_options("tts_api_key"),
+    ]):
+        f = decorate(f)
+    return f
+
+
+def tts_target(s, *, required: bool = False):
+    """The typed :class:`flasher.tts.TtsTarget` from resolved settings, or None when no application is given.
+
+    Every part is checked here, before any board is touched; the API key is loaded
+    only when an application is given (``FLASHER_TTS_API_KEY`` or ``--tts-api-key-file``).
+    """
+    if not s.tts_app:
+        if required:
+            raise click.UsageError("--tts-app is required (or FLASHER_TTS_APP, or tts_app in flasher.toml)")
+        return None
+    from flasher.tts import SERVERS, TtsTarget, check_api_key
+
+    endpoints = {srv: getattr(s, f"tts_{srv}_url") or s.tts_url for srv in SERVERS}
+    missing = [srv for srv, ep in endpoints.items() if ep is None]
+    if missing:
+        raise click.UsageError("--tts-url is required with --tts-app (or FLASHER_TTS_URL, or tts_url in flasher.toml; "
+                               "or every one of --tts-is-url/--tts-js-url/--tts-ns-url/--tts-as-url)")
+    key = check_api_key(s.secret("tts_api_key"))
+    return TtsTarget(s.tts_app, endpoints, key, device_ids=s.tts_device_id_format, frequency_plan=s.frequency_plan,
+                     lorawan_version=s.lorawan_version, lorawan_phy_version=s.lorawan_phy_version,
+                     ca_cert=s.tts_ca_cert, timeout=s.tts_timeout)

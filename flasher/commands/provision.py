@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from flasher.commands.options import (
+    TTS_SETTINGS,
     board_selection_options,
     config_option,
     err,
@@ -17,6 +18,8 @@ from flasher.commands.options import (
     json_line,
     secret_options,
     setting_option,
+    tts_options,
+    tts_target,
 )
 from flasher.errors import EXIT_FAILURE, InputError
 
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
 # Every setting provision reads: the file, the environment and the options resolve the same way as elsewhere.
 PROVISION_SETTINGS = ["id_scope", "dps_host", "ca_cert", "template", "band", "join_eui", "app_key_source",
                       "out_dir", "ledger", "registration_id_format", "timeout", "at_timeout", "concurrency",
-                      "test_message", "fqbn", "sketch", "arduino_cli"]
+                      "test_message", "fqbn", "sketch", "arduino_cli", *TTS_SETTINGS]
 
 
 def app_key_plan(s, source):
@@ -53,6 +56,7 @@ def build_settings(s, *, upload: bool, no_test_message: bool, force: bool, extra
     if not s.id_scope:
         raise click.UsageError("--id-scope is required (or FLASHER_ID_SCOPE, or id_scope in flasher.toml)")
     plan = app_key_plan(s, s.app_key_source)
+    tts = tts_target(s)
     group = s.secret("group_key", prompt=True, warn=err)
     primary = Secret(decode_symmetric_key(group.reveal(), "group primary key"), group.source)
     up = None
@@ -65,7 +69,7 @@ def build_settings(s, *, upload: bool, no_test_message: bool, force: bool, extra
     return Settings(id_scope=s.id_scope, group_key=primary, dps_host=s.dps_host, ca_cert=s.ca_cert,
                     template=s.template, band=s.band, join_eui=s.join_eui, app_key=plan, out_dir=s.out_dir,
                     id_policy=s.registration_id_format, timeout=s.timeout, at_timeout=s.at_timeout,
-                    test_message=None if no_test_message else s.test_message, upload=up, force=force,
+                    test_message=None if no_test_message else s.test_message, upload=up, tts=tts, force=force,
                     extras=parse_sets(extras))
 
 
@@ -105,6 +109,7 @@ def _raise_terminated(signum, _frame):
 @click.option("--set", "extras", multiple=True, metavar="NAME=VALUE", help="Extra header value (repeatable).")
 @click.option("--force", is_flag=True, help="Provision again boards the ledger says are done, or that conflict with it.")
 @setting_option("--concurrency", name="concurrency", metavar="N")
+@tts_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per board on stdout as each finishes.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @group_key_options
@@ -112,6 +117,8 @@ def _raise_terminated(signum, _frame):
 def provision(targets, no_test_message, upload, extras, force, as_json, quiet, **_options):
     """Provision boards in one step: read DevEUI, derive key, render header, program, register, prove, record.
 
+    With --tts-app (and --tts-url, FLASHER_TTS_API_KEY) each board is also registered
+    with The Things Stack (the network step), with the AppKey its module holds.
     Each board's steps are recorded in the ledger as they happen; a rerun resumes
     where a board stopped and skips finished boards (unless --force). A finished
     board whose settings differ now is reported as a conflict and left alone.
@@ -164,13 +171,26 @@ def provision(targets, no_test_message, upload, extras, force, as_json, quiet, *
     return EXIT_FAILURE if failures else 0
 
 
+def _network(record) -> str:
+    """The network step at a glance: ok, skipped, failed, or the servers that hold the device so far (is,js)."""
+    outcome = record.steps.get("network")
+    if outcome in (None, "ok", "skipped") or not record.tts_servers:
+        return outcome or "-"
+    return f"{outcome}({record.tts_servers})"
+
+
 @click.command()
 @setting_option("--ledger", name="ledger", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per board.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV (doubles as an onboarding list for the network server).")
 @config_option
 def status(as_json, as_csv, **_options):
-    """List the boards in the ledger and where each one stands."""
+    """List the boards in the ledger and where each one stands.
+
+    NETWORK is The Things Stack step (ok, skipped, or failed/started with the servers that
+    hold the end device so far, e.g. failed(is,js)); TTS DEVICE its end device id. --json and --csv add
+    tts_app, tts_device_id and tts_servers (and --json each step's outcome).
+    """
     from flasher.ledger import Ledger, write_csv, write_json
     from flasher.settings import from_click
 
@@ -185,8 +205,10 @@ def status(as_json, as_csv, **_options):
         elif as_csv:
             write_csv(records, out)
         else:
-            out.write(f"{'DEVEUI':<16}  {'STATUS':<12} {'STEP':<9} {'HUB':<28} {'DEVICE':<18} ATTEMPTS  LAST ERROR\n")
+            out.write(f"{'DEVEUI':<16}  {'STATUS':<12} {'STEP':<9} {'HUB':<28} {'DEVICE':<18} {'NETWORK':<16} "
+                      f"{'TTS DEVICE':<22} ATTEMPTS  LAST ERROR\n")
             for r in records:
                 out.write(f"{r.deveui:<16}  {r.status:<12} {r.current_step or '-':<9} {r.assigned_hub or '-':<28} "
-                          f"{r.device_id or '-':<18} {r.attempts:>8}  {r.last_error or ''}\n")
+                          f"{r.device_id or '-':<18} {_network(r):<16} {r.tts_device_id or '-':<22} {r.attempts:>8}  "
+                          f"{r.last_error or ''}\n")
     return 0

@@ -14,7 +14,7 @@ from flasher.commands.options import err, json_line
 
 @click.group()
 def simulate():
-    """Run the built-in simulators: boards on pseudo-terminals, a local DPS + IoT Hub."""
+    """Run the built-in simulators: boards on pseudo-terminals, a local DPS + IoT Hub, a local The Things Stack."""
 
 
 @simulate.command("boards")
@@ -114,6 +114,84 @@ def simulate_dps(enrollments_file, host, port, cert_dir, ca_cert_out, state_file
         for s, h in previous.items():
             signal.signal(s, h)
     err("DPS emulator stopped")
+    return 0
+
+
+@simulate.command("tts")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to bind.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8885, show_default=True,
+              help="Port for all four servers (0: any free one).")
+@click.option("--app", "apps", multiple=True, metavar="APP_ID",
+              help="An application to create (repeatable) [default: flasher].")
+@click.option("--cert-dir", type=click.Path(file_okay=False),
+              help="Where the CA, server certificate and API key file live [~/.cache/flasher/tts-emulator].")
+@click.option("--ca-cert-out", type=click.Path(dir_okay=False), help="Also copy the CA certificate (PEM) here.")
+@click.option("--state", "state_file", type=click.Path(dir_okay=False),
+              help="Keep applications, devices and request counts in this JSON file (AppKeys masked).")
+@click.option("--latency", type=click.FloatRange(min=0), default=0.0, metavar="S", help="Delay before every answer.")
+@click.option("--throttle", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Answer the first N requests 429 (X-Rate-Limit-Retry: 1).")
+@click.option("--unavailable", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Answer the first N requests 503.")
+@click.option("--refuse", "refused", multiple=True, type=click.Choice(["is", "js", "ns", "as"]),
+              help="This server answers 503 to everything (repeatable).")
+def simulate_tts(host, port, apps, cert_dir, ca_cert_out, state_file, latency, throttle, unavailable, refused):
+    """Run a local The Things Stack (Identity, Join, Network, Application Server) over HTTPS until Ctrl-C.
+
+    Prints its base URL on stdout. The API key (all rights on every application) is in
+    <cert-dir>/api-key (mode 0600), kept across restarts like the CA: pass it with
+    --tts-api-key-file, and the CA with --tts-ca-cert.
+
+    \b
+    Example:
+      flasher simulate tts --app my-fleet &
+      flasher provision --all ... --tts-app my-fleet --tts-url https://127.0.0.1:8885 \\
+          --tts-ca-cert ~/.cache/flasher/tts-emulator/ca.pem --tts-api-key-file ~/.cache/flasher/tts-emulator/api-key
+    """
+    import signal
+    import threading
+    from pathlib import Path
+
+    from flasher.errors import InputError
+    from flasher.files import atomic_write, make_private_dirs
+    from flasher.sim.tts import TtsEmulator, default_cert_dir, read_or_make_key
+
+    if not host.startswith("127.") and host not in ("localhost", "::1"):
+        raise InputError(f"--host {host!r}: a loopback address: the emulator is for this machine only")
+    folder = Path(cert_dir) if cert_dir else default_cert_dir()
+    make_private_dirs(folder)
+    emu = TtsEmulator(host, port, cert_dir=folder, applications=list(apps) or ["flasher"], state_file=state_file)
+    key_file = folder / "api-key"
+    read_or_make_key(emu, key_file)
+    if latency:
+        emu.set_latency(latency)
+    if throttle:
+        emu.fail_next(throttle, 429)
+    if unavailable:
+        emu.fail_next(unavailable, 503)
+    for server in refused:
+        emu.refuse(server)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with emu:
+            assert emu.ca_cert_path is not None
+            ca = emu.ca_cert_path
+            if ca_cert_out:
+                atomic_write(ca_cert_out, ca.read_bytes(), mode=0o644)
+                ca = Path(ca_cert_out)
+            click.echo(emu.url)
+            sys.stdout.flush()
+            err(f"The Things Stack emulator (IS, JS, NS, AS) on {emu.url}, application(s) "
+                f"{', '.join(emu.state()['applications'])}; API key (all rights) in {key_file}")
+            err(f"try: flasher tts register ... --tts-app {emu.state()['applications'][0]} --tts-url {emu.url} "
+                f"--tts-ca-cert {ca} --tts-api-key-file {key_file}")
+            err("Ctrl-C to stop")
+            stop.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    err("The Things Stack emulator stopped")
     return 0
 
 

@@ -13,6 +13,30 @@ def module_keyed(board) -> bool:
     return board.done_earlier("render") and board.done_earlier("program")
 
 
+def module_app_key(plan, dev_eui, header_text: str | None, header: str):
+    """The AppKey a module was programmed with, as a Secret, or None if nothing can tell.
+
+    The header it was programmed from (checked unchanged by the caller) is the truth when
+    it carries the key (the shipped device templates do); otherwise a ``derived`` or
+    ``given`` key is computed again. A ``random`` key whose header does not carry it is lost.
+    """
+    from flasher.errors import InputError
+    from flasher.header import read_app_key
+    from flasher.keys import AppKeySource
+    from flasher.secrets import Secret
+
+    if header_text is not None:
+        try:
+            in_header = read_app_key(header_text)
+        except InputError as exc:
+            raise Conflict(f"header {header!r}: {exc}") from None
+        if in_header is not None:
+            return Secret(in_header, f"header {header}")
+    if plan is not None and plan.source is not AppKeySource.RANDOM:
+        return plan.key_for(dev_eui)
+    return None
+
+
 def _header_data(s, dev_eui, app_key: bytes, registration_id: str, device_key: str):
     from flasher.header import build_header_data
 
@@ -31,14 +55,19 @@ class Render(Step):
         """The module already holds the AppKey in this header: it must be the same file, unchanged."""
         path = Path(board.record.header_path or "")
         try:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            data: bytes | None = path.read_bytes()
         except OSError:
-            digest = None
+            data = None
+        digest = hashlib.sha256(data).hexdigest() if data is not None else None
         if digest != board.record.header_sha256:
             state = "is missing" if digest is None else "changed"
             raise Conflict(f"header {str(path)!r} {state} since the module was programmed; "
                            f"rerun with --force to provision this board again")
         board.header_path = path
+        # later steps (network) need the module's AppKey: the header's, or the same source's again
+        assert data is not None
+        board.app_key = module_app_key(board.settings.app_key, board.dev_eui, data.decode("utf-8", "replace"),
+                                       str(path))
 
     def preflight(self, settings) -> None:
         """A trial render with a placeholder board: a missing/broken template or bad --set fails once, here."""
