@@ -30,6 +30,7 @@ from flasher.errors import FlasherError
 from flasher.eui import EUI64
 from flasher.identity import RegistrationIdPolicy
 from flasher.keys import AppKeyPlan, AppKeySource
+from flasher.labels import LabelPlan
 from flasher.ledger import BoardClaimed, BoardRecord, Ledger, LedgerError
 from flasher.progress import DONE, BoardEvent, NullReporter, Reporter, StepState
 from flasher.secrets import Secret
@@ -37,6 +38,7 @@ from flasher.states import BoardStatus, ResultStatus, StepOutcome
 from flasher.steps import Conflict, Step
 from flasher.steps.derive import Derive
 from flasher.steps.identify import Identify
+from flasher.steps.label import Label
 from flasher.steps.message import Message
 from flasher.steps.program import Program
 from flasher.steps.register import Register
@@ -54,6 +56,7 @@ STEPS: list[Step] = [
     UploadStep(),
     Register(),
     Message(),
+    Label(),
 ]
 
 
@@ -88,6 +91,7 @@ class Settings:
     upload: Upload | None = None
     force: bool = False
     extras: dict = field(default_factory=dict)
+    labels: LabelPlan | None = None         # --labels DIR: the label step writes there
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_key, Secret):

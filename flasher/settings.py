@@ -98,6 +98,18 @@ def _ca_cert(value: Any, where: str):
     return load_ca_cert(str(value))
 
 
+def _id16(value: Any, where: str) -> int:
+    from flasher.tr005 import parse_id16
+
+    return parse_id16(str(value), where)
+
+
+def _sheet(value: Any, where: str):
+    from flasher.labels import parse_sheet
+
+    return parse_sheet(str(value), where)
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting. ``name`` is also the keyword a command's option stores into."""
@@ -160,6 +172,15 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("fqbn", "board FQBN for --upload", default="Seeeduino:samd:rolawan"),
     Setting("sketch", "sketch folder for --upload (default: the shipped flasher_otaa)", path=True),
     Setting("arduino_cli", "arduino-cli executable (default: found on PATH)"),
+    Setting("labels", "write each board's label (TR005 QR code and DevEUI, PNG and SVG) into this folder", path=True),
+    Setting("label_vendor_id", "TR005 vendor id on labels: 4 hex digits from the LoRa Alliance", default="0000",
+            parse=_id16),
+    Setting("label_model_id", "TR005 model id on labels: 4 hex digits of the vendor's choosing", default="0000",
+            parse=_id16),
+    Setting("label_sheet", "PDF label sheet: a4, a4-65, letter, or PAGE:COLSxROWS", default="a4", option="--sheet",
+            parse=_sheet),
+    Setting("station_settle", "seconds a newly plugged port must stay before its board is started", default=1.0,
+            option="--settle", parse=_seconds(0.0, 60.0), toml_type=(int, float)),
 ]}
 
 SECRETS: dict[str, SecretSetting] = {s.name: s for s in [
