@@ -22,6 +22,7 @@ board, and a board that comes back under a new name is the same one), else by it
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,14 +45,15 @@ log = logging.getLogger("flasher.station")
 IDENTIFY_RETRIES = 1  # a board that never answered AT+ID is tried once more after settling again
 
 
-def discover() -> list[PortInfo]:
-    """Boards running a sketch, real and simulated. A simulator's ports file that has gone (the simulator stopped)
-    means no simulated boards, not a station that stops: it is said once in the log."""
+def discover(simulated: str | os.PathLike | None = None) -> list[PortInfo]:
+    """Boards running a sketch, real and simulated (``$FLASHER_SIMULATED_PORTS``, or only the ports file
+    ``simulated`` when given: the demo's, with no real board). A simulator's ports file that has gone (the
+    simulator stopped) means no simulated boards, not a station that stops: it is said once in the log."""
     from serial.tools import list_ports
 
-    found = classify(list_ports.comports())
+    found = classify(list_ports.comports()) if simulated is None else []
     try:
-        found += load_simulated()
+        found += load_simulated(simulated)
     except FlasherError as exc:
         if not _warned.is_set():
             _warned.set()

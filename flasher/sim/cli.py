@@ -171,9 +171,30 @@ def simulate_dps(enrollments_file, host, port, cert_dir, ca_cert_out, state_file
                    "[default: flasher-demo]")
 @click.option("--bind", metavar="ADDRESS", help="Loopback address for the DPS emulator (port 8883) [default: 127.0.0.1, "
               "or the first free 127.0.0.x].")
-def demo(boards, workdir, bind):
+@click.option("--station", "station_mode", is_flag=True,
+              help="Station mode: boards are plugged in one after another and each is provisioned as it arrives.")
+@click.option("--plug-every", type=click.FloatRange(min=0.1), default=1.5, show_default=True, metavar="SECONDS",
+              help="With --station: seconds between two boards being plugged in.")
+@click.option("--no-bell", is_flag=True, help="With --station: no terminal bell.")
+def demo(boards, workdir, bind, station_mode, plug_every, no_bell):
     """Provision simulated boards end to end against the local DPS emulator (no hardware, no Azure)."""
     from flasher import progress as progress_mod
-    from flasher.demo import run_demo
+    from flasher.demo import run_demo, run_station_demo
 
-    return run_demo(workdir, boards, progress_mod.for_stream(), lambda line: click.echo(line), bind=bind)
+    if not station_mode:
+        return run_demo(workdir, boards, progress_mod.for_stream(), lambda line: click.echo(line), bind=bind)
+    import signal
+
+    previous: dict = {}
+
+    def install_stop(stop) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop())
+
+    try:
+        return run_station_demo(workdir, boards, progress_mod.for_station(bell=not no_bell),
+                                lambda line: click.echo(line), bind=bind, plug_every=plug_every,
+                                install_stop=install_stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
