@@ -128,12 +128,12 @@ def run_station_demo(workdir: str | None, boards: int, progress, echo, bind: str
             timer.join()
 
     with ExitStack() as stack:
-        stack.callback(stop_timers)
         host = bind or free_loopback(prefer=("127.0.0.1",))
         echo(f"demo: station mode, {boards} simulated boards plugged in one every {plug_every:g} s, "
              f"DPS + IoT Hub emulator on {host}:8883, work dir {work}")
         sim = stack.enter_context(BoardSimulator(count=boards, state_dir=work / "boards", plugged=0,
                                                  plug_every=plug_every))
+        stack.callback(stop_timers)  # before the simulator closes: no replug may come after
         if flaky is not None:
             sim.boards[flaky].faults.unplug_after = 4   # AT, AT+ID twice, then gone while programming
         emu, group_key = _start_emulator(stack, work, host)

@@ -45,16 +45,19 @@ log = logging.getLogger("flasher.station")
 IDENTIFY_RETRIES = 1  # a board that never answered AT+ID is tried once more after settling again
 
 
-def discover(simulated: str | os.PathLike | None = None) -> list[PortInfo]:
+def discover(simulated: str | os.PathLike | None = None, *, strict: bool = False) -> list[PortInfo]:
     """Boards running a sketch, real and simulated (``$FLASHER_SIMULATED_PORTS``, or only the ports file
-    ``simulated`` when given: the demo's, with no real board). A simulator's ports file that has gone (the
-    simulator stopped) means no simulated boards, not a station that stops: it is said once in the log."""
+    ``simulated`` when given: the demo's, with no real board). Once the station runs, a simulator's ports file that
+    has gone (the simulator stopped) means no simulated boards, not a station that stops: it is said once in the
+    log. ``strict`` (the check before the station starts) raises instead."""
     from serial.tools import list_ports
 
     found = classify(list_ports.comports()) if simulated is None else []
     try:
         found += load_simulated(simulated)
     except FlasherError as exc:
+        if strict:
+            raise
         if not _warned.is_set():
             _warned.set()
             log.warning("%s; watching real ports only until it is back", exc)

@@ -51,13 +51,14 @@ def station(udev, no_bell, as_json, quiet, no_test_message, upload, extras, forc
     from flasher.ledger import Ledger
     from flasher.pipeline import preflight
     from flasher.settings import from_click
-    from flasher.station import Station
+    from flasher.station import Station, discover
 
     s = from_click(STATION_SETTINGS)
     if _options.get("app_key") and s.app_key_source not in (None, "given"):
         raise InputError("--app-key is for --app-key-source given")
     settings = build_settings(s, upload=upload, no_test_message=no_test_message, force=force, extras=extras)
     preflight(settings, [])   # everything checkable is checked before the ledger or a board is touched
+    discover(strict=True)     # and so is the port listing ($FLASHER_SIMULATED_PORTS naming no file, say)
     ledger = Ledger(s.ledger)
     reporter = progress.for_station(json_stream=sys.stdout if as_json else None, bell=not no_bell, quiet=quiet)
     bench = Station(settings, ledger, reporter, settle=s.station_settle, concurrency=s.concurrency, udev=udev)
