@@ -128,14 +128,23 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(cli, tmp_path, ar
     assert not (tmp_path / "o").exists() and out == ""
 
 
-def test_a_sheet_has_as_many_pages_as_it_needs(tmp_path):
-    sheet = parse_sheet("a4-65")
-    labels = [label_for(f"{i:016X}", "70B3D57ED003F06A") for i in range(1, 67)]
+@pytest.mark.parametrize("name, size", [("a4:2x2", [595, 842]), ("letter:1x4", [612, 792])])
+def test_a_sheet_has_as_many_pages_as_it_needs(tmp_path, name, size):
+    sheet = parse_sheet(name)
+    labels = [label_for(f"{i:016X}", "70B3D57ED003F06A") for i in range(1, 6)]
     assert write_sheet_pdf(labels, tmp_path / "s.pdf", sheet) == 2
     pdf = pypdf.PdfReader(tmp_path / "s.pdf")
-    assert len(pdf.pages) == 2 == math.ceil(66 / sheet.per_page)
-    assert [round(float(v)) for v in pdf.pages[0].mediabox[2:]] == [595, 842]   # A4 in points
-    assert pdf.pages[1].extract_text().count("DevEUI") == 1 and f"{66:016X}" in pdf.pages[1].extract_text()
+    assert len(pdf.pages) == 2 == math.ceil(5 / sheet.per_page)
+    assert [round(float(v)) for v in pdf.pages[0].mediabox[2:]] == size   # the page, in points
+    assert pdf.pages[0].extract_text().count("DevEUI") == 4 and pdf.pages[1].extract_text().count("DevEUI") == 1
+    assert f"{5:016X}" in pdf.pages[1].extract_text() and f"{5:016X}" not in pdf.pages[0].extract_text()
+
+
+def test_named_sheets_fit_their_page():
+    for sheet in SHEETS.values():
+        right, bottom = sheet.cell(sheet.per_page - 1)
+        assert 0 < right + sheet.label[0] <= sheet.page[0] + 0.01 and 0 < bottom + sheet.label[1] <= sheet.page[1] + 0.01
+        assert sheet.cell(sheet.per_page) == sheet.cell(0)   # the next page starts over
 
 
 BLOCK_SEGNO = "import sys; sys.modules['segno'] = None\nfrom flasher.cli import main\nmain(sys.argv[1:])\n"

@@ -220,7 +220,9 @@ def test_the_screen_on_a_real_terminal_shows_verdicts_in_colour_and_rings(sim_bo
     sim = sim_boards(2, seed=1616, plugged=0)
     sim.boards[1].faults.silent = True   # never answers: fails at identify (after one more try)
     term = Terminal(110, 16)
-    proc = station_cli(dps_emulator, tmp_path, sim, "--json", stderr=term.slave)
+    (tmp_path / "flasher.toml").write_text("at_timeout = 0.4\n")   # the silent board fails sooner
+    proc = station_cli(dps_emulator, tmp_path, sim, "--json", "--config", str(tmp_path / "flasher.toml"),
+                       stderr=term.slave)
     events = Events()
     reader = threading.Thread(target=read_json_lines, args=(proc.stdout, events))
     reader.start()
