@@ -287,7 +287,8 @@ class _Recorder:
                 log.info("%s: settings changed since the last attempt (%s); starting over", b.deveui, _describe(changed))
                 self.ledger.reset(b.key)
         fingerprint.pop("registration_id")
-        b.record = self.ledger.begin(b.key, b.registration_id, port=b.port, **fingerprint)
+        usb = {"serial_number": b.serial_number} if b.serial_number else {}
+        b.record = self.ledger.begin(b.key, b.registration_id, port=b.port, **usb, **fingerprint)
         for name, detail in self.early:
             self.ledger.step_finished(b.key, name, StepOutcome.OK, detail)
         return True
@@ -341,9 +342,12 @@ def preflight(settings: Settings, ports: list[str]) -> None:
 
 
 def provision_board(port: str, settings: Settings, ledger: Ledger, reporter: Reporter | None = None,
-                    stop: threading.Event | None = None) -> BoardResult:
-    """Run one board through every step it has not finished; ``stop`` ends it at the next step boundary."""
-    board = Board(port, settings, reporter or NullReporter(), stop or threading.Event())
+                    stop: threading.Event | None = None, serial_number: str | None = None) -> BoardResult:
+    """Run one board through every step it has not finished; ``stop`` ends it at the next step boundary.
+
+    ``serial_number``: the port's USB serial number when the caller found the board by it (the station), recorded
+    in the ledger and printed on its label."""
+    board = Board(port, settings, reporter or NullReporter(), stop or threading.Event(), serial_number=serial_number)
     return _Recorder(board, ledger).run()
 
 

@@ -246,7 +246,7 @@ class Station:
         slot.step = "identify"
         self._emit(StationKind.STARTED, slot, detail=f"try {slot.tries}" if slot.tries > 1 else "")
         slot.future = self._pool.submit(provision_board, slot.port, self.settings, self.ledger, _Observer(self),
-                                        slot.stop)
+                                        slot.stop, slot.serial_number)
         slot.future.add_done_callback(lambda _f: self._wake.set())
 
     def _collect(self, slot: _Slot, now: float) -> None:

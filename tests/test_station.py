@@ -123,6 +123,7 @@ def test_boards_plugged_over_time_each_provisioned_once_an_unplugged_one_resumed
             assert ledger.get(board.deveui).status == "provisioned"
             assert registrations(dps_emulator, board.deveui.lower()) == 1, board.index
         assert [ledger.get(board.deveui).attempts for board in b[:4]] == [1, 1, 1, 2]
+        assert [ledger.get(board.deveui).serial_number for board in b[1:]] == [board.serial_number for board in b[1:]]
         row = ledger.get(b[4].deveui)
         assert row.steps["program"] == "ok" and row.current_step == stopped.step == "upload" and row.status == "failed"
         assert registrations(dps_emulator, b[4].deveui.lower()) == 0
