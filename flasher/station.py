@@ -47,22 +47,25 @@ IDENTIFY_RETRIES = 1  # a board that never answered AT+ID is tried once more aft
 
 def discover(simulated: str | os.PathLike | None = None, *, strict: bool = False) -> list[PortInfo]:
     """Boards running a sketch, real and simulated (``$FLASHER_SIMULATED_PORTS``, or only the ports file
-    ``simulated`` when given: the demo's, with no real board). Once the station runs, a simulator's ports file that
-    has gone (the simulator stopped) means no simulated boards, not a station that stops: it is said once in the
-    log. ``strict`` (the check before the station starts) raises instead."""
+    ``simulated`` when given: the demo's, with no real board).
+
+    Once the station runs, a simulator's ports file that has gone (the simulator stopped) means no simulated boards,
+    said once in the log; ``strict`` (the check before the station starts) refuses it instead. A file that is there
+    but cannot be read whole raises: that look tells nothing, and the station skips it rather than take every
+    board for unplugged."""
     from serial.tools import list_ports
 
+    from flasher.ports import SIMULATED_PORTS_ENV
+
     found = classify(list_ports.comports()) if simulated is None else []
-    try:
-        found += load_simulated(simulated)
-    except FlasherError as exc:
-        if strict:
-            raise
+    path = simulated if simulated is not None else os.environ.get(SIMULATED_PORTS_ENV)
+    if path and not strict and not os.path.exists(path):
         if not _warned.is_set():
             _warned.set()
-            log.warning("%s; watching real ports only until it is back", exc)
+            log.warning("%s: no such file; watching real ports only until it is back", path)
     else:
         _warned.clear()
+        found += load_simulated(path)
     return [p for p in found if p.board == APP]
 
 
@@ -123,6 +126,7 @@ class Station:
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
+        self._find_error = ""
 
     # --- control ---------------------------------------------------------------------------------------------------
 
@@ -168,8 +172,10 @@ class Station:
     def _find_quietly(self) -> list[PortInfo] | None:
         try:
             return self.find()
-        except FlasherError as exc:  # a port listing that failed once: look again at the next poll
-            log.warning("cannot list serial ports: %s", exc)
+        except (FlasherError, OSError) as exc:  # a listing that failed (a ports file mid-write): look again soon
+            if str(exc) != self._find_error:
+                log.warning("cannot list serial ports (%s); looking again", exc)
+            self._find_error = str(exc)
             return None
 
     def _next_wait(self) -> float:

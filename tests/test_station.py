@@ -338,3 +338,40 @@ def test_a_board_that_never_settles_is_never_started(sim_boards, dps_emulator, t
         assert not events.of(sim.boards[0], StationKind.STARTED) and ledger.all() == []
         assert sim.boards[0].commands == 0
     assert events.events[-1].tally == Tally()
+
+
+def test_boards_from_another_simulator_and_a_ports_file_written_in_place(mini_module, dps_emulator, tmp_path):
+    """The station trusts no detail of flasher's own simulator: these boards are the independent MiniModule (another
+    dialect implementation), listed by a ports file this test writes itself, in place (readers can catch it half
+    written), with integer USB ids and one board without a serial number."""
+    ports_file = tmp_path / "ports.json"
+    ports_file.write_text("[]")
+    mods = [mini_module(deveui="47:86:c5:8b:00:00:00:01"), mini_module(deveui="47:86:c5:8b:00:00:00:02", sep=",")]
+    entries = [{"device": mods[0].path, "vid": 0x2886, "pid": 0x800C, "serial_number": "MINI-0001"},
+               {"device": mods[1].path, "vid": 0x2886, "pid": 0x800C}]
+    events = Events()
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        bench = Station(settings_for(dps_emulator, tmp_path, test_message=None), ledger, events, settle=0.2,
+                        poll=0.01, find=lambda: discover(ports_file), udev=False)
+        runner = threading.Thread(target=bench.run)
+        runner.start()
+        try:
+            events.wait("ready", lambda e: e.kind is StationKind.READY)
+            for n in (1, 2):
+                with open(ports_file, "w") as f:   # not atomic: the station polls every 10 ms while this writes
+                    for chunk in (json.dumps(entries[:n])[i:i + 7] for i in range(0, 400, 7)):
+                        f.write(chunk)
+                        f.flush()
+            for eui in ("4786C58B00000001", "4786C58B00000002"):
+                events.wait(f"{eui} done", lambda e, eui=eui: isinstance(e, StationEvent)
+                            and e.kind is StationKind.VERDICT and e.deveui == eui and e.verdict is Verdict.DONE)
+        finally:
+            bench.stop()
+            runner.join(DEADLINE)
+        assert events.events[-1].tally == Tally(done=2)
+        assert [ledger.get(e).status for e in ("4786C58B00000001", "4786C58B00000002")] == ["provisioned"] * 2
+        assert ledger.get("4786C58B00000001").serial_number == "MINI-0001"
+    for mod in mods:
+        assert mod.values["appeui"].replace(":", "").upper() == JOIN_EUI and mod.values["mode"] == "LWOTAA"
+        assert len(mod.values["appkey"]) == 32
+    assert not any(isinstance(e, StationEvent) and e.kind is StationKind.UNPLUGGED for e in events.events)
