@@ -85,6 +85,9 @@ class Sheet:
     pitch: tuple[float, float]
     description: str = ""
 
+    def __str__(self) -> str:
+        return self.name
+
     @property
     def per_page(self) -> int:
         return self.cols * self.rows

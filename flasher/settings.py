@@ -98,10 +98,11 @@ def _ca_cert(value: Any, where: str):
     return load_ca_cert(str(value))
 
 
-def _id16(value: Any, where: str) -> int:
+def _id16(value: Any, where: str) -> str:
+    """4 upper-case hex digits, as TR005 writes them (and `flasher config` shows them)."""
     from flasher.tr005 import parse_id16
 
-    return parse_id16(str(value), where)
+    return f"{parse_id16(str(value), where):04X}"
 
 
 def _sheet(value: Any, where: str):

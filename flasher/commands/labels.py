@@ -82,7 +82,7 @@ def labels(deveuis, input_file, out_dir, formats, pdf_path, as_json, **_options)
     for eui in wanted:
         rec = known.get(eui)
         join = rec.join_eui if rec is not None and rec.join_eui else s.join_eui
-        made.append(label_for(eui, join, vendor_id=s.label_vendor_id, model_id=s.label_model_id,
+        made.append(label_for(eui, join, vendor_id=int(s.label_vendor_id, 16), model_id=int(s.label_model_id, 16),
                               serial=rec.serial_number if rec is not None else None))
     if out_dir:
         from flasher.files import make_private_dirs

@@ -63,7 +63,7 @@ def build_settings(s, *, upload: bool, no_test_message: bool, force: bool, extra
     from flasher.labels import LabelPlan
     from flasher.pipeline import Settings
 
-    labels = LabelPlan(s.labels, s.label_vendor_id, s.label_model_id) if s.labels else None
+    labels = LabelPlan(s.labels, int(s.label_vendor_id, 16), int(s.label_model_id, 16)) if s.labels else None
     return Settings(id_scope=s.id_scope, group_key=primary, dps_host=s.dps_host, ca_cert=s.ca_cert,
                     template=s.template, band=s.band, join_eui=s.join_eui, app_key=plan, out_dir=s.out_dir,
                     id_policy=s.registration_id_format, timeout=s.timeout, at_timeout=s.at_timeout,
