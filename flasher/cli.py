@@ -24,6 +24,7 @@ from flasher.secrets import Redactor
 # name -> "module:attribute"; the order is the order of `flasher --help`.
 COMMANDS = {
     "provision": "flasher.commands.provision:provision",
+    "station": "flasher.commands.station:station",
     "status": "flasher.commands.provision:status",
     "keys": "flasher.commands.keys:keys",
     "header": "flasher.commands.header:header",
@@ -32,6 +33,7 @@ COMMANDS = {
     "ports": "flasher.commands.board:ports_cmd",
     "eui": "flasher.commands.board:eui",
     "verify": "flasher.commands.board:verify",
+    "labels": "flasher.commands.labels:labels",
     "config": "flasher.commands.config:config_cmd",
     "simulate": "flasher.sim.cli:simulate",
     "demo": "flasher.sim.cli:demo",

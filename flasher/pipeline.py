@@ -30,6 +30,7 @@ from flasher.errors import FlasherError
 from flasher.eui import EUI64
 from flasher.identity import RegistrationIdPolicy
 from flasher.keys import AppKeyPlan, AppKeySource
+from flasher.labels import LabelPlan
 from flasher.ledger import BoardClaimed, BoardRecord, Ledger, LedgerError
 from flasher.progress import DONE, BoardEvent, NullReporter, Reporter, StepState
 from flasher.secrets import Secret
@@ -37,6 +38,7 @@ from flasher.states import BoardStatus, ResultStatus, StepOutcome
 from flasher.steps import Conflict, Step
 from flasher.steps.derive import Derive
 from flasher.steps.identify import Identify
+from flasher.steps.label import Label
 from flasher.steps.message import Message
 from flasher.steps.network import Network
 from flasher.steps.program import Program
@@ -59,6 +61,7 @@ STEPS: list[Step] = [
     Network(),
     Register(),
     Message(),
+    Label(),
 ]
 
 
@@ -94,6 +97,7 @@ class Settings:
     tts: TtsTarget | None = None            # The Things Stack (--tts-app): the network step
     force: bool = False
     extras: dict = field(default_factory=dict)
+    labels: LabelPlan | None = None         # --labels DIR: the label step writes there
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_key, Secret):
@@ -298,7 +302,8 @@ class _Recorder:
                 log.info("%s: settings changed since the last attempt (%s); starting over", b.deveui, _describe(changed))
                 self.ledger.reset(b.key)
         fingerprint.pop("registration_id")
-        b.record = self.ledger.begin(b.key, b.registration_id, port=b.port, **fingerprint)
+        usb = {"serial_number": b.serial_number} if b.serial_number else {}
+        b.record = self.ledger.begin(b.key, b.registration_id, port=b.port, **usb, **fingerprint)
         for name, detail in self.early:
             self.ledger.step_finished(b.key, name, StepOutcome.OK, detail)
         return True
@@ -353,9 +358,12 @@ def preflight(settings: Settings, ports: list[str]) -> None:
 
 
 def provision_board(port: str, settings: Settings, ledger: Ledger, reporter: Reporter | None = None,
-                    stop: threading.Event | None = None) -> BoardResult:
-    """Run one board through every step it has not finished; ``stop`` ends it at the next step boundary."""
-    board = Board(port, settings, reporter or NullReporter(), stop or threading.Event())
+                    stop: threading.Event | None = None, serial_number: str | None = None) -> BoardResult:
+    """Run one board through every step it has not finished; ``stop`` ends it at the next step boundary.
+
+    ``serial_number``: the port's USB serial number when the caller found the board by it (the station), recorded
+    in the ledger and printed on its label."""
+    board = Board(port, settings, reporter or NullReporter(), stop or threading.Event(), serial_number=serial_number)
     return _Recorder(board, ledger).run()
 
 

@@ -135,6 +135,17 @@ def _phy_version(value: Any, where: str) -> str:
     from flasher.tts import parse_phy_version
 
     return parse_phy_version(str(value), where)
+def _id16(value: Any, where: str) -> str:
+    """4 upper-case hex digits, as TR005 writes them (and `flasher config` shows them)."""
+    from flasher.tr005 import parse_id16
+
+    return f"{parse_id16(str(value), where):04X}"
+
+
+def _sheet(value: Any, where: str):
+    from flasher.labels import parse_sheet
+
+    return parse_sheet(str(value), where)
 
 
 @dataclass(frozen=True)
@@ -221,6 +232,15 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             default="1.0.2-b", parse=_phy_version),
     Setting("tts_timeout", "seconds for each board's network step, retries of 429/503 included", default=60.0,
             parse=_seconds(1.0), toml_type=(int, float)),
+    Setting("labels", "write each board's label (TR005 QR code and DevEUI, PNG and SVG) into this folder", path=True),
+    Setting("label_vendor_id", "TR005 vendor id on labels: 4 hex digits from the LoRa Alliance", default="0000",
+            parse=_id16),
+    Setting("label_model_id", "TR005 model id on labels: 4 hex digits of the vendor's choosing", default="0000",
+            parse=_id16),
+    Setting("label_sheet", "PDF label sheet: a4, a4-65, letter, or PAGE:COLSxROWS", default="a4", option="--sheet",
+            parse=_sheet),
+    Setting("station_settle", "seconds a newly plugged port must stay before its board is started", default=1.0,
+            option="--settle", parse=_seconds(0.0, 60.0), toml_type=(int, float)),
 ]}
 
 SECRETS: dict[str, SecretSetting] = {s.name: s for s in [

@@ -36,3 +36,13 @@ class ResultStatus(StrEnum):
     FAILED = "failed"
     CONFLICT = "conflict"   # provisioned earlier with other settings, or its header changed: left alone
     BUSY = "busy"           # another run holds the board's claim in the ledger
+
+
+class Verdict(StrEnum):
+    """What ``flasher station`` says of a board when it stops working on it (its ``--json`` ``verdict``)."""
+
+    DONE = "done"                   # provisioned now
+    ALREADY_DONE = "already_done"   # the ledger says it was provisioned before, with these settings
+    FAILED = "failed"               # failed, conflict, or busy in another run: unplug and replug it to retry
+    UNPLUGGED = "unplugged"         # unplugged mid-way: the ledger says where; plugging it back resumes there
+    STOPPED = "stopped"             # Ctrl-C or SIGTERM stopped it at a step boundary; the next run resumes there

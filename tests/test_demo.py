@@ -49,3 +49,22 @@ def test_demo_provisions_three_boards_and_stops_everything(tmp_path):
                              text=True, timeout=60)
     assert refused.returncode == 2 and "not made by 'flasher demo'" in refused.stderr
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_demo_station_mode_boards_arrive_one_resumes_and_everything_stops(tmp_path):
+    work = tmp_path / "demo"
+    p = subprocess.run([sys.executable, "-m", "flasher", "demo", "--station", "--boards", "3", "--plug-every", "0.3",
+                        "--workdir", str(work), "--bind", free_loopback()], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    assert "demo: 3 done, 0 failed, 0 already done" in p.stdout
+    verdicts = [line.split(": verdict: ")[1].split(":")[0] for line in p.stderr.splitlines() if ": verdict: " in line]
+    assert sorted(verdicts) == ["done", "done", "done", "unplugged"]   # the third board was pulled out once
+    assert "resumes at program" in p.stderr
+    rows = sqlite3.connect(work / "ledger.sqlite3").execute("SELECT status, attempts FROM boards").fetchall()
+    assert sorted(rows) == [("provisioned", 1), ("provisioned", 1), ("provisioned", 2)]
+    assert len(list((work / "labels").glob("*.png"))) == 3
+    host = p.stdout.split("emulator on ")[1].split(":8883")[0]
+    with socket.socket() as s:
+        s.bind((host, 8883))
+    assert not (work / "boards" / "ports.json").exists()

@@ -55,11 +55,14 @@ NA_UPLOAD = ("only with --upload: arduino-cli and a SAMD bootloader cannot run h
              "step with a stand-in)")
 NA_NO_BOARD = "the board is closed after programming; a board fault cannot reach this step"
 NA_NO_DPS = "no DPS or hub traffic happens in this step"
+NA_LABEL = ("only with --labels: two files written from values earlier steps recorded, no board, DPS or hub "
+            "traffic (tests/test_labels.py and tests/test_station.py cover it)")
 NA = {}
 for f in FAULTS:
     NA[("derive", f)] = NA_PURE
     NA[("render", f)] = NA_PURE
     NA[("upload", f)] = NA_UPLOAD
+    NA[("label", f)] = NA_LABEL
 for s in ("identify", "program"):
     for f in ("dps-401", "dps-429", "dps-unreachable", "hub-refusing"):
         NA[(s, f)] = NA_NO_DPS

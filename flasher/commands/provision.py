@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 # Every setting provision reads: the file, the environment and the options resolve the same way as elsewhere.
 PROVISION_SETTINGS = ["id_scope", "dps_host", "ca_cert", "template", "band", "join_eui", "app_key_source",
                       "out_dir", "ledger", "registration_id_format", "timeout", "at_timeout", "concurrency",
-                      "test_message", "fqbn", "sketch", "arduino_cli", *TTS_SETTINGS]
+                      "test_message", "fqbn", "sketch", "arduino_cli", *TTS_SETTINGS, "labels", "label_vendor_id",
+                      "label_model_id"]
 
 
 def app_key_plan(s, source):
@@ -64,13 +65,15 @@ def build_settings(s, *, upload: bool, no_test_message: bool, force: bool, extra
         from flasher.arduino import default_sketch, find_arduino_cli
 
         up = Upload(sketch=str(s.sketch or default_sketch()), fqbn=s.fqbn, arduino_cli=find_arduino_cli(s.arduino_cli))
+    from flasher.labels import LabelPlan
     from flasher.pipeline import Settings
 
+    labels = LabelPlan(s.labels, int(s.label_vendor_id, 16), int(s.label_model_id, 16)) if s.labels else None
     return Settings(id_scope=s.id_scope, group_key=primary, dps_host=s.dps_host, ca_cert=s.ca_cert,
                     template=s.template, band=s.band, join_eui=s.join_eui, app_key=plan, out_dir=s.out_dir,
                     id_policy=s.registration_id_format, timeout=s.timeout, at_timeout=s.at_timeout,
                     test_message=None if no_test_message else s.test_message, upload=up, tts=tts, force=force,
-                    extras=parse_sets(extras))
+                    extras=parse_sets(extras), labels=labels)
 
 
 class _Terminated(BaseException):
@@ -107,6 +110,9 @@ def _raise_terminated(signum, _frame):
 @setting_option("--sketch", name="sketch", type=click.Path(file_okay=False))
 @setting_option("--arduino-cli", name="arduino_cli", metavar="PATH")
 @click.option("--set", "extras", multiple=True, metavar="NAME=VALUE", help="Extra header value (repeatable).")
+@setting_option("--labels", name="labels", metavar="DIR", type=click.Path(file_okay=False))
+@setting_option("--label-vendor-id", name="label_vendor_id", metavar="HEX")
+@setting_option("--label-model-id", name="label_model_id", metavar="HEX")
 @click.option("--force", is_flag=True, help="Provision again boards the ledger says are done, or that conflict with it.")
 @setting_option("--concurrency", name="concurrency", metavar="N")
 @tts_options

@@ -18,7 +18,14 @@ board back on a new pty (a new path, like USB re-enumeration) with the same
 serial number and EEPROM.
 
 The simulator writes ``ports.json`` in its state directory for
-``FLASHER_SIMULATED_PORTS`` (see :mod:`flasher.ports`).
+``FLASHER_SIMULATED_PORTS`` (see :mod:`flasher.ports`), atomically, each time a
+board is plugged or unplugged, so discovery sees boards come and go as on a USB hub.
+
+Hot-plug, for ``flasher station``: boards may start unplugged (``plugged=``), arrive
+one by one on a schedule (``plug_every=`` seconds: each board not yet seen, in order),
+or be plugged and unplugged from another process through the control socket
+``<state>/control.sock`` (``control=True``; one JSON line in, one out, see
+:data:`CONTROL_COMMANDS` and ``flasher simulate plug|unplug``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import random
 import re
 import select
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -49,6 +57,10 @@ MAX_LINE = 528
 BANDS = ("EU868", "US915", "US915HYBRID", "AU915", "AS923", "CN470", "KR920", "IN865", "EU433")
 BOOT_NOISE = b"\x00\xf0\xff\r\nRisingHF RHF76-052 LoRaWAN modem\r\n+INFO: Input timeout\r\n\xfe\xff"
 PORTS_FILE = "ports.json"
+CONTROL_FILE = "control.sock"
+CONTROL_COMMANDS = ("plug", "unplug", "list")
+MAX_BOARDS = 64
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path, less its NUL
 
 
 @dataclass
@@ -161,6 +173,7 @@ class SimulatedBoard:
             self.save()
         self.joined = False
         self.port: str | None = None  # the pty path while plugged in
+        self.arrived = False  # plugged in at least once (a schedule plugs only boards that never were)
         self.commands = 0  # commands received since the last (re)plug
         self.booting = True  # next answer preceded by boot noise (if that fault is on)
 
@@ -390,9 +403,19 @@ class BoardSimulator:
     """
 
     def __init__(self, count: int = 1, state_dir: str | os.PathLike | None = None, seed: int = 0,
-                 faults: Faults | None = None, *, version: str = DEFAULT_VERSION, join_delay: float = 0.05):
-        if count < 1:
-            raise InputError(f"board count {count}: must be at least 1")
+                 faults: Faults | None = None, *, version: str = DEFAULT_VERSION, join_delay: float = 0.05,
+                 plugged: int | None = None, plug_every: float | None = None, control: bool = False,
+                 on_change=None):
+        if not 1 <= count <= MAX_BOARDS:
+            raise InputError(f"board count {count}: must be from 1 to {MAX_BOARDS}")
+        if plugged is not None and not 0 <= plugged <= count:
+            raise InputError(f"plugged {plugged}: must be from 0 to the board count ({count})")
+        if plug_every is not None and not plug_every > 0:
+            raise InputError(f"plug every {plug_every!r} s: must be a positive number of seconds")
+        self.initially_plugged = count if plugged is None else plugged
+        self.plug_every = plug_every
+        self.on_change = on_change  # called as on_change(index, port or None) from the loop thread
+        self._seed, self._version, self._join_delay, self._faults = seed, version, join_delay, faults
         self._own_dir = state_dir is None
         self.state_dir = Path(state_dir) if state_dir is not None else Path(tempfile.mkdtemp(prefix="flasher-sim-"))
         try:
@@ -411,6 +434,11 @@ class BoardSimulator:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
             raise
         self._plugs: dict[int, _Plug] = {}
+        self._control: socket.socket | None = None
+        self._clients: dict[int, tuple[socket.socket, bytearray]] = {}
+        self._next_plug: float | None = None
+        if control:
+            self._control = self._listen()
         self._lock = threading.Lock()
         self._requests: list = []
         self._wake_r, self._wake_w = os.pipe()
@@ -429,10 +457,16 @@ class BoardSimulator:
     def ports(self) -> list[str | None]:
         return [b.port for b in self.boards]
 
+    @property
+    def control_path(self) -> Path:
+        return self.state_dir / CONTROL_FILE
+
     def start(self) -> BoardSimulator:
-        for b in self.boards:
+        for b in self.boards[:self.initially_plugged]:
             self._plug(b)
         self._write_ports()
+        if self.plug_every is not None:
+            self._next_plug = time.monotonic() + self.plug_every
         self._thread = threading.Thread(target=self._run, name="board-sim", daemon=True)
         self._thread.start()
         return self
@@ -446,6 +480,13 @@ class BoardSimulator:
             self._thread = None
         for i in list(self._plugs):
             self._unplug_now(self.boards[i])
+        for conn, _ in self._clients.values():
+            conn.close()
+        self._clients.clear()
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+            self.control_path.unlink(missing_ok=True)
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -474,6 +515,23 @@ class BoardSimulator:
     def replug(self, i: int) -> str:
         """Plug board ``i`` back in, on a new pty; same serial number and EEPROM. Returns the new path."""
         return self._call(lambda: self._plug(self.boards[i]) if self.boards[i].port is None else self.boards[i].port)
+
+    plug = replug
+
+    def add(self) -> int:
+        """A new board (new serial number and DevEUI), plugged in; returns its index."""
+        return self._call(self._add_now)
+
+    def _add_now(self) -> int:
+        if len(self.boards) >= MAX_BOARDS:
+            raise InputError(f"at most {MAX_BOARDS} simulated boards")
+        i = len(self.boards)
+        self.boards.append(SimulatedBoard(i, self.state_dir / f"board-{i}.json",
+                                          random.Random(f"flasher-sim:{self._seed}:{i}"),
+                                          Faults(**asdict(self._faults)) if self._faults else Faults(),
+                                          version=self._version, join_delay=self._join_delay))
+        self._plug(self.boards[i])
+        return i
 
     def _call(self, fn):
         if self._thread is None:
@@ -508,11 +566,19 @@ class BoardSimulator:
         os.set_blocking(master, False)
         path = os.ttyname(slave)
         self._plugs[b.index] = _Plug(master, slave, path)
-        b.port, b.commands, b.booting = path, 0, True
+        b.port, b.commands, b.booting, b.arrived = path, 0, True, True
         if self._thread is not None:
             self._write_ports()
+            self._changed(b.index, path)
         log.debug("board %d plugged in at %s", b.index, path)
         return path
+
+    def _changed(self, i: int, port: str | None) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(i, port)
+            except Exception:  # a caller's display must not stop the boards
+                log.exception("board simulator: on_change failed")
 
     def _unplug_now(self, b: SimulatedBoard) -> None:
         plug = self._plugs.pop(b.index, None)
@@ -529,6 +595,7 @@ class BoardSimulator:
                 pass
         if not self._stopping:
             self._write_ports()
+            self._changed(b.index, None)
         log.debug("board %d unplugged", b.index)
 
     def _write_ports(self) -> None:
@@ -550,11 +617,17 @@ class BoardSimulator:
                 now = time.monotonic()
                 # Output that is due waits for the pty to be writable (a full buffer means nobody
                 # reads); output that is not due yet sets the select timeout. No spinning either way.
+                if self._next_plug is not None and now >= self._next_plug:
+                    self._scheduled_plug(now)
                 ready = [p.master for p in self._plugs.values() if p.out and p.out[0][0] <= now]
                 later = [p.out[0][0] for p in self._plugs.values() if p.out and p.out[0][0] > now]
+                if self._next_plug is not None:
+                    later.append(self._next_plug)
                 timeout = max(0.0, min(later) - now) if later else None
                 fds = {p.master: i for i, p in self._plugs.items()}
-                readable, writable, _ = select.select([self._wake_r, *fds], ready, [], timeout)
+                control = [self._control.fileno()] if self._control is not None else []
+                readable, writable, _ = select.select([self._wake_r, *fds, *control, *self._clients], ready, [],
+                                                      timeout)
                 if self._wake_r in readable:
                     try:
                         os.read(self._wake_r, 512)
@@ -563,10 +636,104 @@ class BoardSimulator:
                 for fd in readable:
                     if fd in fds and fds[fd] in self._plugs:
                         self._receive(self.boards[fds[fd]])
+                    elif fd in control:
+                        self._accept()
+                    elif fd in self._clients:
+                        self._serve_client(fd)
                 self._flush(time.monotonic(), set(writable))
         except BaseException as exc:  # a simulator bug must not look like a silent board
             self._error = exc
             log.exception("board simulator loop died")
+
+    def _scheduled_plug(self, now: float) -> None:
+        waiting = [b for b in self.boards if not b.arrived]
+        if waiting:
+            self._plug(waiting[0])
+        assert self.plug_every is not None
+        self._next_plug = now + self.plug_every if len(waiting) > 1 else None
+
+    # --- the control socket (loop thread) ------------------------------------------------------
+
+    def _listen(self) -> socket.socket:
+        path = self.control_path
+        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+            raise InputError(f"simulator state {str(self.state_dir)!r}: too long a path for its control socket "
+                             f"(at most {_SUN_PATH_MAX - len(CONTROL_FILE) - 1} bytes); choose a shorter --state")
+        if path.is_socket():
+            path.unlink()  # left by a simulator that was killed: its boards are gone with it
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(os.fspath(path))
+            os.chmod(path, 0o600)
+            sock.listen(8)
+        except OSError as exc:
+            sock.close()
+            raise InputError(f"simulator control socket {str(path)!r}: {_reason(exc)}") from None
+        sock.setblocking(False)
+        return sock
+
+    def _accept(self) -> None:
+        assert self._control is not None
+        try:
+            conn, _ = self._control.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(False)
+        self._clients[conn.fileno()] = (conn, bytearray())
+
+    def _serve_client(self, fd: int) -> None:
+        conn, buf = self._clients[fd]
+        try:
+            data = conn.recv(1024)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        buf += data
+        if b"\n" not in buf and data and len(buf) < 1024:
+            return  # the rest of the line is on its way
+        del self._clients[fd]
+        line = bytes(buf).split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+        reply = self._control_command(line) if line else {"ok": False, "error": "empty request"}
+        try:
+            conn.setblocking(True)
+            conn.settimeout(2)
+            conn.sendall((json.dumps(reply) + "\n").encode())
+        except OSError:
+            pass  # the client left without its answer; the change itself is made
+        finally:
+            conn.close()
+
+    def _describe(self, b: SimulatedBoard) -> dict:
+        return {"board": b.index, "port": b.port, "serial_number": b.serial_number, "deveui": b.deveui}
+
+    def _control_command(self, line: str) -> dict:
+        """``plug [N]`` (no N: the first board not plugged in, or a new one), ``unplug N``, ``list``."""
+        words = line.split()
+        verb, args = words[0].lower(), words[1:]
+        if verb not in CONTROL_COMMANDS or len(args) > 1 or (verb == "list" and args) or (verb == "unplug" and not args):
+            return {"ok": False, "error": f"{line!r}: expected 'plug [N]', 'unplug N' or 'list'"}
+        if verb == "list":
+            return {"ok": True, "boards": [self._describe(b) for b in self.boards]}
+        if args:
+            try:
+                i = int(args[0])
+            except ValueError:
+                i = -1
+            if not 0 <= i < len(self.boards):
+                return {"ok": False, "error": f"no board {args[0]!r} (boards 0 to {len(self.boards) - 1})"}
+        elif verb == "plug":
+            idle = [b.index for b in self.boards if b.port is None]
+            try:
+                i = idle[0] if idle else self._add_now()
+            except InputError as exc:
+                return {"ok": False, "error": str(exc)}
+        b = self.boards[i]
+        if verb == "plug" and b.port is None:
+            self._plug(b)
+        elif verb == "unplug":
+            self._unplug_now(b)
+        return {"ok": True, **self._describe(b)}
 
     def _receive(self, b: SimulatedBoard) -> None:
         plug = self._plugs[b.index]
@@ -658,3 +825,35 @@ class BoardSimulator:
                     plug.out[0] = (plug.out[0][0], data[n:])
                     break
                 plug.out.pop(0)
+
+
+def control_request(state_dir: str | os.PathLike, request: str, timeout: float = 10.0) -> dict:
+    """Send one control line to the simulator running on ``state_dir``; its JSON answer.
+
+    An answer with ``"ok": false`` is an :class:`InputError` (bad board number, unknown command); no simulator
+    listening there is one too, naming the socket.
+    """
+    path = Path(state_dir) / CONTROL_FILE
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(os.fspath(path))
+        sock.sendall(request.encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        raise InputError(f"simulator control socket {str(path)!r}: {_reason(exc)} "
+                         "(is `flasher simulate boards --state` running on that folder?)") from None
+    finally:
+        sock.close()
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise InputError(f"simulator control socket {str(path)!r}: no answer") from None
+    if not reply.get("ok"):
+        raise InputError(f"simulator: {reply.get('error')}")
+    return reply

@@ -30,18 +30,25 @@ def simulate():
 @click.option("--unplug-after", type=click.IntRange(min=0), metavar="N", help="Vanish on command N+1.")
 @click.option("--flip-rate", type=click.FloatRange(0, 1), default=0.0, metavar="P",
               help="Flip one bit in this share of answered bytes (line noise).")
+@click.option("--plugged", type=click.IntRange(min=0), metavar="N",
+              help="Boards plugged in at the start [default: all; none with --plug-every].")
+@click.option("--plug-every", type=click.FloatRange(min=0.01), metavar="SECONDS",
+              help="Plug in the next board that has not arrived yet every SECONDS (a bench, for demos).")
 @click.option("--json", "as_json", is_flag=True, help='One object per board: {"port", "serial_number", "deveui"}.')
 def simulate_boards(count, state_dir, seed, latency, boot_noise, echo_, silent, corrupt, unplug_after, flip_rate,
-                    as_json):
+                    plugged, plug_every, as_json):
     """Simulated Seeeduino LoRaWAN boards on pseudo-terminals, until Ctrl-C or SIGTERM.
 
-    Prints each board's port path on stdout. To find them with --all or
-    --serial-number, export FLASHER_SIMULATED_PORTS=<state>/ports.json (printed on stderr).
+    Prints each plugged-in board's port path on stdout. To find them with --all,
+    --serial-number or `flasher station`, export FLASHER_SIMULATED_PORTS=<state>/ports.json
+    (printed on stderr). Boards can be plugged and unplugged while it runs:
+    `flasher simulate plug|unplug --state DIR`, or --plug-every.
 
     \b
     Example:
       flasher simulate boards --count 3 --state ./boards &
       FLASHER_SIMULATED_PORTS=./boards/ports.json flasher eui --all
+      flasher simulate unplug --state ./boards 1
     """
     import signal
     import threading
@@ -50,17 +57,27 @@ def simulate_boards(count, state_dir, seed, latency, boot_noise, echo_, silent, 
 
     faults = Faults(latency=latency, boot_noise=boot_noise, silent=silent, unplug_after=unplug_after,
                     corrupt=corrupt, echo=echo_, flip_rate=flip_rate)
+    if plugged is None and plug_every is not None:
+        plugged = 0
+
+    def changed(i: int, port: str | None) -> None:
+        err(f"board {i} plugged in at {port}" if port else f"board {i} unplugged")
+
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with BoardSimulator(count=count, state_dir=state_dir, seed=seed, faults=faults) as sim:
+        with BoardSimulator(count=count, state_dir=state_dir, seed=seed, faults=faults, plugged=plugged,
+                            plug_every=plug_every, control=True, on_change=changed) as sim:
             for b in sim.boards:
+                if b.port is None:
+                    continue
                 if as_json:
                     json_line({"port": b.port, "serial_number": b.serial_number, "deveui": b.deveui})
                 else:
                     click.echo(b.port)
             sys.stdout.flush()
             err(f"simulating {count} board(s); export FLASHER_SIMULATED_PORTS={sim.ports_file} ; Ctrl-C to stop")
+            err(f"plug or unplug one: flasher simulate plug|unplug --state {sim.state_dir} N")
             stop.wait()
             err("stopping simulated boards")
     finally:
@@ -68,6 +85,36 @@ def simulate_boards(count, state_dir, seed, latency, boot_noise, echo_, silent, 
             signal.signal(s, h)
     return 0
 
+
+@simulate.command("plug")
+@click.option("--state", "state_dir", required=True, type=click.Path(file_okay=False),
+              help="The running simulator's --state folder.")
+@click.argument("board", required=False, type=click.IntRange(min=0))
+def simulate_plug(state_dir, board):
+    """Plug simulated board BOARD back in (no BOARD: the first one unplugged, else a new board).
+
+    Prints {"board", "port", "serial_number", "deveui"} as JSON.
+    """
+    from flasher.sim.board import control_request
+
+    reply = control_request(state_dir, "plug" if board is None else f"plug {board}")
+    reply.pop("ok")
+    json_line(reply)
+    return 0
+
+
+@simulate.command("unplug")
+@click.option("--state", "state_dir", required=True, type=click.Path(file_okay=False),
+              help="The running simulator's --state folder.")
+@click.argument("board", type=click.IntRange(min=0))
+def simulate_unplug(state_dir, board):
+    """Pull simulated board BOARD's cable: its port disappears, as a USB device does."""
+    from flasher.sim.board import control_request
+
+    reply = control_request(state_dir, f"unplug {board}")
+    reply.pop("ok")
+    json_line(reply)
+    return 0
 
 
 @simulate.command("dps")
@@ -202,9 +249,30 @@ def simulate_tts(host, port, apps, cert_dir, ca_cert_out, state_file, latency, t
                    "[default: flasher-demo]")
 @click.option("--bind", metavar="ADDRESS", help="Loopback address for the DPS emulator (port 8883) [default: 127.0.0.1, "
               "or the first free 127.0.0.x].")
-def demo(boards, workdir, bind):
+@click.option("--station", "station_mode", is_flag=True,
+              help="Station mode: boards are plugged in one after another and each is provisioned as it arrives.")
+@click.option("--plug-every", type=click.FloatRange(min=0.1), default=1.5, show_default=True, metavar="SECONDS",
+              help="With --station: seconds between two boards being plugged in.")
+@click.option("--no-bell", is_flag=True, help="With --station: no terminal bell.")
+def demo(boards, workdir, bind, station_mode, plug_every, no_bell):
     """Provision simulated boards end to end against the local DPS emulator (no hardware, no Azure)."""
     from flasher import progress as progress_mod
-    from flasher.demo import run_demo
+    from flasher.demo import run_demo, run_station_demo
 
-    return run_demo(workdir, boards, progress_mod.for_stream(), lambda line: click.echo(line), bind=bind)
+    if not station_mode:
+        return run_demo(workdir, boards, progress_mod.for_stream(), lambda line: click.echo(line), bind=bind)
+    import signal
+
+    previous: dict = {}
+
+    def install_stop(stop) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop())
+
+    try:
+        return run_station_demo(workdir, boards, progress_mod.for_station(bell=not no_bell),
+                                lambda line: click.echo(line), bind=bind, plug_every=plug_every,
+                                install_stop=install_stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
