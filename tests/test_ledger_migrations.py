@@ -13,11 +13,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from ledger_golden import golden
 from ledger_mounts import tiny_tmpfs
 
 from flasher import ledger as ledger_mod
 from flasher.errors import InputError
-from flasher.ledger import CLAIMS, MIGRATIONS, SCHEMA, SCHEMA_VERSION, Ledger, LedgerError, export_csv, export_json
+from flasher.ledger import MIGRATIONS, SCHEMA, SCHEMA_VERSION, Ledger, LedgerError, export_csv, export_json
 
 DATA = Path(__file__).parent / "data"
 V1 = DATA / "ledger-v1.sqlite3"
@@ -47,11 +48,14 @@ def digest(path: Path) -> str:
 
 def counting(calls: list) -> list:
     """The real migrations, the last one counting its runs on a file (not the in-memory model of the schema)."""
-    def claims(db):
+    last = MIGRATIONS[-1]
+    assert isinstance(last, str)
+
+    def counted(db):
         calls.append(db.execute("PRAGMA database_list").fetchone()[2] or ":memory:")
-        for statement in ledger_mod._statements(CLAIMS):
+        for statement in ledger_mod._statements(last):
             db.execute(statement)
-    return [SCHEMA, claims]
+    return [*MIGRATIONS[:-1], counted]
 
 
 def test_the_fixture_is_what_flasher_0_1_0_wrote():
@@ -72,13 +76,16 @@ def test_v1_ledger_is_migrated_keeping_every_board_field_and_step(tmp_path):
         assert failed.current_step == "register" and failed.last_error.startswith("DPS refused")
         assert killed.current_step == "program" and not killed.done("program")
         assert retried.attempts == 2
-        # what `flasher status --json/--csv` prints is byte for byte what 0.1.0 printed
-        assert export_json(records) == (DATA / "ledger-v1.status.jsonl").read_text()
-        assert export_csv(records) == (DATA / "ledger-v1.status.csv").read_text()
+        # what `flasher status --json/--csv` prints is byte for byte what 0.1.0 printed (newer fields appended)
+        assert export_json(records) == golden("jsonl")
+        assert export_csv(records) == golden("csv")
     after = raw(path)
-    assert after["user_version"] == SCHEMA_VERSION == 2
+    assert after["user_version"] == SCHEMA_VERSION
     assert after["tables"] == ["boards", "claims", "steps"]
-    assert after["boards"] == before["boards"] and after["steps"] == before["steps"]
+    for table in ("boards", "steps"):  # every row as it was; the columns added since are empty
+        width = len(before[table][0])
+        assert [row[:width] for row in after[table]] == before[table]
+        assert {value for row in after[table] for value in row[width:]} <= {None}
 
 
 def test_reopening_does_not_migrate_again(tmp_path, monkeypatch):
@@ -101,10 +108,11 @@ def test_a_migration_failing_halfway_leaves_the_ledger_at_v1_with_every_row(tmp_
 
     path = v1_copy(tmp_path)
     before = raw(path)
-    monkeypatch.setattr(ledger_mod, "MIGRATIONS", [SCHEMA, halfway])
+    monkeypatch.setattr(ledger_mod, "MIGRATIONS", [SCHEMA, halfway, *MIGRATIONS[2:]])
     with pytest.raises(LedgerError) as err:
         Ledger(path)
-    assert str(err.value) == f"ledger {str(path)!r}: cannot upgrade from schema 1 to 2 (no such table: no_such_table)"
+    assert str(err.value) == (f"ledger {str(path)!r}: cannot upgrade from schema 1 to {SCHEMA_VERSION} "
+                              f"(no such table: no_such_table)")
     assert raw(path) == before
     monkeypatch.setattr(ledger_mod, "MIGRATIONS", MIGRATIONS)
     with Ledger(path) as led:
@@ -117,11 +125,11 @@ def test_a_new_column_is_one_more_migration(tmp_path, monkeypatch):
     with Ledger(path) as led:
         led.begin("2CF7F12024900001", "2cf7f12024900001")
     monkeypatch.setattr(ledger_mod, "MIGRATIONS", [*MIGRATIONS, "ALTER TABLE boards ADD COLUMN firmware TEXT"])
-    monkeypatch.setattr(ledger_mod, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(ledger_mod, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     with Ledger(path) as led:
         assert led.get("2CF7F12024900001").attempts == 1
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
     assert "firmware" in [r[1] for r in db.execute("PRAGMA table_info(boards)")]
     db.close()
 
@@ -135,7 +143,8 @@ def test_a_ledger_from_a_newer_flasher_is_refused_untouched(tmp_path):
     for kwargs in ({}, {"create": False}):
         with pytest.raises(LedgerError) as err:
             Ledger(path, **kwargs)
-        assert str(err.value) == f"ledger {str(path)!r}: written by a newer flasher (schema 7; this one reads up to 2)"
+        assert str(err.value) == (f"ledger {str(path)!r}: written by a newer flasher (schema 7; "
+                                  f"this one reads up to {SCHEMA_VERSION})")
     assert digest(path) == before and not Path(f"{path}-wal").exists()
 
 
@@ -244,16 +253,17 @@ def test_a_creation_that_fills_a_real_disk_leaves_nothing_behind(tmp_path):
 
 def test_flasher_status_prints_for_an_old_ledger_what_0_1_0_printed(tmp_path, cli):
     path = v1_copy(tmp_path)
-    for flag, golden in (("--json", "jsonl"), ("--csv", "csv")):
+    for flag, kind in (("--json", "jsonl"), ("--csv", "csv")):
         code, out, err = cli("status", "--ledger", path, flag)
-        assert (code, err) == (0, "") and out == (DATA / f"ledger-v1.status.{golden}").read_text()
+        assert (code, err) == (0, "") and out == golden(kind)
 
 
 def test_flasher_status_on_a_newer_ledger_is_one_line_and_exit_1(tmp_path, cli):
     path = v1_copy(tmp_path)
     db = sqlite3.connect(path)
-    db.execute("PRAGMA user_version = 3")
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.close()
     code, out, err = cli("status", "--ledger", path, "--json")
     assert (code, out) == (1, "")
-    assert err == f"error: ledger {str(path)!r}: written by a newer flasher (schema 3; this one reads up to 2)\n"
+    assert err == (f"error: ledger {str(path)!r}: written by a newer flasher (schema {SCHEMA_VERSION + 1}; "
+                   f"this one reads up to {SCHEMA_VERSION})\n")
