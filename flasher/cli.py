@@ -32,6 +32,7 @@ COMMANDS = {
     "eui": "flasher.commands.board:eui",
     "verify": "flasher.commands.board:verify",
     "config": "flasher.commands.config:config_cmd",
+    "ledger": "flasher.commands.ledger:ledger",
     "simulate": "flasher.sim.cli:simulate",
     "demo": "flasher.sim.cli:demo",
 }
@@ -59,7 +60,7 @@ def _setup_logging(verbose: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     # Third-party SDKs print their own tracebacks on disconnects: keep them quiet unless -vv.
-    for noisy in ("azure", "paho", "urllib3", "asyncio"):
+    for noisy in ("azure", "paho", "urllib3", "asyncio", "psycopg"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
 
 

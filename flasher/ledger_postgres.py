@@ -52,6 +52,8 @@ class _Db:
         self.conn = conn
 
     def execute(self, sql: str, params=()):
+        if not params:  # no parameters: psycopg takes the text as it is (a "?" in a comment stays one)
+            return self.conn.execute(sql)
         return self.conn.execute(_placeholders(sql), tuple(params))
 
 

@@ -314,8 +314,9 @@ class _Recorder:
         """Record a failure; if the ledger itself cannot be written (a full disk), say so in the board's error."""
         try:
             write()
-        except LedgerError as exc:
-            self.result.error = f"{self.result.error}; the ledger could not record it: {exc}"
+        except LedgerError as exc:  # unless the failure was the ledger's own (a server gone): said once is enough
+            if str(exc) not in (self.result.error or ""):
+                self.result.error = f"{self.result.error}; the ledger could not record it: {exc}"
 
 
 def _describe(changed: dict[str, tuple[Any, Any]]) -> str:
