@@ -559,7 +559,7 @@ class Ledger:
                 with self._lock:
                     self._claims.clear()
             except LedgerError as exc:  # not fatal: they lapse with this process (or its heartbeat)
-                log.warning("%s: this run's claims were not released: %s", self._where, exc)
+                log.warning("this run's claims were not released (they lapse with its heartbeat): %s", exc)
         self._closed = True
         self._backend.close()
 

@@ -223,7 +223,8 @@ class _Recorder:
                 try:
                     self.ledger.release(b.key)
                 except LedgerError as exc:  # close() releases what is left; the board's outcome stands
-                    log.warning("%s: claim not released: %s", b.key, exc)
+                    if str(exc) not in (self.result.error or ""):  # else the board's error says it already
+                        log.warning("%s: claim not released: %s", b.key, exc)
         return self.result
 
     def _run_step(self, step: Step, module_scope: ExitStack) -> None:
