@@ -35,6 +35,7 @@ COMMANDS = {
     "verify": "flasher.commands.board:verify",
     "labels": "flasher.commands.labels:labels",
     "config": "flasher.commands.config:config_cmd",
+    "ledger": "flasher.commands.ledger:ledger",
     "simulate": "flasher.sim.cli:simulate",
     "demo": "flasher.sim.cli:demo",
 }
@@ -62,7 +63,7 @@ def _setup_logging(verbose: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     # Third-party SDKs print their own tracebacks on disconnects: keep them quiet unless -vv.
-    for noisy in ("azure", "paho", "urllib3", "asyncio"):
+    for noisy in ("azure", "paho", "urllib3", "asyncio", "psycopg"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
 
 

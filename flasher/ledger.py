@@ -1,9 +1,16 @@
-"""The provisioning ledger: a local SQLite file that remembers every board.
+"""The provisioning ledger: every board and every step, in a local SQLite file or on a shared PostgreSQL server.
 
 It is what makes ``flasher provision`` resumable: each step's outcome is committed
 as it happens, so a crash, kill or unplug leaves a row saying where the board
 stopped, and a rerun picks up there. It holds identities, outcomes and file
 hashes — never a group key, master secret or device key.
+
+There is one :class:`Ledger` and two back ends behind a small seam
+(:class:`Backend`): a SQLite file, the embedded default, and a PostgreSQL database
+(``postgresql://user@host/db``, :mod:`flasher.ledger_postgres`) that the stations of
+a fleet share. The SQL, the schema and its migrations, the claims and the messages
+are the same on both; a back end only supplies transactions, its placeholder
+style, where it keeps the schema version, how it locks and whose clock counts.
 """
 
 from __future__ import annotations
@@ -13,16 +20,17 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
-from urllib.parse import quote
+from typing import Any, TextIO
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from flasher.errors import FlasherError, InputError
 
@@ -83,23 +91,39 @@ ALTER TABLE boards ADD COLUMN tts_device_id TEXT;
 ALTER TABLE boards ADD COLUMN tts_servers TEXT;
 """
 
-Migration = str | Callable[[sqlite3.Connection], None]
+# Adds which station (--station-id) last worked on a board, ran each step and holds each claim.
+STATIONS = """
+ALTER TABLE boards ADD COLUMN station TEXT;
+ALTER TABLE steps ADD COLUMN station TEXT;
+ALTER TABLE claims ADD COLUMN station TEXT;
+"""
 
-# MIGRATIONS[n] takes a ledger from schema n to n + 1 (0 is an empty file), inside the caller's
-# transaction: a SQL script or a function of the connection. A new column is one more line,
-# e.g. "ALTER TABLE boards ADD COLUMN firmware TEXT". Never edit one that has shipped.
+Migration = str | Callable[[Any], None]
+
+# MIGRATIONS[n] takes a ledger from schema n to n + 1 (0 is an empty file or database), inside the
+# caller's transaction, on both back ends: a script of portable SQL (TEXT, INTEGER, REAL, which
+# PostgreSQL stores as DOUBLE PRECISION) or a function of a connection whose execute() takes "?"
+# placeholders. A new column is one more line, e.g. "ALTER TABLE boards ADD COLUMN firmware TEXT"
+# (and its name appended to EXPORT_FIELDS). Never edit one that has shipped.
 MIGRATIONS: list[Migration] = [
     SCHEMA,
     CLAIMS,
     TTS,
+    STATIONS,
 ]
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 EXPORT_FIELDS = ("deveui", "registration_id", "status", "current_step", "join_eui", "band", "app_key_source",
                  "id_scope", "device_key_check", "assigned_hub", "device_id", "header_path", "header_sha256", "attempts",
                  "last_error", "port", "serial_number", "created_at", "updated_at", "tts_app", "tts_device_id",
-                 "tts_servers")
+                 "tts_servers", "station")
+
+# A step row, whole (what `flasher ledger copy` moves).
+STEP_FIELDS = ("deveui", "step", "outcome", "started_at", "finished_at", "detail", "station")
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
 class LedgerError(FlasherError):
@@ -107,11 +131,15 @@ class LedgerError(FlasherError):
 
 
 class BoardClaimed(LedgerError):
-    """Another live run is working on this board: leave it alone (exit 1)."""
+    """Another live run is working on this board: leave it alone (exit 1).
 
-    def __init__(self, deveui: str, pid: int, host: str, run_id: str):
-        super().__init__(f"in progress in another run (pid {pid} on {host})")
-        self.deveui, self.pid, self.host, self.run_id = deveui, pid, host, run_id
+    ``station`` is set when that run belongs to another station (a shared ledger).
+    """
+
+    def __init__(self, deveui: str, pid: int, host: str, run_id: str, station: str | None = None):
+        where = f"at station {station}" if station else "in another run"
+        super().__init__(f"in progress {where} (pid {pid} on {host})")
+        self.deveui, self.pid, self.host, self.run_id, self.station = deveui, pid, host, run_id, station
 
 
 @dataclass(frozen=True)
@@ -138,6 +166,7 @@ class BoardRecord:
     tts_app: str | None          # The Things Stack application, end device id, and the servers holding it
     tts_device_id: str | None
     tts_servers: str | None      # comma-separated, in the order is,js,ns,as
+    station: str | None
     steps: dict  # step -> outcome
 
     def done(self, step: str) -> bool:
@@ -149,64 +178,149 @@ class BoardRecord:
         return d
 
 
-class Ledger:
-    """Thread-safe: boards are provisioned concurrently, each write is one transaction.
+# --- where a ledger lives ---------------------------------------------------------------
 
-    Opening migrates an older ledger to :data:`SCHEMA_VERSION` in one transaction, or
-    creates a new one (``create=True``) in one transaction, removing the file again if
-    that fails, so a ledger is never left half made. ``readonly=True`` opens an existing
-    ledger (of any schema up to this one) without writing, migrating or creating anything,
-    even on read-only media.
+def is_url(target: str | os.PathLike) -> bool:
+    """Whether a --ledger value is a server URL rather than a file path."""
+    return isinstance(target, str) and _URL.match(target) is not None
 
-    Each Ledger object is one "run" (``run_id``): :meth:`claim` keeps two runs off the
-    same board. A claim lives while its holder does: a run on this host whose process is
-    gone, or any run whose heartbeat is older than ``stale_after`` seconds, loses it.
-    The heartbeat is judged by the claiming run's ``stale_after``, so runs sharing a
-    ledger should use the same value (the default, unless a test needs it short).
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``****``, for every message and log line."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user, _, host = netloc.rpartition("@")
+            netloc = f"{user.split(':', 1)[0]}:****@{host}"
+        query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2****", parts.query)
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:  # not parseable: show nothing that could be a password
+        return url.split("://", 1)[0] + "://****"
+
+
+def check_url(url: str, where: str) -> str:
+    """A ledger URL as given, if flasher can use it; an inline password is refused (it would show)."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in POSTGRES_SCHEMES:
+        raise InputError(f"{where} {mask_url(url)!r}: unknown kind of ledger {scheme!r} "
+                         f"(a SQLite file path, or postgresql://user@host/db)")
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as exc:
+        raise InputError(f"{where} {mask_url(url)!r}: not a valid URL ({exc})") from None
+    if parts.password is not None or re.search(r"(?i)(^|&)password=", parts.query):
+        raise InputError(f"{where} {mask_url(url)!r}: a password in the URL would be visible (process list, "
+                         f"flasher.toml, logs); use PGPASSWORD, ~/.pgpass or ledger_password_file instead")
+    return url
+
+
+# --- the back-end seam ---------------------------------------------------------------
+
+class Backend:
+    """What differs between SQLite and PostgreSQL; everything else is :class:`Ledger`'s.
+
+    ``transaction`` yields a connection whose ``execute(sql, params)`` takes ``?``
+    placeholders and returns a cursor (``fetchone``, ``fetchall``, ``rowcount``,
+    iteration). ``errors`` are the driver's exception types; ``describe`` makes one
+    line of one of them.
     """
 
-    def __init__(self, path: str | os.PathLike, *, create: bool = True, readonly: bool = False,
-                 run_id: str | None = None, stale_after: float = 60.0):
+    name: str                               # what messages show: a path, or the URL with any password masked
+    path: Any                               # Ledger.path: the file's Path, or the masked URL
+    errors: tuple[type[BaseException], ...] = ()
+    lock_clause = ""                        # appended to the claim's SELECT to lock the row, where rows lock
+
+    def open(self, create: bool, readonly: bool) -> None:
+        raise NotImplementedError
+
+    def transaction(self, write: bool) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def migrating(self) -> AbstractContextManager[Any]:
+        """The one transaction migrations run in; no other opener migrates at the same time."""
+        raise NotImplementedError
+
+    def user_version(self, db) -> int:
+        raise NotImplementedError
+
+    def set_version(self, db, version: int) -> None:
+        raise NotImplementedError
+
+    def tables(self, db) -> set[str]:
+        """The tables of the ledger's database (its bookkeeping left out)."""
+        raise NotImplementedError
+
+    def columns(self, db, table: str) -> list[str]:
+        raise NotImplementedError
+
+    def ddl(self, statement: str) -> str:
+        """A migration statement as this back end wants it."""
+        return statement
+
+    def describe(self, exc: BaseException) -> str:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+
+    def not_a_ledger(self, exc: BaseException) -> bool:
+        """Whether a driver error on opening means the thing is no database at all."""
+        return False
+
+    def now(self) -> float:
+        """Seconds since the epoch on the clock every user of this ledger shares."""
+        return time.time()
+
+    def same_as(self, other: Backend) -> bool:
+        return type(self) is type(other) and self.name == other.name
+
+    def close(self, failed: bool = False) -> None:
+        """Let go of the ledger; ``failed``: the open failed, undo what it made."""
+        raise NotImplementedError
+
+
+def open_backend(target: str | os.PathLike, password=None, application: str = "flasher") -> Backend:
+    """The back end for a --ledger value: a path is a SQLite file, ``postgresql://…`` a server."""
+    if is_url(target):
+        url = check_url(str(target), "ledger")
+        from flasher.ledger_postgres import PostgresBackend  # imports psycopg: only for a server ledger
+
+        return PostgresBackend(url, password=password, application=application)
+    return SQLiteBackend(target)
+
+
+class SQLiteBackend(Backend):
+    """A ledger file on this machine: one connection, one writer at a time (``BEGIN IMMEDIATE``), WAL."""
+
+    errors = (sqlite3.Error,)
+
+    def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.readonly = readonly
-        self._where = f"ledger {str(self.path)!r}"
-        if not stale_after > 0:
-            raise InputError(f"{self._where}: stale_after must be a positive number of seconds, not {stale_after!r}")
-        self.stale_after = float(stale_after)
-        self._host, self._pid = socket.gethostname(), os.getpid()
-        self.run_id = run_id or f"{self._host}:{self._pid}:{os.urandom(4).hex()}"
+        self.name = str(self.path)
+        self._where = f"ledger {self.name!r}"
         self._lock = threading.Lock()
-        self._select = _BOARD_COLUMNS   # read-only opens of an older schema narrow it (see _select_list)
-        self._claims: set[str] = set()
-        self._heartbeat: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._closed = False
+        self._made: list[Path] = []  # what this open made, to remove again if it fails
+        self.db: sqlite3.Connection | None = None
+
+    def open(self, create: bool, readonly: bool) -> None:
         if self.path.is_dir():
             raise InputError(f"{self._where}: is a directory")
         if readonly:
             self._open_readonly()
             return
-        created: list[Path] = []  # what this open made, to remove again if it fails
         if not self.path.exists():
             if not create:
                 raise InputError(f"{self._where}: no such file")
-            created = self._create_file()
+            self._made = self._create_file()
         else:
             problem = self._write_problem()
             if problem:
                 raise LedgerError(f"{self._where}: read-only ({problem})")
         try:
-            self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+            self.db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
-            self._remove(created)
+            self._remove(self._made)
             raise LedgerError(f"{self._where}: cannot open ({exc})") from None
-        try:
-            self._db.execute("PRAGMA busy_timeout = 30000")
-            self._open(create)
-        except BaseException:
-            self._db.close()
-            self._remove(created)
-            raise
+        self.db.execute("PRAGMA busy_timeout = 30000")
 
     def _write_problem(self) -> str | None:
         """Why this process cannot write the existing ledger (SQLite would only say so at the first write)."""
@@ -227,23 +341,25 @@ class Ledger:
             raise InputError(f"{self._where}: no such file")
         uri = f"file:{quote(str(self.path.absolute()))}?mode=ro"
         for immutable in (False, True):
-            self._db = sqlite3.connect(uri + ("&immutable=1" if immutable else ""), uri=True, timeout=30,
-                                       check_same_thread=False, isolation_level=None)
+            db = sqlite3.connect(uri + ("&immutable=1" if immutable else ""), uri=True, timeout=30,
+                                 check_same_thread=False, isolation_level=None)
             try:
-                self._db.execute("PRAGMA busy_timeout = 30000")
-                self._version(create=False)
-                self._select = _select_list(self._db)
+                db.execute("PRAGMA busy_timeout = 30000")
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the first read opens the -shm
+                self.db = db
                 return
             except sqlite3.Error as exc:
-                self._db.close()
+                db.close()
                 if immutable or getattr(exc, "sqlite_errorname", None) != "SQLITE_CANTOPEN":
-                    raise self._read_error(exc) from None
+                    if self.not_a_ledger(exc):
+                        raise InputError(f"{self._where}: not a flasher ledger ({exc})") from None
+                    raise LedgerError(f"{self._where}: cannot read ({exc})") from None
                 wal = Path(f"{self.path}-wal")
                 if wal.exists() and wal.stat().st_size > 0:
                     raise LedgerError(f"{self._where}: cannot read: its last changes are still in {str(wal)!r}, and "
                                       f"reading them needs a writable folder (copy both files somewhere writable)") from None
             except BaseException:
-                self._db.close()
+                db.close()
                 raise
 
     def _create_file(self) -> list[Path]:
@@ -281,48 +397,145 @@ class Ledger:
         except OSError as exc:  # the error being raised is the one to report; this one is only logged
             log.warning("%s: could not remove what a failed creation made: %s", self._where, exc)
 
-    def _open(self, create: bool) -> None:
-        db = self._db
-        try:
-            version = self._version(create)
-        except sqlite3.Error as exc:
-            raise self._read_error(exc) from None
-        if version == SCHEMA_VERSION:
-            return
-        what = "cannot create" if version == 0 else f"cannot upgrade from schema {version} to {SCHEMA_VERSION}"
-        try:
-            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                db.execute("PRAGMA journal_mode = WAL")  # readers never wait for the writer
-            db.execute("BEGIN IMMEDIATE")
-            version = self._version(create)  # again, now that no other run can change it
-            for migration in MIGRATIONS[version:SCHEMA_VERSION]:
-                if isinstance(migration, str):
-                    for statement in _statements(migration):
-                        db.execute(statement)
-                else:
-                    migration(db)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException as exc:
-            self._rollback()
-            if isinstance(exc, sqlite3.Error):
-                raise LedgerError(f"{self._where}: {what} ({exc})") from None
-            raise
+    @contextmanager
+    def transaction(self, write: bool):
+        """One transaction on the one connection; a writer takes the file's write lock at once."""
+        assert self.db is not None
+        with self._lock:
+            try:
+                self.db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+
+    @contextmanager
+    def migrating(self):
+        assert self.db is not None
+        if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            self.db.execute("PRAGMA journal_mode = WAL")  # readers never wait for the writer
+        with self.transaction(write=True) as db:  # BEGIN IMMEDIATE: no other run can migrate meanwhile
+            yield db
 
     def _rollback(self) -> None:
         """Roll back if a transaction is still open: SQLite ends some itself (a full disk), and
         ROLLBACK without one is an error that would hide the real one."""
-        if self._db.in_transaction:
+        assert self.db is not None
+        if self.db.in_transaction:
             try:
-                self._db.execute("ROLLBACK")
+                self.db.execute("ROLLBACK")
             except sqlite3.Error as exc:
                 log.warning("%s: rollback failed: %s", self._where, exc)
 
-    def _version(self, create: bool) -> int:
-        """The schema this file is at (0: empty), or refuse it; reads only."""
-        db = self._db
-        user_version = db.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    def user_version(self, db) -> int:
+        return db.execute("PRAGMA user_version").fetchone()[0]
+
+    def set_version(self, db, version: int) -> None:
+        db.execute(f"PRAGMA user_version = {int(version)}")
+
+    def tables(self, db) -> set[str]:
+        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def columns(self, db, table: str) -> list[str]:
+        return [r[0] for r in db.execute("SELECT name FROM pragma_table_info(?)", (table,))]
+
+    def describe(self, exc: BaseException) -> str:
+        return str(exc)
+
+    def not_a_ledger(self, exc: BaseException) -> bool:
+        return getattr(exc, "sqlite_errorname", None) == "SQLITE_NOTADB"
+
+    def same_as(self, other: Backend) -> bool:
+        return isinstance(other, SQLiteBackend) and self.path.resolve() == other.path.resolve()
+
+    def close(self, failed: bool = False) -> None:
+        if self.db is not None:
+            self.db.close()
+        if failed:
+            self._remove(self._made)
+
+
+class Ledger:
+    """Thread-safe: boards are provisioned concurrently, each write is one transaction.
+
+    ``path`` is a SQLite file, or ``postgresql://user@host/db`` for a ledger that several
+    stations share (``password`` from the caller; else libpq's PGPASSWORD or ~/.pgpass).
+    Opening migrates an older ledger to :data:`SCHEMA_VERSION` in one transaction, or
+    creates a new one (``create=True``) in one transaction, removing the file again if
+    that fails, so a ledger is never left half made. ``readonly=True`` opens an existing
+    ledger (of any schema up to this one) without writing, migrating or creating anything,
+    even on read-only media.
+
+    Each Ledger object is one "run" (``run_id``) of one station (``station``, the
+    hostname unless given): :meth:`claim` keeps two runs off the same board. A claim
+    lives while its holder does: any run whose heartbeat is older than ``stale_after``
+    seconds loses it, and so does a run of this station on this host whose process is
+    gone. The heartbeat is judged by the claiming run's ``stale_after``, so runs sharing a
+    ledger should use the same value (the default, unless a test needs it short).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = True, readonly: bool = False,
+                 run_id: str | None = None, stale_after: float = 60.0, station: str | None = None,
+                 password=None):
+        self.readonly = readonly
+        self._closed = True  # until open: close() then has nothing to do
+        self._host, self._pid = socket.gethostname(), os.getpid()
+        self.station = station or self._host
+        self._backend = open_backend(path, password=password, application=f"flasher {self.station}")
+        self.path = self._backend.path
+        self._where = f"ledger {self._backend.name!r}"
+        if not stale_after > 0:
+            raise InputError(f"{self._where}: stale_after must be a positive number of seconds, not {stale_after!r}")
+        self.stale_after = float(stale_after)
+        self.run_id = run_id or f"{self._host}:{self._pid}:{os.urandom(4).hex()}"
+        self._lock = threading.Lock()     # this run's claims and heartbeat
+        self._claims: set[str] = set()
+        self._heartbeat: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._backend.open(create, readonly)
+        try:
+            self._open(create)
+        except BaseException:
+            self._backend.close(failed=True)
+            raise
+        self._closed = False
+
+    @property
+    def _db(self):
+        """The SQLite connection (tests reach SQLite's own knobs through it)."""
+        return self._backend.db  # type: ignore[attr-defined]
+
+    def _open(self, create: bool) -> None:
+        b = self._backend
+        try:
+            with b.transaction(write=False) as db:
+                version = self._version(db, create and not self.readonly)
+        except b.errors as exc:
+            raise self._read_error(exc) from None
+        self._select = _select_columns(version)
+        if version == SCHEMA_VERSION or self.readonly:
+            return
+        what = "cannot create" if version == 0 else f"cannot upgrade from schema {version} to {SCHEMA_VERSION}"
+        try:
+            with b.migrating() as db:
+                version = self._version(db, create)  # again, now that no other run can change it
+                for migration in MIGRATIONS[version:SCHEMA_VERSION]:
+                    if isinstance(migration, str):
+                        for statement in _statements(migration):
+                            db.execute(b.ddl(statement))
+                    else:
+                        migration(db)
+                b.set_version(db, SCHEMA_VERSION)
+        except b.errors as exc:
+            raise LedgerError(f"{self._where}: {what} ({b.describe(exc)})") from None
+        self._select = _select_columns(SCHEMA_VERSION)
+
+    def _version(self, db, create: bool) -> int:
+        """The schema this ledger is at (0: empty), or refuse it; reads only."""
+        b = self._backend
+        user_version = b.user_version(db)
+        tables = b.tables(db)
         if not tables and user_version == 0 and create:
             return 0  # new: never add tables to a database that has any of its own
         if not {"boards", "steps"} <= tables:
@@ -332,7 +545,7 @@ class Ledger:
                               f"this one reads up to {SCHEMA_VERSION})")
         version = max(user_version, 1)  # flasher 0.1.0 left user_version at 0
         for table, columns in _columns(version).items():
-            have = {r[0] for r in db.execute("SELECT name FROM pragma_table_info(?)", (table,))}
+            have = set(b.columns(db, table))
             missing = [c for c in columns if c not in have]
             if len(missing) == len(columns):
                 raise InputError(f"{self._where}: not a flasher ledger (no {table} table)")
@@ -341,13 +554,13 @@ class Ledger:
                                  f"{', '.join(missing)})")
         return version
 
-    def _read_error(self, exc: sqlite3.Error) -> FlasherError:
-        if getattr(exc, "sqlite_errorname", None) == "SQLITE_NOTADB":
-            return InputError(f"{self._where}: not a flasher ledger ({exc})")
-        return LedgerError(f"{self._where}: cannot read ({exc})")
+    def _read_error(self, exc: BaseException) -> FlasherError:
+        if self._backend.not_a_ledger(exc):
+            return InputError(f"{self._where}: not a flasher ledger ({self._backend.describe(exc)})")
+        return LedgerError(f"{self._where}: cannot read ({self._backend.describe(exc)})")
 
     def close(self) -> None:
-        """Stop the heartbeat, release this run's claims, close the file. Safe to call twice."""
+        """Stop the heartbeat, release this run's claims, close the ledger. Safe to call twice."""
         if self._closed:
             return
         self._stop.set()
@@ -356,11 +569,12 @@ class Ledger:
             try:
                 with self._tx() as db:
                     db.execute("DELETE FROM claims WHERE run_id = ?", (self.run_id,))
+                with self._lock:
                     self._claims.clear()
             except LedgerError as exc:  # not fatal: they lapse with this process (or its heartbeat)
-                log.warning("%s: this run's claims were not released: %s", self._where, exc)
+                log.warning("this run's claims were not released (they lapse with its heartbeat): %s", exc)
         self._closed = True
-        self._db.close()
+        self._backend.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -372,22 +586,36 @@ class Ledger:
     def claim(self, deveui: str) -> None:
         """Take the board for this run, or raise :class:`BoardClaimed` if another live run has it.
 
-        One transaction, so of two runs racing for a board exactly one wins. Claiming a
-        board this run holds again is fine. The first claim starts the heartbeat.
+        One transaction that inserts the claim or, when there is one, locks its row
+        (PostgreSQL) or the whole file (SQLite) before judging it, so of two runs or
+        stations racing for a board exactly one wins. Claiming a board this run holds
+        again is fine. The first claim starts the heartbeat.
         """
-        now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT run_id, pid, host, heartbeat_at FROM claims WHERE deveui = ?", (deveui,)).fetchone()
-            if row is not None and row[0] == self.run_id:
-                db.execute("UPDATE claims SET heartbeat_at = ? WHERE deveui = ?", (now, deveui))
+            now = self._backend.now()
+            mine = (deveui, self.run_id, self._pid, self._host, now, now, self.station)
+            for _ in range(3):  # a claim released between the INSERT and the SELECT: try again
+                if db.execute("INSERT INTO claims (deveui, run_id, pid, host, claimed_at, heartbeat_at, station) "
+                              "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (deveui) DO NOTHING", mine).rowcount == 1:
+                    break
+                row = db.execute("SELECT run_id, pid, host, heartbeat_at, station FROM claims WHERE deveui = ?"
+                                 + self._backend.lock_clause, (deveui,)).fetchone()
+                if row is None:
+                    continue
+                run_id, pid, host, heartbeat_at, station = row
+                if run_id == self.run_id:
+                    db.execute("UPDATE claims SET heartbeat_at = ? WHERE deveui = ?", (now, deveui))
+                    break
+                if self._alive(pid, host, heartbeat_at, station, now):
+                    raise BoardClaimed(deveui, pid=pid, host=host, run_id=run_id,
+                                       station=station if station not in (None, self.station) else None)
+                log.info("%s: %s: taking over from run %s (pid %s on %s, station %s), which is gone", self._where,
+                         deveui, run_id, pid, host, station or host)
+                db.execute("UPDATE claims SET run_id = ?, pid = ?, host = ?, claimed_at = ?, heartbeat_at = ?, "
+                           "station = ? WHERE deveui = ?", (*mine[1:], deveui))
+                break
             else:
-                if row is not None:
-                    if self._alive(row[1], row[2], row[3], now):
-                        raise BoardClaimed(deveui, pid=row[1], host=row[2], run_id=row[0])
-                    log.info("%s: %s: taking over from run %s (pid %s on %s), which is gone", self._where, deveui,
-                             row[0], row[1], row[2])
-                db.execute("INSERT OR REPLACE INTO claims (deveui, run_id, pid, host, claimed_at, heartbeat_at) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", (deveui, self.run_id, self._pid, self._host, now, now))
+                raise LedgerError(f"{self._where}: {deveui}: the claim kept changing hands; try again")
         with self._lock:
             self._claims.add(deveui)
             if self._heartbeat is None:
@@ -398,13 +626,18 @@ class Ledger:
         """Give the board back (only if this run holds it)."""
         with self._tx() as db:
             db.execute("DELETE FROM claims WHERE deveui = ? AND run_id = ?", (deveui, self.run_id))
+        with self._lock:
             self._claims.discard(deveui)
 
-    def _alive(self, pid: int, host: str, heartbeat_at: float, now: float) -> bool:
-        """Whether a claim's holder may still be working: a fresh heartbeat, and its process if it is ours to see."""
+    def _alive(self, pid: int, host: str, heartbeat_at: float, station: str | None, now: float) -> bool:
+        """Whether a claim's holder may still be working: a fresh heartbeat, and its process if it is ours to see.
+
+        The process is checked only for this station's claims made on this host: another
+        machine can bear the same hostname, and only the heartbeat can speak for it.
+        """
         if now - heartbeat_at > self.stale_after:
             return False
-        if host == self._host and isinstance(pid, int) and pid > 0:
+        if host == self._host and station in (None, self.station) and isinstance(pid, int) and pid > 0:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
@@ -418,10 +651,11 @@ class Ledger:
         while not self._stop.wait(self.stale_after / 4):
             try:
                 with self._tx() as db:
-                    db.execute("UPDATE claims SET heartbeat_at = ? WHERE run_id = ?", (time.time(), self.run_id))
+                    db.execute("UPDATE claims SET heartbeat_at = ? WHERE run_id = ?", (self._backend.now(), self.run_id))
                     held = {r[0] for r in db.execute("SELECT deveui FROM claims WHERE run_id = ?", (self.run_id,))}
+                with self._lock:
                     lost, self._claims = self._claims - held, self._claims & held
-            except LedgerError as exc:  # a busy or full disk: try again next beat; the claims may lapse meanwhile
+            except LedgerError as exc:  # a busy disk, a server away: try again next beat; the claims may lapse meanwhile
                 log.warning("%s: heartbeat not recorded: %s", self._where, exc)
                 continue
             if lost:
@@ -430,33 +664,27 @@ class Ledger:
 
     @contextmanager
     def _tx(self):
-        """One write transaction; a SQLite failure (full disk, lock timeout) becomes one line naming the ledger."""
+        """One write transaction; a driver failure (full disk, lock timeout, server gone) becomes one line naming the ledger."""
         if self.readonly:
             raise LedgerError(f"{self._where}: opened read-only")
         if self._closed:
             raise LedgerError(f"{self._where}: already closed")
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException as exc:
-                self._rollback()
-                if isinstance(exc, sqlite3.Error):
-                    raise LedgerError(f"{self._where}: cannot write ({exc})") from None
-                raise
+        try:
+            with self._backend.transaction(write=True) as db:
+                yield db
+        except self._backend.errors as exc:
+            raise LedgerError(f"{self._where}: cannot write ({self._backend.describe(exc)})") from None
 
     # --- writes -------------------------------------------------------------------
     def begin(self, deveui: str, registration_id: str, **fields) -> BoardRecord:
         """Open (or reopen) a board's record for an attempt; counts attempts."""
-        now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT deveui FROM boards WHERE deveui = ?", (deveui,)).fetchone()
-            if row is None:
-                db.execute("INSERT INTO boards (deveui, registration_id, status, attempts, created_at, updated_at) "
-                           "VALUES (?, ?, 'in_progress', 0, ?, ?)", (deveui, registration_id, now, now))
+            now = self._backend.now()
+            db.execute("INSERT INTO boards (deveui, registration_id, status, attempts, created_at, updated_at) "
+                       "VALUES (?, ?, 'in_progress', 0, ?, ?) ON CONFLICT (deveui) DO NOTHING",
+                       (deveui, registration_id, now, now))
             db.execute("UPDATE boards SET attempts = attempts + 1, status = 'in_progress', registration_id = ?, "
-                       "updated_at = ? WHERE deveui = ?", (registration_id, now, deveui))
+                       "station = ?, updated_at = ? WHERE deveui = ?", (registration_id, self.station, now, deveui))
             self._set(db, deveui, fields, now)
             record = self._get(db, deveui)
         assert record is not None
@@ -468,10 +696,12 @@ class Ledger:
             db.execute("DELETE FROM steps WHERE deveui = ?", (deveui,))
 
     def step_started(self, deveui: str, step: str) -> None:
-        now = time.time()
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO steps (deveui, step, outcome, started_at) VALUES (?, ?, 'started', ?)",
-                       (deveui, step, now))
+            now = self._backend.now()
+            db.execute("INSERT INTO steps (deveui, step, outcome, started_at, finished_at, detail, station) "
+                       "VALUES (?, ?, 'started', ?, NULL, NULL, ?) ON CONFLICT (deveui, step) DO UPDATE SET "
+                       "outcome = excluded.outcome, started_at = excluded.started_at, finished_at = NULL, detail = NULL, "
+                       "station = excluded.station", (deveui, step, now, self.station))
             db.execute("UPDATE boards SET current_step = ?, updated_at = ? WHERE deveui = ?", (step, now, deveui))
 
     def step_finished(self, deveui: str, step: str, outcome: str = "ok", detail: str | None = None, *,
@@ -481,13 +711,13 @@ class Ledger:
         A failure marks the board failed, unless ``keep_status`` (a step run on its own,
         such as ``flasher tts register``, which leaves the board's provisioning status alone).
         """
-        now = time.time()
         with self._tx() as db:
-            cur = db.execute("UPDATE steps SET outcome = ?, finished_at = ?, detail = ? WHERE deveui = ? AND step = ?",
-                             (outcome, now, detail, deveui, step))
+            now = self._backend.now()
+            cur = db.execute("UPDATE steps SET outcome = ?, finished_at = ?, detail = ?, station = ? "
+                             "WHERE deveui = ? AND step = ?", (outcome, now, detail, self.station, deveui, step))
             if cur.rowcount == 0:
-                db.execute("INSERT INTO steps (deveui, step, outcome, started_at, finished_at, detail) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", (deveui, step, outcome, now, now, detail))
+                db.execute("INSERT INTO steps (deveui, step, outcome, started_at, finished_at, detail, station) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", (deveui, step, outcome, now, now, detail, self.station))
             if outcome == "failed" and not keep_status:
                 fields = {**fields, "status": "failed", "last_error": detail}
             self._set(db, deveui, fields, now)
@@ -495,20 +725,18 @@ class Ledger:
     def note(self, deveui: str, **fields) -> None:
         """Record what a running step has done so far (the servers that hold an end device), before it ends."""
         with self._tx() as db:
-            self._set(db, deveui, fields, time.time())
+            self._set(db, deveui, fields, self._backend.now())
 
     def finish(self, deveui: str) -> None:
-        now = time.time()
         with self._tx() as db:
             db.execute("UPDATE boards SET status = 'provisioned', current_step = NULL, last_error = NULL, "
-                       "updated_at = ? WHERE deveui = ?", (now, deveui))
+                       "station = ?, updated_at = ? WHERE deveui = ?", (self.station, self._backend.now(), deveui))
 
     def mark(self, deveui: str, status: str, message: str | None) -> None:
         """Set a board's status and last error without touching its steps (a conflict leaves the work as it was)."""
-        now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE boards SET status = ?, last_error = ?, updated_at = ? WHERE deveui = ?",
-                       (status, message, now, deveui))
+            db.execute("UPDATE boards SET status = ?, last_error = ?, station = ?, updated_at = ? WHERE deveui = ?",
+                       (status, message, self.station, self._backend.now(), deveui))
 
     def _set(self, db, deveui: str, fields: dict, now: float) -> None:
         if not fields:
@@ -525,18 +753,13 @@ class Ledger:
         """One read transaction, so a board and its steps are read as of the same moment."""
         if self._closed:
             raise LedgerError(f"{self._where}: already closed")
-        with self._lock:
-            try:
-                self._db.execute("BEGIN")
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException as exc:
-                self._rollback()
-                if isinstance(exc, sqlite3.Error):
-                    raise self._read_error(exc) from None
-                raise
+        try:
+            with self._backend.transaction(write=False) as db:
+                yield db
+        except self._backend.errors as exc:
+            raise self._read_error(exc) from None
 
-    def _get(self, db: sqlite3.Connection, deveui: str) -> BoardRecord | None:
+    def _get(self, db, deveui: str) -> BoardRecord | None:
         row = db.execute(f"SELECT {self._select} FROM boards WHERE deveui = ?", (deveui,)).fetchone()
         if row is None:
             return None
@@ -546,48 +769,55 @@ class Ledger:
         with self._read() as db:
             return self._get(db, deveui)
 
-    def all(self) -> list[BoardRecord]:
-        """Every board, oldest first, in two queries however many there are."""
+    def all(self, station: str | None = None) -> list[BoardRecord]:
+        """Every board (of ``station``, if given), oldest first, in two queries however many there are."""
+        where, args = ("WHERE station = ?", (station,)) if station is not None else ("", ())
         with self._read() as db:
-            rows = db.execute(f"SELECT {self._select} FROM boards ORDER BY created_at, deveui").fetchall()
+            rows = db.execute(f"SELECT {self._select} FROM boards {where} ORDER BY created_at, deveui", args).fetchall()
             steps = _group_steps(db.execute("SELECT deveui, step, outcome FROM steps ORDER BY deveui, step"))
         return [_record(row, steps.get(row[0], {})) for row in rows]
 
-    def iter_records(self, batch: int = 1000) -> Iterator[BoardRecord]:
-        """Every board in the order of :meth:`all`, read ``batch`` boards (two queries) at a time.
+    def iter_records(self, batch: int = 1000, station: str | None = None) -> Iterator[BoardRecord]:
+        """Every board (of ``station``, if given) in the order of :meth:`all`, read ``batch`` boards (two queries) at a time.
 
         Only one batch is held, so exporting 100,000 boards takes little memory. Other
         threads can write between batches; paging by (created_at, deveui), which never
         change, means no board is skipped or repeated.
         """
+        for rows, steps in self._pages(batch, station, self._select, "deveui, step, outcome"):
+            for row in rows:
+                yield _record(row, {s: o for _, s, o in steps.get(row[0], [])})
+
+    def _pages(self, batch: int, station: str | None, columns: str, step_columns: str):
+        """(board rows, {deveui: step rows}) ``batch`` boards at a time, oldest first; each row starts with deveui."""
         if batch < 1:
             raise InputError(f"{self._where}: batch must be at least 1, not {batch}")
         after: tuple = ()
         while True:
-            where = "WHERE (created_at, deveui) > (?, ?)" if after else ""
+            conditions = (["(created_at, deveui) > (?, ?)"] if after else []) + (["station = ?"] if station else [])
+            where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
+            args = (*after, *((station,) if station else ()), batch)
             page = f"SELECT {{}} FROM boards {where} ORDER BY created_at, deveui LIMIT ?"
             with self._read() as db:
-                rows = db.execute(page.format(self._select), (*after, batch)).fetchall()
-                steps = _group_steps(db.execute(f"SELECT deveui, step, outcome FROM steps WHERE deveui IN "
-                                                f"({page.format('deveui')}) ORDER BY deveui, step", (*after, batch)))
-            for row in rows:
-                yield _record(row, steps.get(row[0], {}))
+                rows = db.execute(page.format(f"{columns}, created_at AS page_key"), args).fetchall()
+                steps: dict[str, list[tuple]] = {}
+                for r in db.execute(f"SELECT {step_columns} FROM steps WHERE deveui IN ({page.format('deveui')}) "
+                                    f"ORDER BY deveui, step", args):
+                    steps.setdefault(r[0], []).append(tuple(r))
+            yield [tuple(r)[:-1] for r in rows], steps
             if len(rows) < batch:
                 return
-            after = (rows[-1][EXPORT_FIELDS.index("created_at")], rows[-1][0])
+            after = (rows[-1][-1], rows[-1][0])
 
 
-_BOARD_COLUMNS = ", ".join(EXPORT_FIELDS)
-
-
-def _select_list(db: sqlite3.Connection) -> str:
-    """EXPORT_FIELDS as a SELECT list; columns an older ledger (read without migrating) lacks read as NULL."""
-    have = {r[0] for r in db.execute("SELECT name FROM pragma_table_info('boards')")}
+def _select_columns(version: int) -> str:
+    """The SELECT list of EXPORT_FIELDS for a ledger at ``version``: NULL for a column it does not have yet."""
+    have = set(_columns(version).get("boards", ())) if version else set(EXPORT_FIELDS)
     return ", ".join(f if f in have else f"NULL AS {f}" for f in EXPORT_FIELDS)
 
 
 def _record(row: tuple, steps: dict) -> BoardRecord:
-    """A BoardRecord from a row of _BOARD_COLUMNS (positional: the fields are in that order)."""
+    """A BoardRecord from a row of EXPORT_FIELDS (positional: the fields are in that order)."""
     return BoardRecord(*row, steps=steps)  # type: ignore[misc]
 
 
@@ -626,6 +856,87 @@ def _columns(version: int) -> dict[str, list[str]]:
     finally:
         db.close()
 
+
+# --- moving a ledger ---------------------------------------------------------------
+
+@dataclass
+class CopyReport:
+    boards: int = 0      # boards in the source
+    steps: int = 0       # step rows written
+    copied: int = 0      # boards the destination did not have
+    same: int = 0        # boards it already had, identical
+    replaced: int = 0    # boards it had otherwise, replaced (--force)
+
+
+def copy_ledger(src: Ledger, dest: Ledger, *, force: bool = False, batch: int = 500) -> CopyReport:
+    """Copy every board and step of ``src`` into ``dest`` in one transaction of ``dest``.
+
+    A board ``dest`` already has, identical, is left as it is, so copying again is
+    harmless. One it has otherwise is a conflict: without ``force`` nothing at all is
+    written and the error names the boards; with ``force`` its row and steps are
+    replaced by ``src``'s. A board some live run is working on in ``dest`` is never
+    replaced. Claims are not copied: they belong to the runs of the ledger they are in.
+    """
+    if src._backend.same_as(dest._backend):
+        raise InputError(f"{src._where}: source and destination are the same ledger")
+    report = CopyReport()
+    conflicts: list[str] = []
+    busy: list[str] = []
+    board_cols, step_cols = ", ".join(EXPORT_FIELDS), ", ".join(STEP_FIELDS)
+    with src._read() as db:  # an old source may lack newer step columns: those read as NULL
+        src_has = set(src._backend.columns(db, "steps"))
+    src_steps = ", ".join(f if f in src_has else f"NULL AS {f}" for f in STEP_FIELDS)
+    with dest._tx() as db:
+        now = dest._backend.now()
+        for rows, steps in src._pages(batch, None, src._select, src_steps):
+            if not rows:
+                break
+            marks, euis = ", ".join("?" * len(rows)), [r[0] for r in rows]
+            have = {r[0]: tuple(r) for r in db.execute(f"SELECT {board_cols} FROM boards WHERE deveui IN ({marks})", euis)}
+            have_steps: dict[str, list[tuple]] = {}
+            for r in db.execute(f"SELECT {step_cols} FROM steps WHERE deveui IN ({marks}) ORDER BY deveui, step", euis):
+                have_steps.setdefault(r[0], []).append(tuple(r))
+            claims = {r[0]: r for r in db.execute(
+                f"SELECT deveui, pid, host, heartbeat_at, station FROM claims WHERE deveui IN ({marks})", euis)}
+            for row in rows:
+                eui, theirs = row[0], steps.get(row[0], [])
+                report.boards += 1
+                if eui in have:
+                    if have[eui] == row and have_steps.get(eui, []) == theirs:
+                        report.same += 1
+                        continue
+                    if not force:
+                        conflicts.append(eui)
+                        continue
+                    claim = claims.get(eui)
+                    if claim is not None and dest._alive(claim[1], claim[2], claim[3], claim[4], now):
+                        busy.append(eui)
+                        continue
+                    db.execute("DELETE FROM steps WHERE deveui = ?", (eui,))
+                    db.execute("DELETE FROM boards WHERE deveui = ?", (eui,))
+                    report.replaced += 1
+                else:
+                    report.copied += 1
+                db.execute(f"INSERT INTO boards ({board_cols}) VALUES ({', '.join('?' * len(EXPORT_FIELDS))})", row)
+                for step in theirs:
+                    db.execute(f"INSERT INTO steps ({step_cols}) VALUES ({', '.join('?' * len(STEP_FIELDS))})", step)
+                report.steps += len(theirs)
+        if conflicts or busy:
+            what = []
+            if conflicts:
+                what.append(f"{len(conflicts)} board(s) differ from {src._backend.name!r} ({_some(conflicts)}); "
+                            f"--force replaces them")
+            if busy:
+                what.append(f"{len(busy)} board(s) are in progress in a run using it ({_some(busy)})")
+            raise LedgerError(f"{dest._where}: nothing copied: " + "; ".join(what))
+    return report
+
+
+def _some(euis: list[str], n: int = 3) -> str:
+    return ", ".join(euis[:n]) + (f" and {len(euis) - n} more" if len(euis) > n else "")
+
+
+# --- exports ---------------------------------------------------------------------
 
 def write_json(records: Iterable[BoardRecord], stream: TextIO) -> None:
     """One JSON object per line, written as each record comes: no whole export in memory."""

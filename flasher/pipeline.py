@@ -240,7 +240,8 @@ class _Recorder:
                 try:
                     self.ledger.release(b.key)
                 except LedgerError as exc:  # close() releases what is left; the board's outcome stands
-                    log.warning("%s: claim not released: %s", b.key, exc)
+                    if str(exc) not in (self.result.error or ""):  # else the board's error says it already
+                        log.warning("%s: claim not released: %s", b.key, exc)
         return self.result
 
     def _run_step(self, step: Step, module_scope: ExitStack) -> None:
@@ -334,8 +335,9 @@ class _Recorder:
         """Record a failure; if the ledger itself cannot be written (a full disk), say so in the board's error."""
         try:
             write()
-        except LedgerError as exc:
-            self.result.error = f"{self.result.error}; the ledger could not record it: {exc}"
+        except LedgerError as exc:  # unless the failure was the ledger's own (a server gone): said once is enough
+            if str(exc) not in (self.result.error or ""):
+                self.result.error = f"{self.result.error}; the ledger could not record it: {exc}"
 
 
 def _describe(changed: dict[str, tuple[Any, Any]]) -> str:

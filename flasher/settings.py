@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from flasher.errors import InputError
 
 DEFAULT_LEDGER = "flasher-ledger.sqlite3"
 _SHIPPED_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")   # a template name, not a path
+_STATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,62}")
 
 
 def _str(value: Any, where: str) -> str:
@@ -84,6 +86,24 @@ def _id_format(value: Any, where: str):
     from flasher.identity import RegistrationIdPolicy
 
     return RegistrationIdPolicy(str(value))
+
+
+def _ledger(value: Any, where: str) -> str:
+    """A SQLite file path, or a ``postgresql://`` URL (checked; a password in it is refused)."""
+    text = _str(value, where)
+    if "://" in text:
+        from flasher.ledger import check_url
+
+        return check_url(text, where)
+    return text
+
+
+def _station_id(value: Any, where: str) -> str:
+    text = str(value).strip()
+    if not _STATION_ID.fullmatch(text):
+        raise InputError(f"{where} {text!r}: a station id is 1 to 63 letters, digits and . _ : @ - "
+                         f"(starting with a letter or digit)")
+    return text
 
 
 def _app_key_source(value: Any, where: str):
@@ -200,7 +220,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("registration_id_format", "how a DevEUI becomes a DPS registration id", default="{deveui}",
             parse=_id_format),
     Setting("out_dir", "where headers go, one per board", default="headers", path=True),
-    Setting("ledger", "the ledger file", default=DEFAULT_LEDGER, path=True),
+    Setting("ledger", "the ledger: a SQLite file, or postgresql://user@host/db shared by stations",
+            default=DEFAULT_LEDGER, parse=_ledger, path=lambda v: "://" not in v),
+    Setting("station_id", "this station's name in a shared ledger", default=socket.gethostname() or "localhost",
+            env="FLASHER_STATION_ID", parse=_station_id),
+    Setting("claim_timeout", "seconds without a heartbeat before another station may take over a board",
+            default=60.0, parse=_seconds(1.0), toml_type=(int, float)),
     Setting("timeout", "seconds for each DPS registration and test message", default=60.0,
             parse=_seconds(1.0), toml_type=(int, float)),
     Setting("at_timeout", "seconds to wait for each AT answer", default=2.0, option="--timeout",
@@ -255,6 +280,8 @@ SECRETS: dict[str, SecretSetting] = {s.name: s for s in [
                   "--device-key-file"),
     SecretSetting("tts_api_key", "API key for The Things Stack", "FLASHER_TTS_API_KEY", "tts_api_key", None,
                   "--tts-api-key-file"),
+    SecretSetting("ledger_password", "ledger password", "PGPASSWORD", "ledger_password", None,
+                  "--ledger-password-file"),
 ]}
 
 

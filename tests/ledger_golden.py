@@ -1,8 +1,8 @@
-"""What flasher 0.1.0's ``status --json/--csv`` printed, as a view of what this flasher prints.
+"""What `flasher status` printed for ``data/ledger-v1.sqlite3`` in 0.1.0, with the fields added since.
 
-Columns added since (each an append at the end of EXPORT_FIELDS) must come after the
-0.1.0 ones and be empty for a board an old flasher wrote; with them set aside, the
-output must be byte for byte what 0.1.0 printed (``data/ledger-v1.status.*``).
+Output fields are only ever appended (EXPORT_FIELDS), so for an old ledger today's
+export is 0.1.0's, byte for byte, with each newer field appended as null (JSON, before
+"steps") or empty (CSV). The 0.1.0 fields must stay first and in their order.
 """
 
 from __future__ import annotations
@@ -12,28 +12,28 @@ import io
 import json
 from pathlib import Path
 
+from flasher.ledger import EXPORT_FIELDS
+
 DATA = Path(__file__).parent / "data"
-V1_FIELDS = (DATA / "ledger-v1.status.csv").read_text().splitlines()[0].split(",")
 
 
-def as_0_1_0_json(text: str) -> str:
-    out = []
-    for line in text.splitlines():
-        row = json.loads(line)
-        keys = list(row)
-        added = keys[len(V1_FIELDS):-1]
-        assert keys[:len(V1_FIELDS)] == V1_FIELDS and keys[-1] == "steps", keys
-        assert all(row[k] is None for k in added), {k: row[k] for k in added}
-        out.append(json.dumps({k: v for k, v in row.items() if k not in added}) + "\n")
-    return "".join(out)
-
-
-def as_0_1_0_csv(text: str) -> str:
+def golden(kind: str) -> str:
+    """The golden export of the v1 ledger ("jsonl" or "csv") as this flasher prints it."""
+    text = (DATA / f"ledger-v1.status.{kind}").read_text()
+    if kind == "jsonl":
+        out = []
+        for line in text.splitlines():
+            old = json.loads(line)
+            kept = [k for k in old if k != "steps"]
+            assert kept == list(EXPORT_FIELDS[:len(kept)]), "0.1.0's fields must stay first, in their order"
+            out.append(json.dumps({**{f: old.get(f) for f in EXPORT_FIELDS}, "steps": old["steps"]}) + "\n")
+        return "".join(out)
     rows = list(csv.reader(io.StringIO(text)))
-    assert rows[0][:len(V1_FIELDS)] == V1_FIELDS, rows[0]
-    assert all(cell == "" for row in rows[1:] for cell in row[len(V1_FIELDS):])
+    assert rows[0] == list(EXPORT_FIELDS[:len(rows[0])]), "0.1.0's columns must stay first, in their order"
+    added = len(EXPORT_FIELDS) - len(rows[0])
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    for row in rows:
-        writer.writerow(row[:len(V1_FIELDS)])
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(EXPORT_FIELDS)
+    for row in rows[1:]:
+        w.writerow(row + [""] * added)
     return buf.getvalue()

@@ -1,4 +1,4 @@
-"""Start-up matters: commands that do not register or render must not import the Azure SDK or Jinja2."""
+"""Start-up matters: commands that do not register or render must not import the Azure SDK or Jinja2 (nor psycopg)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fixtures_dps import GROUP_PRIMARY
 
 from flasher.ledger import Ledger
 
-HEAVY = ("azure", "paho", "jinja2")
+HEAVY = ("azure", "paho", "jinja2", "psycopg")  # psycopg: only a postgresql:// ledger needs it
 
 
 def loaded_after(argvs: list[list[str]], env_extra=None) -> set[str]:

@@ -170,7 +170,7 @@ def test_another_hosts_claim_counts_until_its_heartbeat_is_old(tmp_path):
     db = sqlite3.connect(path)
     now = time.time()
     with db:
-        db.executemany("INSERT INTO claims VALUES (?, ?, ?, ?, ?, ?)", [
+        db.executemany("INSERT INTO claims (deveui, run_id, pid, host, claimed_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?)", [
             ("2CF7F12024900001", "bench-2:4242:aa", 4242, "bench-2", now - 600, now - 120),  # silent for 2 min
             ("2CF7F12024900002", "bench-2:4242:aa", 4242, "bench-2", now - 600, now - 5),    # beat 5 s ago
             ("2CF7F12024900003", f"{HOST}:{os.getpid()}:bb", os.getpid(), HOST, now - 600, now - 120),  # pid reused

@@ -14,7 +14,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from ledger_golden import as_0_1_0_csv, as_0_1_0_json
+from ledger_golden import golden
 from ledger_mounts import read_only
 
 from flasher.errors import InputError
@@ -40,8 +40,8 @@ def test_readonly_reads_an_old_ledger_as_it_is_and_writes_nothing(v1):
     before = snapshot(v1)
     with Ledger(v1, create=False, readonly=True) as led:
         records = led.all()
-        assert as_0_1_0_json(export_json(records)) == (DATA / "ledger-v1.status.jsonl").read_text()
-        assert as_0_1_0_csv(export_csv(led.iter_records(batch=3))) == (DATA / "ledger-v1.status.csv").read_text()
+        assert export_json(records) == golden("jsonl")
+        assert export_csv(led.iter_records(batch=3)) == golden("csv")
         assert led.get("2CF7F12024900002").last_error.startswith("DPS refused")
         for write in (lambda: led.begin("2CF7F12024900009", "x"), lambda: led.step_started("2CF7F12024900001", "derive"),
                       lambda: led.finish("2CF7F12024900003"), lambda: led.reset("2CF7F12024900001")):
@@ -109,7 +109,7 @@ READ_MEDIA = """
 def test_a_wal_ledger_on_read_only_media(tmp_path, v1):
     media = tmp_path / "media"
     seen = read_only(v1.parent, media, READ_MEDIA, str(media))
-    assert as_0_1_0_json(seen["read"]) == (DATA / "ledger-v1.status.jsonl").read_text()
+    assert seen["read"] == golden("jsonl")
     where = f"ledger {str(media / 'ledger.sqlite3')!r}"
     assert seen["write"] == {"error": f"{where}: read-only (Read-only file system)", "type": "LedgerError"}
     assert seen["create"] == {"error": f"ledger {str(media / 'new' / 'ledger.sqlite3')!r}: Read-only file system",

@@ -1,5 +1,9 @@
 """`flasher provision` end to end: simulated boards on real ptys, the DPS emulator over TLS
-through the real SDK, a real SQLite ledger, headers compiled with the real gcc."""
+through the real SDK, a real ledger, headers compiled with the real gcc.
+
+Every test runs twice (the ``ledger_place`` fixture): with SQLite ledger files, and with
+ledgers in fresh databases on a real PostgreSQL server, which the CLI runs reach by URL
+(the password from PGPASSFILE, as a station's ~/.pgpass)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,12 +20,24 @@ from pathlib import Path
 import pytest
 from fixtures_dps import GROUP_PRIMARY, ID_SCOPE
 
+from flasher.errors import FlasherError
 from flasher.eui import EUI64
 from flasher.ledger import Ledger
 from flasher.pipeline import Settings, provision_boards
 
 GROUP_KEY = base64.b64decode(GROUP_PRIMARY)
 JOIN_EUI = "70B3D57ED003F06A"
+
+
+@pytest.fixture
+def sim_boards(sim_boards, ledger_place):
+    """Other DevEUIs for each ledger kind: the session's DPS emulator must not meet a board twice."""
+    offset = 0 if ledger_place.kind == "sqlite" else 10_000
+
+    def start(count: int = 1, *, seed: int = 1, **kwargs):
+        return sim_boards(count, seed=seed + offset, **kwargs)
+
+    return start
 
 
 def settings_for(emu, tmp_path, **over) -> Settings:
@@ -56,12 +71,12 @@ def compile_header(header: Path, tmp_path: Path) -> str:
     return subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def test_three_boards_end_to_end_via_cli(sim_boards, dps_emulator, tmp_path):
+def test_three_boards_end_to_end_via_cli(sim_boards, dps_emulator, ledger_place, tmp_path):
     sim = sim_boards(3, seed=11)
-    ledger = tmp_path / "ledger.sqlite3"
+    ledger = ledger_place.target()
     ports = [a for p in sim.ports for a in ("--port", p)]
     common = ["--id-scope", ID_SCOPE, "--dps-host", dps_emulator.host, "--ca-cert", str(dps_emulator.ca_cert_path),
-              "--join-eui", JOIN_EUI, "--ledger", str(ledger), "--out-dir", str(tmp_path / "h")]
+              "--join-eui", JOIN_EUI, "--ledger", ledger, "--out-dir", str(tmp_path / "h")]
     proc = run_cli("provision", *ports, *common, "--json")
     assert proc.returncode == 0, proc.stderr
     results = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -89,23 +104,42 @@ def test_three_boards_end_to_end_via_cli(sim_boards, dps_emulator, tmp_path):
     assert again.returncode == 0, again.stderr
     assert {json.loads(line)["status"] for line in again.stdout.splitlines()} == {"already_provisioned"}
     assert len(dps_emulator.state()["registrations"]) == before
-    status = run_cli("status", "--ledger", str(ledger), "--json")
+    status = run_cli("status", "--ledger", ledger, "--json")
     rows = [json.loads(line) for line in status.stdout.splitlines()]
     assert len(rows) == 3 and all(r["status"] == "provisioned" and r["attempts"] == 1 for r in rows)
     assert all(r["steps"]["upload"] == "skipped" and r["steps"]["message"] == "ok" for r in rows)
-    csv_out = run_cli("status", "--ledger", str(ledger), "--csv").stdout.splitlines()
+    csv_out = run_cli("status", "--ledger", ledger, "--csv").stdout.splitlines()
     assert csv_out[0].startswith("deveui,registration_id,status") and len(csv_out) == 4
+
+
+def wait_for_step(place, step: str, timeout: float = 30.0) -> str | None:
+    """Watch the ledger (as another reader would) until a board's current step is ``step``; the last one seen."""
+    deadline, seen, reader = time.monotonic() + timeout, None, None
+    try:
+        while time.monotonic() < deadline:
+            try:  # until the run has made the ledger, there is nothing to open
+                reader = reader or place.open(create=False, readonly=True)
+                seen = next((r.current_step for r in reader.all()), None)
+            except FlasherError:
+                reader = None
+            if seen == step:
+                break
+            time.sleep(0.05)
+    finally:
+        if reader is not None:
+            reader.close()
+    return seen
 
 
 def _steps(ledger: Ledger, eui: str) -> dict:
     return ledger.get(eui).steps
 
 
-def test_unplug_during_program_then_resume(sim_boards, dps_emulator, tmp_path):
+def test_unplug_during_program_then_resume(sim_boards, dps_emulator, ledger_place, tmp_path):
     sim = sim_boards(1, seed=21)
     board = sim.boards[0]
     board.faults.unplug_after = 3  # AT and AT+ID twice answered, then the cable goes during programming
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with ledger_place.open() as ledger:
         [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path), ledger)
         assert r.status == "failed" and r.failed_step == "program"
         assert r.error and "\n" not in r.error
@@ -122,10 +156,10 @@ def test_unplug_during_program_then_resume(sim_boards, dps_emulator, tmp_path):
         assert f'"{board.state["appkey"]}"' in Path(rec.header_path).read_text()
 
 
-def test_dps_failure_resumes_at_register_without_reprogramming(sim_boards, dps_emulator, tmp_path):
+def test_dps_failure_resumes_at_register_without_reprogramming(sim_boards, dps_emulator, ledger_place, tmp_path):
     sim = sim_boards(1, seed=31)
     board = sim.boards[0]
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with ledger_place.open() as ledger:
         [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, dps_host="127.0.0.254", timeout=5.0),
                                ledger)
         assert r.status == "failed" and r.failed_step == "register"
@@ -139,12 +173,12 @@ def test_dps_failure_resumes_at_register_without_reprogramming(sim_boards, dps_e
         assert rec.assigned_hub == dps_emulator.host
 
 
-def test_wrong_group_key_then_right_one_renders_the_header_again(sim_boards, dps_emulator, tmp_path):
+def test_wrong_group_key_then_right_one_renders_the_header_again(sim_boards, dps_emulator, ledger_place, tmp_path):
     from flasher.keys import derive_device_key
 
     sim = sim_boards(1, seed=32)
     board = sim.boards[0]
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with ledger_place.open() as ledger:
         [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, group_key=os.urandom(64)), ledger)
         assert r.status == "failed" and r.failed_step == "register"
         assert "401" in r.error or "unauthorized" in r.error.lower()
@@ -156,9 +190,9 @@ def test_wrong_group_key_then_right_one_renders_the_header_again(sim_boards, dps
         assert GROUP_PRIMARY not in json.dumps(ledger.get(board.deveui).to_dict())
 
 
-def test_changed_header_after_programming_is_refused(sim_boards, dps_emulator, tmp_path):
+def test_changed_header_after_programming_is_refused(sim_boards, dps_emulator, ledger_place, tmp_path):
     sim = sim_boards(1, seed=41)
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with ledger_place.open() as ledger:
         [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, dps_host="127.0.0.254", timeout=5.0),
                                ledger)
         assert r.status == "failed" and r.failed_step == "register"
@@ -179,9 +213,9 @@ def test_changed_header_after_programming_is_refused(sim_boards, dps_emulator, t
         assert sim.boards[0].state["appkey"] != programmed_key
 
 
-def test_a_finished_board_with_other_settings_is_a_conflict_not_redone(sim_boards, dps_emulator, tmp_path):
+def test_a_finished_board_with_other_settings_is_a_conflict_not_redone(sim_boards, dps_emulator, ledger_place, tmp_path):
     sim = sim_boards(1, seed=43)
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with ledger_place.open() as ledger:
         [r] = provision_boards(sim.ports, settings_for(dps_emulator, tmp_path), ledger)
         assert r.status == "provisioned", r.error
         key, sha = sim.boards[0].state["appkey"], ledger.get(r.deveui).header_sha256
@@ -196,10 +230,10 @@ def test_a_finished_board_with_other_settings_is_a_conflict_not_redone(sim_board
         assert r.status == "provisioned", r.error
 
 
-def test_one_failing_board_does_not_stop_the_others(sim_boards, dps_emulator, tmp_path):
+def test_one_failing_board_does_not_stop_the_others(sim_boards, dps_emulator, ledger_place, tmp_path):
     sim = sim_boards(4, seed=51)
     sim.boards[2].faults.silent = True
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with ledger_place.open() as ledger:
         results = list(provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, at_timeout=0.5), ledger))
     by_port = {r.port: r for r in results}
     assert by_port[sim.ports[2]].status == "failed" and by_port[sim.ports[2]].failed_step == "identify"
@@ -207,9 +241,9 @@ def test_one_failing_board_does_not_stop_the_others(sim_boards, dps_emulator, tm
     assert sum(r.status == "provisioned" for r in results) == 3
 
 
-def test_sixteen_boards_at_once(sim_boards, dps_emulator, tmp_path):
+def test_sixteen_boards_at_once(sim_boards, dps_emulator, ledger_place, tmp_path):
     sim = sim_boards(16, seed=61)
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with ledger_place.open() as ledger:
         results = list(provision_boards(sim.ports, settings_for(dps_emulator, tmp_path), ledger))
         assert [r.status for r in results] == ["provisioned"] * 16, [r.error for r in results if r.error]
         assert len({r.deveui for r in results}) == 16
@@ -218,107 +252,97 @@ def test_sixteen_boards_at_once(sim_boards, dps_emulator, tmp_path):
     assert ids <= {x["registrationId"] for x in dps_emulator.state()["registrations"]}
 
 
-def test_kill_during_register_then_rerun_completes(sim_boards, make_dps_emulator, tmp_path):
+def test_kill_during_register_then_rerun_completes(sim_boards, make_dps_emulator, ledger_place, tmp_path):
     emu = make_dps_emulator(assign_delay=3.0)  # long enough to be caught in the middle of registering
     sim = sim_boards(1, seed=71)
-    ledger_path = tmp_path / "l.sqlite3"
+    ledger_path = ledger_place.target()
     args = [sys.executable, "-m", "flasher", "provision", "--port", sim.ports[0], "--id-scope", ID_SCOPE,
-            "--dps-host", emu.host, "--ca-cert", str(emu.ca_cert_path), "--ledger", str(ledger_path),
+            "--dps-host", emu.host, "--ca-cert", str(emu.ca_cert_path), "--ledger", ledger_path,
             "--out-dir", str(tmp_path / "h"), "--json"]
     env = dict(os.environ, FLASHER_GROUP_PRIMARY_KEY=GROUP_PRIMARY)
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        step = None
-        while time.monotonic() < deadline:
-            if ledger_path.exists():
-                try:
-                    row = sqlite3.connect(ledger_path).execute("SELECT current_step FROM boards").fetchone()
-                except sqlite3.OperationalError:
-                    row = None
-                step = row[0] if row else None
-                if step == "register":
-                    break
-            time.sleep(0.05)
-        assert step == "register"
+        assert wait_for_step(ledger_place, "register") == "register"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    with Ledger(ledger_path) as ledger:
+    with ledger_place.open() as ledger:
         rec = ledger.get(sim.boards[0].deveui)
         assert rec.status == "in_progress" and rec.current_step == "register"
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["status"] == "provisioned"
-    with Ledger(ledger_path) as ledger:
+    with ledger_place.open() as ledger:
         rec = ledger.get(sim.boards[0].deveui)
         assert rec.status == "provisioned" and rec.attempts == 2
 
 
-def test_config_file_supplies_defaults_and_refuses_inline_secrets(sim_boards, dps_emulator, tmp_path):
+def test_config_file_supplies_defaults_and_refuses_inline_secrets(sim_boards, dps_emulator, ledger_place, tmp_path):
     sim = sim_boards(1, seed=81)
     cfg = tmp_path / "flasher.toml"
+    ledger = "ledger.sqlite3" if ledger_place.kind == "sqlite" else ledger_place.target()
     cfg.write_text(f'id_scope = "{ID_SCOPE}"\ndps_host = "{dps_emulator.host}"\nca_cert = "{dps_emulator.ca_cert_path}"\n'
-                   f'band = "EU868"\njoin_eui = "{JOIN_EUI}"\nledger = "ledger.sqlite3"\nout_dir = "headers"\n'
+                   f'band = "EU868"\njoin_eui = "{JOIN_EUI}"\nledger = "{ledger}"\nout_dir = "headers"\n'
                    f'template = "lmic"\n')
     proc = run_cli("provision", "--port", sim.ports[0], "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["header"].startswith(str(tmp_path / "headers")) and "APPEUI" in Path(out["header"]).read_text()
-    assert (tmp_path / "ledger.sqlite3").exists()
+    with Ledger(tmp_path / ledger if ledger_place.kind == "sqlite" else ledger, create=False) as led:
+        assert led.get(out["deveui"]).status == "provisioned"  # the file's ledger, relative to the file
     cfg.write_text(cfg.read_text() + f'group_key = "{GROUP_PRIMARY}"\n')
     proc = run_cli("provision", "--port", sim.ports[0], cwd=tmp_path)
     assert proc.returncode == 2 and "inline" in proc.stderr and GROUP_PRIMARY not in proc.stderr + proc.stdout
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_verify_against_the_ledger(sim_boards, dps_emulator, tmp_path):
+def test_verify_against_the_ledger(sim_boards, dps_emulator, ledger_place, tmp_path):
     from flasher.rhf76 import open_module
 
     sim = sim_boards(2, seed=101)
-    ledger = tmp_path / "l.sqlite3"
+    ledger = ledger_place.target()
     with Ledger(ledger) as led:
         results = list(provision_boards(sim.ports, settings_for(dps_emulator, tmp_path, test_message=None), led))
     assert all(r.ok for r in results)
     ports = [a for p in sim.ports for a in ("--port", p)]
-    proc = run_cli("verify", *ports, "--ledger", str(ledger), "--json")
+    proc = run_cli("verify", *ports, "--ledger", ledger, "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [json.loads(line)["ok"] for line in proc.stdout.splitlines()] == [True, True]
     # someone reprograms one module's JoinEUI behind our back
     with open_module(sim.ports[1]) as m:
         m.at.command('AT+ID=AppEui,"0102030405060708"')
-    proc = run_cli("verify", *ports, "--ledger", str(ledger), "--json")
+    proc = run_cli("verify", *ports, "--ledger", ledger, "--json")
     assert proc.returncode == 1
     verdicts = {v["port"]: v for v in map(json.loads, proc.stdout.splitlines())}
     assert verdicts[sim.ports[0]]["ok"] and not verdicts[sim.ports[1]]["ok"]
     assert any("0102030405060708" in p for p in verdicts[sim.ports[1]]["problems"])
     # a board the ledger has never seen is not "verified"
     other = sim_boards(1, seed=102, state_dir=tmp_path / "other")
-    proc = run_cli("verify", "--port", other.ports[0], "--ledger", str(ledger))
+    proc = run_cli("verify", "--port", other.ports[0], "--ledger", ledger)
     assert proc.returncode == 1 and "FAIL" in proc.stdout
 
 
-def test_all_finds_simulated_boards_through_discovery(sim_boards, dps_emulator, tmp_path):
+def test_all_finds_simulated_boards_through_discovery(sim_boards, dps_emulator, ledger_place, tmp_path):
     sim = sim_boards(2, seed=111)
     proc = run_cli("provision", "--all", "--id-scope", ID_SCOPE, "--dps-host", dps_emulator.host,
-                   "--ca-cert", str(dps_emulator.ca_cert_path), "--ledger", str(tmp_path / "l.sqlite3"),
+                   "--ca-cert", str(dps_emulator.ca_cert_path), "--ledger", ledger_place.target(),
                    "--out-dir", str(tmp_path / "h"), "--no-test-message", "--json",
                    env_extra={"FLASHER_SIMULATED_PORTS": str(sim.ports_file)})
     assert proc.returncode == 0, proc.stderr
     assert sorted(json.loads(line)["deveui"] for line in proc.stdout.splitlines()) == sorted(b.deveui for b in sim.boards)
 
 
-def test_progress_is_a_live_table_on_a_terminal_and_plain_lines_on_a_pipe(sim_boards, dps_emulator, tmp_path):
+def test_progress_is_a_live_table_on_a_terminal_and_plain_lines_on_a_pipe(sim_boards, dps_emulator, ledger_place, tmp_path):
     import pty
     import select
 
     sim = sim_boards(2, seed=121)
     base = ["provision", *[a for p in sim.ports for a in ("--port", p)], "--id-scope", ID_SCOPE,
             "--dps-host", dps_emulator.host, "--ca-cert", str(dps_emulator.ca_cert_path), "--no-test-message"]
-    piped = run_cli(*base, "--ledger", str(tmp_path / "a.sqlite3"), "--out-dir", str(tmp_path / "a"))
+    piped = run_cli(*base, "--ledger", ledger_place.target("a"), "--out-dir", str(tmp_path / "a"))
     assert piped.returncode == 0, piped.stderr
     assert "\x1b[" not in piped.stderr and piped.stdout == ""
     for b in sim.boards:
@@ -326,7 +350,7 @@ def test_progress_is_a_live_table_on_a_terminal_and_plain_lines_on_a_pipe(sim_bo
     # on a terminal: the table is redrawn in place (cursor movement), and ends with every board done
     master, slave = pty.openpty()
     env = dict(os.environ, FLASHER_GROUP_PRIMARY_KEY=GROUP_PRIMARY)
-    proc = subprocess.Popen([sys.executable, "-m", "flasher", *base, "--ledger", str(tmp_path / "b.sqlite3"),
+    proc = subprocess.Popen([sys.executable, "-m", "flasher", *base, "--ledger", ledger_place.target("b"),
                              "--out-dir", str(tmp_path / "b")], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=slave, env=env)
     os.close(slave)
@@ -353,16 +377,18 @@ def test_progress_is_a_live_table_on_a_terminal_and_plain_lines_on_a_pipe(sim_bo
     assert all(b.deveui in final for b in sim.boards) and final.count(" done ") == 2
 
 
-@pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "SIGTERM"),
-                                           (signal.SIGHUP, 129, "SIGHUP")])
-def test_a_signal_stops_boards_at_the_next_step_and_the_rerun_resumes(sim_boards, make_dps_emulator, tmp_path, sig, code,
-                                                                      said):
+# Every signal with SQLite; with PostgreSQL one is enough (what is tested there is the ledger, not the signal).
+@pytest.mark.parametrize("sig,code,said,ledger_place", [
+    (signal.SIGINT, 130, "interrupted", "sqlite"), (signal.SIGTERM, 143, "SIGTERM", "sqlite"),
+    (signal.SIGHUP, 129, "SIGHUP", "sqlite"), (signal.SIGTERM, 143, "SIGTERM", "postgres")], indirect=["ledger_place"])
+def test_a_signal_stops_boards_at_the_next_step_and_the_rerun_resumes(sim_boards, make_dps_emulator, ledger_place,
+                                                                      tmp_path, sig, code, said):
     """Ctrl-C, SIGTERM (a service manager) and SIGHUP (a closed terminal) all stop cleanly and resumably."""
     emu = make_dps_emulator(assign_delay=2.0)
     sim = sim_boards(2, seed=131)
     args = [sys.executable, "-m", "flasher", "provision", *[a for p in sim.ports for a in ("--port", p)],
             "--id-scope", ID_SCOPE, "--dps-host", emu.host, "--ca-cert", str(emu.ca_cert_path),
-            "--ledger", str(tmp_path / "l.sqlite3"), "--out-dir", str(tmp_path / "h")]
+            "--ledger", ledger_place.target(), "--out-dir", str(tmp_path / "h")]
     env = dict(os.environ, FLASHER_GROUP_PRIMARY_KEY=GROUP_PRIMARY)
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -376,23 +402,23 @@ def test_a_signal_stops_boards_at_the_next_step_and_the_rerun_resumes(sim_boards
             proc.kill()
             proc.wait()
     assert proc.returncode == code and said in errs and "Traceback" not in errs, errs
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with ledger_place.open() as ledger:
         for r in ledger.all():  # stopped before the test message, and the ledger names the step it resumes at
             assert r.status == "failed" and r.current_step == "message" and "interrupted" in r.last_error
             assert r.steps["register"] == "ok"
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with ledger_place.open() as ledger:
         assert [r.status for r in ledger.all()] == ["provisioned", "provisioned"]
 
 
-def test_derived_and_given_app_keys_reach_the_module(sim_boards, dps_emulator, tmp_path):
+def test_derived_and_given_app_keys_reach_the_module(sim_boards, dps_emulator, ledger_place, tmp_path):
     from flasher.keys import AppKeyPlan, AppKeySource, derive_app_key
     from flasher.secrets import Secret
 
     sim = sim_boards(2, seed=141)
     master, given = b"a master secret of 32 bytes....!", bytes.fromhex("2B7E151628AED2A6ABF7158809CF4F3C")
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with ledger_place.open() as ledger:
         [derived] = provision_boards(sim.ports[:1], settings_for(dps_emulator, tmp_path, test_message=None,
                                                                  app_key=AppKeyPlan(AppKeySource.DERIVED,
                                                                                     master=Secret(master))), ledger)

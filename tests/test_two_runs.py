@@ -1,8 +1,8 @@
 """Two `flasher provision` runs at once on overlapping boards: every board is done once, by one of them.
 
 Run A takes boards 0 and 1, run B (started while A works) boards 1 and 2, on the
-same ledger. A holds board 1's port for the board's whole run, so B cannot talk
-to it; B's other board is its own. Afterwards DPS has exactly one registration
+same ledger (a SQLite file, or a database on a PostgreSQL server). A holds board 1's
+port for the board's whole run, so B cannot talk to it; B's other board is its own. Afterwards DPS has exactly one registration
 attempt and the hub exactly one message per board, and B's rerun finds board 1
 already provisioned. With two ledgers the port lock alone keeps B away while A works.
 """
@@ -40,12 +40,16 @@ def finish(proc):
     return proc.returncode, {r["port"]: r for r in map(json.loads, out.splitlines())}, err
 
 
-@pytest.mark.parametrize("shared_ledger", [True, False], ids=["one-ledger", "two-ledgers"])
-def test_overlapping_runs_do_each_board_once(sim_boards, make_dps_emulator, tmp_path, shared_ledger):
+@pytest.mark.parametrize("ledgers", ["one-ledger", "two-ledgers", "one-postgres-ledger"])
+def test_overlapping_runs_do_each_board_once(sim_boards, make_dps_emulator, tmp_path, request, ledgers):
     emu = make_dps_emulator(assign_delay=2.0)
     sim = sim_boards(3, seed=2024)
-    ledger_a = tmp_path / "a.sqlite3"
-    ledger_b = ledger_a if shared_ledger else tmp_path / "b.sqlite3"
+    shared_ledger = ledgers != "two-ledgers"
+    if ledgers == "one-postgres-ledger":
+        ledger_a = ledger_b = request.getfixturevalue("pg_url")
+    else:
+        ledger_a = str(tmp_path / "a.sqlite3")
+        ledger_b = ledger_a if shared_ledger else str(tmp_path / "b.sqlite3")
     a = start(sim.ports[:2], emu, ledger_a, tmp_path / "ha")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and emu.state()["stats"]["register_requests"] < 2:

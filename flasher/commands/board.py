@@ -12,6 +12,8 @@ from flasher.commands.options import (
     config_option,
     err,
     json_line,
+    ledger_options,
+    open_ledger,
     setting_option,
 )
 from flasher.errors import EXIT_FAILURE
@@ -94,8 +96,8 @@ def eui(targets, as_json, **_options):
                 help="Also check the module holds this JoinEUI (and OTAA mode); from flasher.toml too")
 @setting_option("--band", name="band", metavar="BAND", help="Also check the module's band (and OTAA mode), e.g. EU868; "
                 "from flasher.toml too")
-@setting_option("--ledger", name="ledger", type=click.Path(dir_okay=False),
-                help="Expect what the ledger says was written (used when nothing else is given)")
+@ledger_options(help="Expect what the ledger (a file or postgresql://…) says was written (used when nothing else "
+                     "is given)")
 @click.option("--json", "as_json", is_flag=True, help='One object per board: {"port", "deveui", "ok", "problems"}.')
 @config_option
 def verify(targets, expect, expect_file, as_json, **_options):
@@ -125,10 +127,9 @@ def verify(targets, expect, expect_file, as_json, **_options):
     settings = settings_expectation(join, band)
     provisioned = None
     if s.source("ledger") != "default" or (expected is None and settings is None and os.path.exists(s.ledger)):
-        from flasher.ledger import Ledger
         from flasher.verify import ledger_expectations
 
-        with Ledger(s.ledger, create=False, readonly=True) as ledger:
+        with open_ledger(s, create=False, readonly=True) as ledger:
             provisioned = ledger_expectations(ledger.all())
     if expected is None and settings is None and provisioned is None:
         raise click.UsageError("nothing to verify against: give --expect, --expect-file, --join-eui/--band or --ledger")

@@ -55,9 +55,10 @@ def labels(deveuis, input_file, out_dir, formats, pdf_path, as_json, **_options)
       flasher labels -o labels --pdf labels.pdf                 # every provisioned board
       flasher labels 2CF7F12024900138 --join-eui 70B3D57ED003F06A --pdf one.pdf --sheet a4-65
     """
+    from flasher.commands.options import open_ledger
     from flasher.extras import require
     from flasher.labels import label_for, write_label_files, write_sheet_pdf
-    from flasher.ledger import Ledger
+    from flasher.ledger import is_url
     from flasher.settings import from_click
 
     if not out_dir and not pdf_path:
@@ -69,8 +70,8 @@ def labels(deveuis, input_file, out_dir, formats, pdf_path, as_json, **_options)
     if pdf_path:
         require("fpdf", "labels", "a PDF label sheet")
     known = {}
-    if not wanted or Path(s.ledger).exists():
-        with Ledger(s.ledger, create=False, readonly=True) as ledger:
+    if not wanted or is_url(s.ledger) or Path(s.ledger).exists():
+        with open_ledger(s, create=False, readonly=True) as ledger:
             if wanted:
                 known = {eui: rec for eui in wanted if (rec := ledger.get(eui)) is not None}
             else:

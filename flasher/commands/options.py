@@ -82,6 +82,24 @@ def board_selection_options(f):
     return wrapper
 
 
+def ledger_options(f=None, *, help: str | None = None):
+    """``--ledger`` and, for a PostgreSQL ledger, ``--ledger-password-file``."""
+    def decorate(f):
+        f = secret_options("ledger_password")(f)
+        return setting_option("--ledger", name="ledger", metavar="FILE|URL", type=click.Path(dir_okay=False),
+                              **({"help": help} if help else {}))(f)
+    return decorate(f) if f is not None else decorate
+
+
+def open_ledger(s, **kwargs):
+    """The ledger the resolved settings name; a server's password comes from the ledger_password secret, if set,
+    else libpq finds it (PGPASSWORD, ~/.pgpass). It is never shown."""
+    from flasher.ledger import Ledger, is_url
+
+    password = s.secret("ledger_password", required=False) if is_url(s.ledger) else None
+    return Ledger(s.ledger, password=password, **kwargs)
+
+
 def at_timeout_option(f):
     return setting_option("--timeout", name="at_timeout", metavar="S")(f)
 

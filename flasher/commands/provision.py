@@ -16,6 +16,8 @@ from flasher.commands.options import (
     group_key_options,
     id_format_option,
     json_line,
+    ledger_options,
+    open_ledger,
     secret_options,
     setting_option,
     tts_options,
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 PROVISION_SETTINGS = ["id_scope", "dps_host", "ca_cert", "template", "band", "join_eui", "app_key_source",
                       "out_dir", "ledger", "registration_id_format", "timeout", "at_timeout", "concurrency",
                       "test_message", "fqbn", "sketch", "arduino_cli", *TTS_SETTINGS, "labels", "label_vendor_id",
-                      "label_model_id"]
+                      "label_model_id", "station_id", "claim_timeout"]
 
 
 def app_key_plan(s, source):
@@ -101,7 +103,11 @@ def _raise_terminated(signum, _frame):
                      "for all) [default: derived when a master secret is set, else random]")
 @secret_options("app_key", "app_key_master")
 @setting_option("--out-dir", name="out_dir", type=click.Path(file_okay=False))
-@setting_option("--ledger", name="ledger", type=click.Path(dir_okay=False))
+@ledger_options
+@setting_option("--station-id", name="station_id", metavar="NAME",
+                help="This station's name in a shared ledger: recorded with each step and claim [default: the "
+                     "hostname; env FLASHER_STATION_ID]")
+@setting_option("--claim-timeout", name="claim_timeout", metavar="S")
 @id_format_option
 @setting_option("--timeout", name="timeout", metavar="S")
 @click.option("--no-test-message", is_flag=True, help="Register only; do not send the proof message.")
@@ -137,7 +143,6 @@ def provision(targets, no_test_message, upload, extras, force, as_json, quiet, *
       flasher provision --port /dev/ttyACM0 --json > result.jsonl
     """
     from flasher import progress as progress_mod
-    from flasher.ledger import Ledger
     from flasher.pipeline import preflight, provision_boards
     from flasher.settings import from_click
 
@@ -146,7 +151,7 @@ def provision(targets, no_test_message, upload, extras, force, as_json, quiet, *
         raise InputError("--app-key is for --app-key-source given")
     settings = build_settings(s, upload=upload, no_test_message=no_test_message, force=force, extras=extras)
     preflight(settings, targets)  # everything checkable is checked before a board or the ledger is touched
-    ledger = Ledger(s.ledger)
+    ledger = open_ledger(s, station=s.station_id, stale_after=s.claim_timeout)
     show = progress_mod.for_stream(quiet=quiet)
     failures, already, stopped_by = [], 0, None
     previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -186,35 +191,38 @@ def _network(record) -> str:
 
 
 @click.command()
-@setting_option("--ledger", name="ledger", type=click.Path(dir_okay=False))
+@ledger_options
+@click.option("--station", metavar="NAME", help="Only the boards this station last worked on (a shared ledger).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per board.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV (doubles as an onboarding list for the network server).")
 @config_option
-def status(as_json, as_csv, **_options):
+def status(station, as_json, as_csv, **_options):
     """List the boards in the ledger and where each one stands.
 
     NETWORK is The Things Stack step (ok, skipped, or failed/started with the servers that
-    hold the end device so far, e.g. failed(is,js)); TTS DEVICE its end device id. --json and --csv add
-    tts_app, tts_device_id and tts_servers (and --json each step's outcome).
+    hold the end device so far, e.g. failed(is,js)); TTS DEVICE its end device id. Against a
+    shared ledger (postgresql://…) that is every station's boards; STATION says which one
+    last worked on each. --json and --csv add tts_app, tts_device_id, tts_servers and station
+    (and --json each step's outcome).
     """
-    from flasher.ledger import Ledger, write_csv, write_json
+    from flasher.ledger import write_csv, write_json
     from flasher.settings import from_click
 
     if as_json and as_csv:
         raise click.UsageError("--json and --csv are exclusive")
     s = from_click(["ledger"])
     out = sys.stdout
-    with Ledger(s.ledger, create=False, readonly=True) as ledger:   # reading never writes, nor migrates
-        records = ledger.iter_records()                            # streamed: any number of boards
+    with open_ledger(s, create=False, readonly=True) as ledger:    # reading never writes, nor migrates
+        records = ledger.iter_records(station=station)             # streamed: any number of boards
         if as_json:
             write_json(records, out)
         elif as_csv:
             write_csv(records, out)
         else:
             out.write(f"{'DEVEUI':<16}  {'STATUS':<12} {'STEP':<9} {'HUB':<28} {'DEVICE':<18} {'NETWORK':<16} "
-                      f"{'TTS DEVICE':<22} ATTEMPTS  LAST ERROR\n")
+                      f"{'TTS DEVICE':<22} ATTEMPTS  {'STATION':<16} LAST ERROR\n")
             for r in records:
                 out.write(f"{r.deveui:<16}  {r.status:<12} {r.current_step or '-':<9} {r.assigned_hub or '-':<28} "
                           f"{r.device_id or '-':<18} {_network(r):<16} {r.tts_device_id or '-':<22} {r.attempts:>8}  "
-                          f"{r.last_error or ''}\n")
+                          f"{r.station or '-':<16} {r.last_error or ''}\n")
     return 0

@@ -48,7 +48,7 @@ def station(udev, no_bell, as_json, quiet, no_test_message, upload, extras, forc
       flasher station --json --no-bell | my-stack-light
     """
     from flasher import progress
-    from flasher.ledger import Ledger
+    from flasher.commands.options import open_ledger
     from flasher.pipeline import preflight
     from flasher.settings import from_click
     from flasher.station import Station, discover
@@ -59,7 +59,7 @@ def station(udev, no_bell, as_json, quiet, no_test_message, upload, extras, forc
     settings = build_settings(s, upload=upload, no_test_message=no_test_message, force=force, extras=extras)
     preflight(settings, [])   # everything checkable is checked before the ledger or a board is touched
     discover(strict=True)     # and so is the port listing ($FLASHER_SIMULATED_PORTS naming no file, say)
-    ledger = Ledger(s.ledger)
+    ledger = open_ledger(s, station=s.station_id, stale_after=s.claim_timeout)
     reporter = progress.for_station(json_stream=sys.stdout if as_json else None, bell=not no_bell, quiet=quiet)
     bench = Station(settings, ledger, reporter, settle=s.station_settle, concurrency=s.concurrency, udev=udev)
     stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -161,7 +161,7 @@ def register_cmd(deveuis, key_source, as_json, **_options):
       flasher tts register --tts-app my-fleet --tts-url https://eu1.cloud.thethings.network
       flasher tts register 2CF7F12024900138 --app-key-source derived --tts-app my-fleet --tts-url ...
     """
-    from flasher.ledger import Ledger
+    from flasher.commands.options import open_ledger
     from flasher.settings import from_click
 
     s = from_click([*TTS_SETTINGS, "ledger", "join_eui", "band", "concurrency"])
@@ -180,7 +180,7 @@ def register_cmd(deveuis, key_source, as_json, **_options):
         for b in boards:
             target.plan_for(b.band)
     else:
-        ledger = Ledger(s.ledger, create=False)
+        ledger = open_ledger(s, create=False)
         try:
             boards = _from_ledger(s, ledger, euis)
             for b in boards:
@@ -287,8 +287,8 @@ def export_cmd(deveuis, fmt, output, **_options):
     Example:
       flasher tts export --format tts-csv -o fleet.csv
     """
+    from flasher.commands.options import open_ledger
     from flasher.files import atomic_write, check_replaceable
-    from flasher.ledger import Ledger
     from flasher.settings import from_click
     from flasher.tts import EndDevice, frequency_plan_for, tts_csv, tts_json
 
@@ -298,7 +298,7 @@ def export_cmd(deveuis, fmt, output, **_options):
                     "lorawan_phy_version", "join_eui"])
     euis = _parse_euis(deveuis)
     check_replaceable(output, "--output")
-    with Ledger(s.ledger, create=False, readonly=True) as ledger:
+    with open_ledger(s, create=False, readonly=True) as ledger:
         boards = _from_ledger(s, ledger, euis)
     devices, skipped = [], []
     for b in boards:
