@@ -51,7 +51,12 @@ def leftover_threads(baseline: set[threading.Thread]) -> list[str]:
 
 @pytest.fixture
 def make_dps_emulator(tmp_path):
-    """Factory for private emulators (for fault knobs that would disturb others); all stopped at teardown."""
+    """Factory for private emulators (for fault knobs that would disturb others); all stopped at teardown.
+
+    Without a ``host``, each gets a loopback address where its ports (8883 and/or its WebSocket
+    port) are free, and another one if a process running beside the tests took it meanwhile.
+    """
+    from flasher.errors import FlasherError
     from flasher.sim.dps import DpsEmulator
 
     with contextlib.ExitStack() as stack:
@@ -59,9 +64,16 @@ def make_dps_emulator(tmp_path):
 
         def make(**kwargs):
             kwargs.setdefault("enrollments", ENROLLMENTS)
-            kwargs.setdefault("host", free_loopback())
             kwargs.setdefault("cert_dir", tmp_path / f"certs{next(n)}")
-            return stack.enter_context(DpsEmulator(**kwargs))
+            if "host" in kwargs:
+                return stack.enter_context(DpsEmulator(**kwargs))
+            ports = tuple(p for p in (kwargs.get("port", 8883), kwargs.get("websocket_port")) if p)
+            for attempt in range(5):
+                try:
+                    return stack.enter_context(DpsEmulator(host=free_loopback(ports or 8883), **kwargs))
+                except FlasherError as exc:
+                    if "cannot listen" not in str(exc) or attempt == 4:
+                        raise
 
         yield make
 
