@@ -98,6 +98,31 @@ def _ca_cert(value: Any, where: str):
     return load_ca_cert(str(value))
 
 
+def _flag(value: Any, where: str) -> bool:
+    """A switch: a click flag gives a bool, flasher.toml a TOML boolean."""
+    if isinstance(value, bool):
+        return value
+    raise InputError(f"{where} {value!r}: must be true or false")
+
+
+def _model_id(value: Any, where: str) -> str:
+    from flasher.payload import validate_model_id
+
+    return validate_model_id(value, where)
+
+
+def _payload_json(value: Any, where: str) -> dict:
+    from flasher.payload import read_payload_file
+
+    return read_payload_file(value, where)
+
+
+def _proxy(value: Any, where: str):
+    from flasher.proxy import parse_proxy
+
+    return parse_proxy(value, where)
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting. ``name`` is also the keyword a command's option stores into."""
@@ -108,6 +133,7 @@ class Setting:
     env: str | None = None
     toml: str | None = None            # the key in flasher.toml, when it differs from ``name``
     option: str | None = None          # how the command line spells it, for messages
+    env_aliases: tuple[str, ...] = ()  # more environment variables, after ``env`` (https_proxy beside HTTPS_PROXY)
     parse: Callable[[Any, str], Any] = _str
     toml_type: type | tuple[type, ...] = str
     path: bool | Callable[[str], bool] = False   # a path in flasher.toml is relative to the file
@@ -160,6 +186,18 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("fqbn", "board FQBN for --upload", default="Seeeduino:samd:rolawan"),
     Setting("sketch", "sketch folder for --upload (default: the shipped flasher_otaa)", path=True),
     Setting("arduino_cli", "arduino-cli executable (default: found on PATH)"),
+    Setting("model_id", "IoT Plug and Play model id (DTMI) sent in the DPS registration payload, so IoT Central "
+            "assigns the device template, e.g. dtmi:com:example:Thermostat;1", parse=_model_id),
+    Setting("payload_json", "a file holding the JSON object sent as the DPS registration payload (custom allocation)",
+            parse=_payload_json, path=True),
+    Setting("websockets", "MQTT over WebSockets on port 443 (for DPS and the hub) instead of port 8883",
+            default=False, parse=_flag, toml_type=bool),
+    Setting("proxy", "proxy for DPS and the hub: http://[user@]host:port or socks5://..., 'none' for none",
+            env="HTTPS_PROXY", env_aliases=("https_proxy",), parse=_proxy),
+    Setting("use_secondary_key", "derive device keys from the group's secondary key instead of its primary",
+            default=False, parse=_flag, toml_type=bool),
+    Setting("check_other_key", "when DPS refuses a device key (401), try the group's other key once and say "
+            "whether it works", default=False, parse=_flag, toml_type=bool),
 ]}
 
 SECRETS: dict[str, SecretSetting] = {s.name: s for s in [
@@ -172,6 +210,8 @@ SECRETS: dict[str, SecretSetting] = {s.name: s for s in [
     SecretSetting("app_key", "AppKey", "FLASHER_APP_KEY", "app_key", "--app-key", "--app-key-file"),
     SecretSetting("device_key", "device key", "FLASHER_DEVICE_KEY", "device_key", "--device-key",
                   "--device-key-file"),
+    SecretSetting("proxy_password", "proxy password", "FLASHER_PROXY_PASSWORD", "proxy_password", None,
+                  "--proxy-password-file"),
 ]}
 
 
@@ -282,10 +322,11 @@ def resolve(options: dict[str, Any], names: Iterable[str], *, config_path: str |
     sources: dict[str, str] = {}
     for name in names:
         s = SETTINGS[name]
+        env = next((e for e in (s.env, *s.env_aliases) if e and os.environ.get(e, "").strip()), None)
         if name in options and options[name] is not None and typed(name):
             raw, where, src = options[name], s.flag, "option"
-        elif s.env and os.environ.get(s.env, "").strip():
-            raw, where, src = os.environ[s.env], f"${s.env}", f"env {s.env}"
+        elif env is not None:
+            raw, where, src = os.environ[env], f"${env}", f"env {env}"
         elif s.key in file_values:
             raw, where, src = file_values[s.key], f"{path}: {s.key}", f"file {path}"
         else:
