@@ -75,6 +75,13 @@ CREATE TABLE claims (
 CREATE INDEX boards_by_age ON boards (created_at, deveui);
 """
 
+# What a board sent DPS as its registration payload (IoT Central's {"modelId": ...}; compared like the
+# other settings), and what DPS handed back in registrationState.payload. JSON text, NULL for none.
+DPS_PAYLOADS = """
+ALTER TABLE boards ADD COLUMN dps_payload TEXT;
+ALTER TABLE boards ADD COLUMN registration_payload TEXT;
+"""
+
 Migration = str | Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] takes a ledger from schema n to n + 1 (0 is an empty file), inside the caller's
@@ -83,13 +90,15 @@ Migration = str | Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[Migration] = [
     SCHEMA,
     CLAIMS,
+    DPS_PAYLOADS,
 ]
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 EXPORT_FIELDS = ("deveui", "registration_id", "status", "current_step", "join_eui", "band", "app_key_source",
                  "id_scope", "device_key_check", "assigned_hub", "device_id", "header_path", "header_sha256", "attempts",
-                 "last_error", "port", "serial_number", "created_at", "updated_at")
+                 "last_error", "port", "serial_number", "created_at", "updated_at", "dps_payload", "registration_payload")
+JSON_FIELDS = frozenset({"dps_payload", "registration_payload"})  # JSON text in the ledger and CSV, values in --json
 
 
 class LedgerError(FlasherError):
@@ -125,6 +134,8 @@ class BoardRecord:
     serial_number: str | None
     created_at: float
     updated_at: float
+    dps_payload: str | None
+    registration_payload: str | None
     steps: dict  # step -> outcome
 
     def done(self, step: str) -> bool:
@@ -132,6 +143,12 @@ class BoardRecord:
 
     def to_dict(self) -> dict:
         d = {f: getattr(self, f) for f in EXPORT_FIELDS}
+        for f in JSON_FIELDS:
+            if d[f] is not None:
+                try:
+                    d[f] = json.loads(d[f])
+                except ValueError:  # written by hand, or by something else: shown as it is
+                    pass
         d["steps"] = dict(self.steps)
         return d
 
@@ -189,6 +206,7 @@ class Ledger:
         try:
             self._db.execute("PRAGMA busy_timeout = 30000")
             self._open(create)
+            self._select = _select_list(self._db)
         except BaseException:
             self._db.close()
             self._remove(created)
@@ -218,6 +236,7 @@ class Ledger:
             try:
                 self._db.execute("PRAGMA busy_timeout = 30000")
                 self._version(create=False)
+                self._select = _select_list(self._db)
                 return
             except sqlite3.Error as exc:
                 self._db.close()
@@ -511,9 +530,8 @@ class Ledger:
                     raise self._read_error(exc) from None
                 raise
 
-    @staticmethod
-    def _get(db: sqlite3.Connection, deveui: str) -> BoardRecord | None:
-        row = db.execute(f"SELECT {_BOARD_COLUMNS} FROM boards WHERE deveui = ?", (deveui,)).fetchone()
+    def _get(self, db: sqlite3.Connection, deveui: str) -> BoardRecord | None:
+        row = db.execute(f"SELECT {self._select} FROM boards WHERE deveui = ?", (deveui,)).fetchone()
         if row is None:
             return None
         return _record(row, dict(db.execute("SELECT step, outcome FROM steps WHERE deveui = ? ORDER BY step", (deveui,))))
@@ -525,7 +543,7 @@ class Ledger:
     def all(self) -> list[BoardRecord]:
         """Every board, oldest first, in two queries however many there are."""
         with self._read() as db:
-            rows = db.execute(f"SELECT {_BOARD_COLUMNS} FROM boards ORDER BY created_at, deveui").fetchall()
+            rows = db.execute(f"SELECT {self._select} FROM boards ORDER BY created_at, deveui").fetchall()
             steps = _group_steps(db.execute("SELECT deveui, step, outcome FROM steps ORDER BY deveui, step"))
         return [_record(row, steps.get(row[0], {})) for row in rows]
 
@@ -543,7 +561,7 @@ class Ledger:
             where = "WHERE (created_at, deveui) > (?, ?)" if after else ""
             page = f"SELECT {{}} FROM boards {where} ORDER BY created_at, deveui LIMIT ?"
             with self._read() as db:
-                rows = db.execute(page.format(_BOARD_COLUMNS), (*after, batch)).fetchall()
+                rows = db.execute(page.format(self._select), (*after, batch)).fetchall()
                 steps = _group_steps(db.execute(f"SELECT deveui, step, outcome FROM steps WHERE deveui IN "
                                                 f"({page.format('deveui')}) ORDER BY deveui, step", (*after, batch)))
             for row in rows:
@@ -553,11 +571,14 @@ class Ledger:
             after = (rows[-1][EXPORT_FIELDS.index("created_at")], rows[-1][0])
 
 
-_BOARD_COLUMNS = ", ".join(EXPORT_FIELDS)
+def _select_list(db: sqlite3.Connection) -> str:
+    """EXPORT_FIELDS as a SELECT list for this file: a column an older ledger (read, not migrated) lacks is NULL."""
+    have = {r[0] for r in db.execute("SELECT name FROM pragma_table_info('boards')")}
+    return ", ".join(f if f in have else f"NULL AS {f}" for f in EXPORT_FIELDS)
 
 
 def _record(row: tuple, steps: dict) -> BoardRecord:
-    """A BoardRecord from a row of _BOARD_COLUMNS (positional: the fields are in that order)."""
+    """A BoardRecord from a row of EXPORT_FIELDS (positional: the fields are in that order)."""
     return BoardRecord(*row, steps=steps)  # type: ignore[misc]
 
 

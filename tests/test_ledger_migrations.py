@@ -1,7 +1,8 @@
 """Schema versions: old ledgers are migrated whole or not at all; odd files are refused in one line.
 
 ``data/ledger-v1.sqlite3`` was written by flasher 0.1.0 (see data/make_ledger_v1.py);
-``data/ledger-v1.status.*`` is what that version's ``flasher status --json/--csv`` printed for it.
+``data/ledger-v1.status.*`` is what that version's ``flasher status --json/--csv`` printed for it
+(later versions print the same, plus the columns added since: see ledger_golden.py).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from ledger_golden import v1_status
 from ledger_mounts import tiny_tmpfs
 
 from flasher import ledger as ledger_mod
 from flasher.errors import InputError
-from flasher.ledger import CLAIMS, MIGRATIONS, SCHEMA, SCHEMA_VERSION, Ledger, LedgerError, export_csv, export_json
+from flasher.ledger import MIGRATIONS, SCHEMA, SCHEMA_VERSION, Ledger, LedgerError, export_csv, export_json
 
 DATA = Path(__file__).parent / "data"
 V1 = DATA / "ledger-v1.sqlite3"
@@ -47,11 +49,14 @@ def digest(path: Path) -> str:
 
 def counting(calls: list) -> list:
     """The real migrations, the last one counting its runs on a file (not the in-memory model of the schema)."""
-    def claims(db):
+    last = MIGRATIONS[-1]
+    assert isinstance(last, str)
+
+    def counted(db):
         calls.append(db.execute("PRAGMA database_list").fetchone()[2] or ":memory:")
-        for statement in ledger_mod._statements(CLAIMS):
+        for statement in ledger_mod._statements(last):
             db.execute(statement)
-    return [SCHEMA, claims]
+    return [*MIGRATIONS[:-1], counted]
 
 
 def test_the_fixture_is_what_flasher_0_1_0_wrote():
@@ -72,13 +77,15 @@ def test_v1_ledger_is_migrated_keeping_every_board_field_and_step(tmp_path):
         assert failed.current_step == "register" and failed.last_error.startswith("DPS refused")
         assert killed.current_step == "program" and not killed.done("program")
         assert retried.attempts == 2
-        # what `flasher status --json/--csv` prints is byte for byte what 0.1.0 printed
-        assert export_json(records) == (DATA / "ledger-v1.status.jsonl").read_text()
-        assert export_csv(records) == (DATA / "ledger-v1.status.csv").read_text()
+        # what `flasher status --json/--csv` prints is byte for byte what 0.1.0 printed, plus the new columns
+        assert export_json(records) == v1_status("jsonl")
+        assert export_csv(records) == v1_status("csv")
     after = raw(path)
-    assert after["user_version"] == SCHEMA_VERSION == 2
+    assert after["user_version"] == SCHEMA_VERSION == 3
     assert after["tables"] == ["boards", "claims", "steps"]
-    assert after["boards"] == before["boards"] and after["steps"] == before["steps"]
+    width = len(before["boards"][0])  # columns added since 0.1.0 come after its own, empty for its boards
+    assert [row[:width] for row in after["boards"]] == before["boards"] and after["steps"] == before["steps"]
+    assert all(v is None for row in after["boards"] for v in row[width:])
 
 
 def test_reopening_does_not_migrate_again(tmp_path, monkeypatch):
@@ -94,17 +101,18 @@ def test_reopening_does_not_migrate_again(tmp_path, monkeypatch):
 
 
 def test_a_migration_failing_halfway_leaves_the_ledger_at_v1_with_every_row(tmp_path, monkeypatch):
-    def halfway(db):
-        db.execute("CREATE TABLE claims (deveui TEXT PRIMARY KEY)")
+    def halfway(db):  # in place of the last migration, after the earlier ones ran in the same transaction
+        db.execute("CREATE TABLE half_made (deveui TEXT PRIMARY KEY)")
         db.execute("UPDATE boards SET status = 'mangled'")
         db.execute("INSERT INTO no_such_table VALUES (1)")
 
     path = v1_copy(tmp_path)
     before = raw(path)
-    monkeypatch.setattr(ledger_mod, "MIGRATIONS", [SCHEMA, halfway])
+    monkeypatch.setattr(ledger_mod, "MIGRATIONS", [*MIGRATIONS[:-1], halfway])
     with pytest.raises(LedgerError) as err:
         Ledger(path)
-    assert str(err.value) == f"ledger {str(path)!r}: cannot upgrade from schema 1 to 2 (no such table: no_such_table)"
+    assert str(err.value) == (f"ledger {str(path)!r}: cannot upgrade from schema 1 to {SCHEMA_VERSION} "
+                              f"(no such table: no_such_table)")
     assert raw(path) == before
     monkeypatch.setattr(ledger_mod, "MIGRATIONS", MIGRATIONS)
     with Ledger(path) as led:
@@ -117,11 +125,11 @@ def test_a_new_column_is_one_more_migration(tmp_path, monkeypatch):
     with Ledger(path) as led:
         led.begin("2CF7F12024900001", "2cf7f12024900001")
     monkeypatch.setattr(ledger_mod, "MIGRATIONS", [*MIGRATIONS, "ALTER TABLE boards ADD COLUMN firmware TEXT"])
-    monkeypatch.setattr(ledger_mod, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(ledger_mod, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     with Ledger(path) as led:
         assert led.get("2CF7F12024900001").attempts == 1
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
     assert "firmware" in [r[1] for r in db.execute("PRAGMA table_info(boards)")]
     db.close()
 
@@ -135,7 +143,8 @@ def test_a_ledger_from_a_newer_flasher_is_refused_untouched(tmp_path):
     for kwargs in ({}, {"create": False}):
         with pytest.raises(LedgerError) as err:
             Ledger(path, **kwargs)
-        assert str(err.value) == f"ledger {str(path)!r}: written by a newer flasher (schema 7; this one reads up to 2)"
+        assert str(err.value) == (f"ledger {str(path)!r}: written by a newer flasher (schema 7; "
+                                  f"this one reads up to {SCHEMA_VERSION})")
     assert digest(path) == before and not Path(f"{path}-wal").exists()
 
 
@@ -246,14 +255,15 @@ def test_flasher_status_prints_for_an_old_ledger_what_0_1_0_printed(tmp_path, cl
     path = v1_copy(tmp_path)
     for flag, golden in (("--json", "jsonl"), ("--csv", "csv")):
         code, out, err = cli("status", "--ledger", path, flag)
-        assert (code, err) == (0, "") and out == (DATA / f"ledger-v1.status.{golden}").read_text()
+        assert (code, err) == (0, "") and out == v1_status(golden)
 
 
 def test_flasher_status_on_a_newer_ledger_is_one_line_and_exit_1(tmp_path, cli):
     path = v1_copy(tmp_path)
     db = sqlite3.connect(path)
-    db.execute("PRAGMA user_version = 3")
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.close()
     code, out, err = cli("status", "--ledger", path, "--json")
     assert (code, out) == (1, "")
-    assert err == f"error: ledger {str(path)!r}: written by a newer flasher (schema 3; this one reads up to 2)\n"
+    assert err == (f"error: ledger {str(path)!r}: written by a newer flasher (schema {SCHEMA_VERSION + 1}; "
+                   f"this one reads up to {SCHEMA_VERSION})\n")

@@ -14,10 +14,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from ledger_golden import v1_status
 from ledger_mounts import read_only
 
 from flasher.errors import InputError
-from flasher.ledger import Ledger, LedgerError, export_csv, export_json
+from flasher.ledger import SCHEMA_VERSION, Ledger, LedgerError, export_csv, export_json
 
 DATA = Path(__file__).parent / "data"
 
@@ -39,8 +40,8 @@ def test_readonly_reads_an_old_ledger_as_it_is_and_writes_nothing(v1):
     before = snapshot(v1)
     with Ledger(v1, create=False, readonly=True) as led:
         records = led.all()
-        assert export_json(records) == (DATA / "ledger-v1.status.jsonl").read_text()
-        assert export_csv(led.iter_records(batch=3)) == (DATA / "ledger-v1.status.csv").read_text()
+        assert export_json(records) == v1_status("jsonl")
+        assert export_csv(led.iter_records(batch=3)) == v1_status("csv")
         assert led.get("2CF7F12024900002").last_error.startswith("DPS refused")
         for write in (lambda: led.begin("2CF7F12024900009", "x"), lambda: led.step_started("2CF7F12024900001", "derive"),
                       lambda: led.finish("2CF7F12024900003"), lambda: led.reset("2CF7F12024900001")):
@@ -66,7 +67,7 @@ def test_readonly_never_creates_and_still_refuses_what_is_not_a_ledger(tmp_path,
     db = sqlite3.connect(v1)
     db.execute("PRAGMA user_version = 9")
     db.close()
-    with pytest.raises(LedgerError, match=r"written by a newer flasher \(schema 9; this one reads up to 2\)"):
+    with pytest.raises(LedgerError, match=rf"written by a newer flasher \(schema 9; this one reads up to {SCHEMA_VERSION}\)"):
         Ledger(v1, readonly=True)
 
 
@@ -108,7 +109,7 @@ READ_MEDIA = """
 def test_a_wal_ledger_on_read_only_media(tmp_path, v1):
     media = tmp_path / "media"
     seen = read_only(v1.parent, media, READ_MEDIA, str(media))
-    assert seen["read"] == (DATA / "ledger-v1.status.jsonl").read_text()
+    assert seen["read"] == v1_status("jsonl")
     where = f"ledger {str(media / 'ledger.sqlite3')!r}"
     assert seen["write"] == {"error": f"{where}: read-only (Read-only file system)", "type": "LedgerError"}
     assert seen["create"] == {"error": f"ledger {str(media / 'new' / 'ledger.sqlite3')!r}: Read-only file system",
