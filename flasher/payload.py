@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,17 @@ def validate_model_id(text: Any, where: str = "--model-id") -> str:
     raise InputError(f"{shown}: not a valid DTMI: {why}")
 
 
+@dataclass(frozen=True)
+class PayloadFile:
+    """``--payload-json``: the file (what `flasher config` shows) and the JSON object read from it, once."""
+
+    path: str
+    value: dict
+
+    def __str__(self) -> str:
+        return self.path
+
+
 def read_payload_file(path: Any, where: str = "--payload-json") -> dict:
     """A JSON object from a file, for the DPS registration payload."""
     name = str(path)
@@ -80,9 +92,11 @@ def read_payload_file(path: Any, where: str = "--payload-json") -> dict:
     return value
 
 
-def registration_payload(model_id: str | None, payload: dict | None) -> dict | None:
+def registration_payload(model_id: str | None, payload: dict | PayloadFile | None) -> dict | None:
     """What goes in the register request's ``payload``: the file's object, with ``modelId`` set from
     ``--model-id`` (which must agree with a ``modelId`` the file already has)."""
+    if isinstance(payload, PayloadFile):
+        payload = payload.value
     if model_id is None:
         return payload
     merged = dict(payload or {})

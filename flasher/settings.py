@@ -111,10 +111,10 @@ def _model_id(value: Any, where: str) -> str:
     return validate_model_id(value, where)
 
 
-def _payload_json(value: Any, where: str) -> dict:
-    from flasher.payload import read_payload_file
+def _payload_json(value: Any, where: str):
+    from flasher.payload import PayloadFile, read_payload_file
 
-    return read_payload_file(value, where)
+    return PayloadFile(str(value), read_payload_file(value, where))
 
 
 def _proxy(value: Any, where: str):
@@ -164,7 +164,8 @@ class SecretSetting:
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("id_scope", "DPS ID scope, e.g. 0ne0001A2B3", env="FLASHER_ID_SCOPE", parse=_id_scope),
-    Setting("dps_host", "DPS endpoint (the SDK always dials port 8883)", default="global.azure-devices-provisioning.net",
+    Setting("dps_host", "DPS endpoint (the SDK dials port 8883, or 443 with --websockets)",
+            default="global.azure-devices-provisioning.net",
             env="FLASHER_DPS_HOST", parse=_dps_host),
     Setting("ca_cert", "PEM root of trust for a private DPS (the emulator, a gateway)", parse=_ca_cert, path=True),
     Setting("template", "header template: a shipped name or a file path", default="seeed-lorawan",

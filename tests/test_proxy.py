@@ -10,10 +10,12 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
+import time
 import urllib.parse
 
 import pytest
-from fixtures_dps import GROUP_PRIMARY, ID_SCOPE, free_loopback, group_device_key
+from fixtures_dps import GROUP_PRIMARY, ID_SCOPE, free_loopback, group_device_key, leftover_threads
 from proxies import HttpConnectProxy, Socks5Proxy
 
 from flasher.childenv import child_env
@@ -51,6 +53,15 @@ def http_proxy(named):
     yield make
     for p in proxies:
         p.stop()
+
+
+def wait_for(pred, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def register(emu, rid, transport, **kwargs):
@@ -110,10 +121,12 @@ def test_a_407_is_one_line_naming_the_proxy_and_no_retry(named, http_proxy, cli,
 def test_a_407_without_credentials_says_how_to_give_them(named, http_proxy):
     emu, _ = named
     proxy = http_proxy(username="bench", password=PASSWORD)
+    baseline = set(threading.enumerate())
     with pytest.raises(DpsError) as info:
         register(emu, "2cf7f120249b0005", Transport(websockets=True, proxy=parse_proxy(proxy.url, "--proxy")))
     assert info.value.kind == "proxy" and "wants a user name and password (407" in str(info.value)
     assert "--proxy-password-file" in str(info.value)
+    assert wait_for(lambda: not leftover_threads(baseline)), leftover_threads(baseline)
 
 
 def test_a_proxy_that_only_allows_443_is_explained(make_dps_emulator, http_proxy):

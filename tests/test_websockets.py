@@ -15,10 +15,11 @@ import os
 import socket
 import ssl
 import struct
+import threading
 import time
 
 import pytest
-from fixtures_dps import ID_SCOPE, free_loopback, group_device_key
+from fixtures_dps import ID_SCOPE, free_loopback, group_device_key, leftover_threads
 
 from flasher.dps import DpsError, Transport, _dispose_hub, register_device, send_test_message
 from flasher.sim.web import accept_key
@@ -204,9 +205,12 @@ def test_the_sdk_registers_and_sends_over_websockets_with_8883_closed(make_dps_e
     with socket.socket() as probe:  # nothing listens on 8883: only 443 can have been used
         assert probe.connect_ex((host, 8883)) != 0
     rid = "2cf7f120249e0443"
+    baseline = set(threading.enumerate())
     reg = register_device(rid, group_device_key(rid), id_scope=ID_SCOPE, dps_host=host, ca_cert=emu.ca_cert_path,
                           transport=Transport(websockets=True), timeout=30)
     assert reg.device_id == rid
+    assert wait_for(lambda: not leftover_threads(baseline)), leftover_threads(baseline)  # paho's threads joined
+    assert wait_for(lambda: not emu.connections())
     state = emu.state()
     rec = next(r for r in state["registrations"] if r["registrationId"] == rid)
     dev = next(d for d in state["devices"] if d["device_id"] == rid)
