@@ -654,8 +654,8 @@ def _classify_proxy(chain: list[BaseException], where: str, transport: Transport
     hint = "; proxies often allow only port 443: try --websockets" if not transport.websockets else ""
     if isinstance(err, socks.HTTPError):
         status, _, reason = message.partition(": ")
-        if status == "407":
-            answer = f"407 {reason or 'Proxy Authentication Required'}"
+        if status in ("407", "401"):  # 407 is the standard answer; tinyproxy, for one, answers 401
+            answer = f"{status} {reason or 'Proxy Authentication Required'}"
             if proxy.username:
                 return DpsError("proxy", f"{where}: proxy {proxy} refused the user name or password ({answer})")
             return DpsError("proxy", f"{where}: proxy {proxy} wants a user name and password ({answer}): put the user "

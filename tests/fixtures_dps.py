@@ -80,12 +80,13 @@ def make_dps_emulator(tmp_path):
             kwargs.setdefault("cert_dir", tmp_path / f"certs{next(n)}")
             if "host" in kwargs:
                 return stack.enter_context(DpsEmulator(**kwargs))
-            ports = tuple(p for p in (kwargs.get("port", 8883), kwargs.get("websocket_port")) if p)
+            # 8883 too when it is to stay closed: the emulator holds it (bound, not listening)
+            ports = tuple(p for p in (kwargs.get("port", 8883) or 8883, kwargs.get("websocket_port")) if p)
             if 443 in ports and not _may_bind(443):
                 pytest.skip("binding port 443 needs root or CAP_NET_BIND_SERVICE (CI has it)")
             for attempt in range(5):
                 try:
-                    return stack.enter_context(DpsEmulator(host=free_loopback(ports or 8883), **kwargs))
+                    return stack.enter_context(DpsEmulator(host=free_loopback(ports), **kwargs))
                 except FlasherError as exc:
                     if "cannot listen" not in str(exc) or attempt == 4:
                         raise

@@ -175,10 +175,14 @@ class _Proxy:
 
 class HttpConnectProxy(_Proxy):
     """``CONNECT host:port HTTP/1.1`` -> ``200``, then bytes both ways. ``407`` without the right
-    Basic credentials (when it has a user name), ``403`` for a port not in ``allow_ports``,
-    ``502`` when the target does not answer."""
+    Basic credentials (when it has a user name; ``auth_status`` "401 Unauthorized" answers as
+    tinyproxy does), ``403`` for a port not in ``allow_ports``, ``502`` when the target does not answer."""
 
     kind = "http"
+
+    def __init__(self, *args, auth_status: str = "407 Proxy Authentication Required", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.auth_status = auth_status
 
     @property
     def url(self) -> str:
@@ -209,8 +213,7 @@ class HttpConnectProxy(_Proxy):
                     user = None
             tunnel.user = user
             if (user, password) != (self.username, self.password):
-                return self._answer(conn, tunnel, "407 Proxy Authentication Required",
-                                    'Proxy-Authenticate: Basic realm="flasher-tests"\r\n')
+                return self._answer(conn, tunnel, self.auth_status, 'Proxy-Authenticate: Basic realm="flasher-tests"\r\n')
         host, _, port = target.rpartition(":")
         if not port.isdigit() or (self.allow_ports is not None and int(port) not in self.allow_ports):
             return self._answer(conn, tunnel, "403 Forbidden")

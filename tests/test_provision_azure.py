@@ -11,11 +11,14 @@ nowhere: not in the output, the logs, the ledger, the headers or the emulator's 
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
 import urllib.parse
 
 import pytest
-from fixtures_dps import ENROLLMENTS, GROUP_PRIMARY, GROUP_SECONDARY, free_loopback, group_device_key
+from fixtures_dps import ENROLLMENTS, GROUP_PRIMARY, GROUP_SECONDARY, _may_bind, free_loopback, group_device_key
 from proxies import HttpConnectProxy
 
 NAME = "dps.flasher.test"
@@ -111,13 +114,63 @@ def test_a_changed_model_id_is_a_conflict_and_the_same_one_is_already_done(bench
 
 
 def assert_no_password(folder, output: str) -> None:
+    """Not in the output, not in any file (ledgers, their WAL and a SQL dump, headers, emulator state, proxy log)."""
     forms = {PASSWORD, urllib.parse.quote(PASSWORD, safe=""), PASSWORD.encode().hex()}
     assert not any(f in output for f in forms)
+    ledgers = []
     for path in folder.rglob("*"):
-        if path.is_file() and path.name != "proxy.txt":
+        if path.is_file() and path.name != "proxy.txt":  # the password file itself
             data = path.read_bytes()
             assert not any(f.encode() in data for f in forms), path
-    db = sqlite3.connect(folder / "bench.sqlite3")
-    dump = "\n".join(db.iterdump())
-    db.close()
-    assert not any(f in dump for f in forms)
+            ledgers += [path] if path.suffix == ".sqlite3" else []
+    assert ledgers
+    for ledger in ledgers:
+        db = sqlite3.connect(ledger)
+        dump = "\n".join(db.iterdump())
+        db.close()
+        assert not any(f in dump for f in forms)
+
+
+def test_the_done_when_run_options_on_the_command_line_and_the_emulator_as_a_process(tmp_path, sim_boards, cli,
+                                                                                     monkeypatch):
+    """`flasher simulate dps --websockets-only` in its own process; `flasher provision --model-id … --websockets
+    --proxy http://bench:PASSWORD@…` with the password on the command line (warned about, and shown nowhere)."""
+    if not _may_bind(443):
+        pytest.skip("binding port 443 needs root or CAP_NET_BIND_SERVICE (CI has it)")
+    (tmp_path / "enrollments.json").write_text(json.dumps(ENROLLMENTS))
+    host, state = free_loopback((8883, 443)), tmp_path / "state.json"
+    emulator = subprocess.Popen([sys.executable, "-m", "flasher", "simulate", "dps", "--enrollments",
+                                 str(tmp_path / "enrollments.json"), "--host", host, "--websockets-only", "--state",
+                                 str(state), "--cert-dir", str(tmp_path / "certs")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ca = emulator.stdout.readline().strip()
+        assert ca.endswith("ca.pem"), emulator.stderr.read() if emulator.poll() is not None else ca
+        sim = sim_boards(2, seed=1313)
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("FLASHER_GROUP_PRIMARY_KEY", GROUP_PRIMARY)
+        for var in ("HTTPS_PROXY", "https_proxy", "FLASHER_PROXY_PASSWORD"):
+            monkeypatch.delenv(var, raising=False)
+        with HttpConnectProxy(free_loopback(0), username="bench", password=PASSWORD) as proxy:
+            code, out, err = cli("-v", "provision", *(a for p in sim.ports for a in ("--port", p)), "--id-scope",
+                                 ENROLLMENTS["id_scope"], "--dps-host", host, "--ca-cert", ca, "--model-id", THERMOSTAT,
+                                 "--websockets", "--proxy",
+                                 f"http://bench:{urllib.parse.quote(PASSWORD, safe='')}@{proxy.address}", "--json")
+            tunnels = proxy.log()
+        assert code == 0, err
+        assert "warning: the password in --proxy is visible in the process list" in err
+        assert len(tunnels) == 4 and {(t["target"], t["status"]) for t in tunnels} == {(f"{host}:443", "200")}
+        emulator.send_signal(signal.SIGTERM)
+        _, stderr = emulator.communicate(timeout=30)
+        assert emulator.returncode == 0, stderr
+        recorded = json.loads(state.read_text())
+        assert recorded["endpoint"] is None and recorded["websocket_endpoint"] == f"wss://{host}:443/$iothub/websocket"
+        reg_ids = sorted(json.loads(line)["registration_id"] for line in out.splitlines())
+        assert sorted(r["registrationId"] for r in recorded["registrations"]) == reg_ids
+        assert {(r["model_id"], r["transport"]) for r in recorded["registrations"]} == {(THERMOSTAT, "websocket")}
+        assert {(d["model_id"], d["transport"]) for d in recorded["devices"]} == {(THERMOSTAT, "websocket")}
+        assert_no_password(tmp_path, out + err + stderr)
+    finally:
+        if emulator.poll() is None:
+            emulator.kill()
+            emulator.wait(10)

@@ -129,6 +129,17 @@ def test_a_407_without_credentials_says_how_to_give_them(named, http_proxy):
     assert wait_for(lambda: not leftover_threads(baseline)), leftover_threads(baseline)
 
 
+def test_a_proxy_answering_401_like_tinyproxy_is_a_refused_password_too(named, http_proxy):
+    emu, _ = named
+    proxy = http_proxy(username="bench", password=PASSWORD, auth_status="401 Unauthorized")
+    wrong = parse_proxy(f"http://bench:nope@{proxy.address}", "--proxy")
+    with pytest.raises(DpsError) as info:
+        register(emu, "2cf7f120249b000c", Transport(websockets=True, proxy=wrong))
+    assert str(info.value).endswith(f"proxy http://bench@{proxy.address} refused the user name or password "
+                                    f"(401 Unauthorized)")
+    assert [t["status"] for t in proxy.log()] == ["401"]
+
+
 def test_a_proxy_that_only_allows_443_is_explained(make_dps_emulator, http_proxy):
     emu = make_dps_emulator(hub_name=NAME, websocket_port=443)  # 8883 open too
     host = emu.host

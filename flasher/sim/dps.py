@@ -31,7 +31,8 @@ port 8883 (the SDK's fixed port), with its own root of trust:
   secondary) is recorded too, for key rotation.
 * Port 443 (``websocket_port``): MQTT over TLS + WebSocket at ``/$iothub/websocket``, what the
   SDK dials with ``websockets=True``, into the same MQTT server and state as 8883. ``port=None``
-  closes 8883, to prove a client really used 443. Each registration and hub device records
+  keeps 8883 closed (bound, never listening, so no other server can open it there meanwhile),
+  to prove a client really used 443. Each registration and hub device records
   the transport it came by.
 
 State (registration records, devices, messages; never a key) is available from
@@ -317,6 +318,7 @@ class DpsEmulator(MqttApplication):
         self._thread: threading.Thread | None = None
         self._server: MqttServer | None = None
         self._https: HttpsListener | None = None
+        self._closed_8883: socket.socket | None = None  # with port=None: bound, never listening
         self._ws_streams: set[WebSocketStream] = set()  # open ones (guarded by _lock)
         self._ws_totals = {"pings_sent": 0, "pongs_received": 0, "unmasked_control_frames": 0, "closes_received": 0,
                            "closes_sent": 0}
@@ -333,6 +335,8 @@ class DpsEmulator(MqttApplication):
             raise RuntimeError("already started")
         hosts = [h for h in (self.hub_name, self.host, "localhost", "127.0.0.1") if h and h not in ("0.0.0.0", "::")]
         self._creds = certs.ensure_server_credentials(self.cert_dir, hosts)
+        if self.port is None:
+            self._hold_8883_closed()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self._creds.cert, self._creds.key)
@@ -387,6 +391,9 @@ class DpsEmulator(MqttApplication):
         if started[0] is not None:
             self._thread.join()
             self._thread = None
+            if self._closed_8883 is not None:
+                self._closed_8883.close()
+                self._closed_8883 = None
             exc = started[0]
             why = getattr(exc, "strerror", None) or exc
             ports = "/".join(str(p) for p in (self.port, self.websocket_port) if p is not None)
@@ -406,12 +413,27 @@ class DpsEmulator(MqttApplication):
             shown.append(f"{self.host}:{self.websocket_port} (MQTT over WebSocket)")
         return ", ".join(shown)
 
+    def _hold_8883_closed(self) -> None:
+        """Bind 8883 on our address without listening: a client that dials it is refused, and no other
+        server can open it there while we run, so a working client provably came by 443."""
+        sock = socket.socket()
+        try:
+            sock.bind((self.host, DEFAULT_PORT))  # no SO_REUSEADDR: nobody else may bind it either
+        except OSError as exc:
+            sock.close()
+            raise FlasherError(f"DPS emulator: cannot listen on {self.host} with port {DEFAULT_PORT} closed: "
+                               f"{DEFAULT_PORT} is in use there ({exc.strerror or exc})") from None
+        self._closed_8883 = sock
+
     def stop(self) -> None:
         """Close every listener and connection and end the thread; the certificates stay in ``cert_dir``."""
         if self._thread is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(30)
             self._thread = None
+        if self._closed_8883 is not None:
+            self._closed_8883.close()
+            self._closed_8883 = None
         if self._tmp_cert_dir is not None:
             self._tmp_cert_dir.cleanup()
             self._tmp_cert_dir = None
