@@ -69,13 +69,20 @@ def load_file(path: str | os.PathLike | None = None, *,
         if declared is None:
             raise InputError(f"config {name!r}: unknown key {key!r}")
         expected = declared.toml_type if isinstance(declared, Setting) else str
-        if not isinstance(value, expected) or isinstance(value, bool):
+        switch = expected is bool
+        if not isinstance(value, expected) or (isinstance(value, bool) and not switch):
             raise InputError(f"config {name!r}: {key!r} has the wrong type ({type(value).__name__})")
         relative = isinstance(value, str) and (declared.is_path(value) if isinstance(declared, Setting)
                                                else key.endswith("_file"))
         if relative and isinstance(value, str) and not os.path.isabs(value):
             value = str(base / value)
         values[key] = value
+    if "proxy" in values:
+        from flasher.proxy import has_password
+
+        if has_password(values["proxy"]):  # never echo it
+            raise InputError(f"config {name!r}: 'proxy' holds a password inline; keep only the user name in the URL "
+                             f"and reference the password with proxy_password_env or proxy_password_file")
     if "app_key" in values:
         from flasher.keys import AppKeySource
 

@@ -15,6 +15,11 @@ edges this adapter files down:
 * failures arrive as ``ClientError("Unexpected failure")``: the real cause is
   dug out of the exception chain and turned into a :class:`DpsError` with a ``kind``.
 
+How the SDK gets out is a :class:`Transport`: MQTT on 8883 (fixed by the SDK), or MQTT
+over WebSockets on 443 (``websockets=True``: ``wss://host:443/$iothub/websocket``), either
+of them optionally through an HTTP CONNECT or SOCKS5 proxy (``ProxyOptions``). DPS and the
+hub connection always go the same way.
+
 The SDK's process-wide "pipeline" and "callback" worker threads are shared by every
 client and live as long as the process: they are not leaks.
 """
@@ -33,6 +38,7 @@ from typing import Any
 
 from flasher.errors import FlasherError, InputError
 from flasher.identity import validate_host, validate_id_scope
+from flasher.proxy import Proxy
 
 log = logging.getLogger("flasher.dps")
 
@@ -40,7 +46,8 @@ DEFAULT_DPS_HOST = "global.azure-devices-provisioning.net"
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_THROTTLE_RETRIES = 5
 ERROR_KINDS = frozenset({"unauthorized", "not_found", "disabled", "throttled", "unreachable", "tls", "timeout",
-                         "hub_refused", "failed"})
+                         "hub_refused", "proxy", "bad_request", "failed"})
+MQTT_PORT, WEBSOCKET_PORT = 8883, 443  # both fixed by the SDK
 PHASES = ("register", "assigning", "throttled", "connect", "message")
 _GRACE = 10.0  # how long cleanup may take after the deadline before we stop waiting for the SDK
 
@@ -55,6 +62,42 @@ class DpsError(FlasherError):
 
 
 @dataclass(frozen=True)
+class Transport:
+    """How the SDK reaches DPS and the hub: MQTT over TLS on 8883, or over TLS + WebSocket on 443
+    (``websockets``), directly or through ``proxy``."""
+
+    websockets: bool = False
+    proxy: Proxy | None = None
+
+    @property
+    def port(self) -> int:
+        return WEBSOCKET_PORT if self.websockets else MQTT_PORT
+
+    def proxy_for(self, host: str) -> Proxy | None:
+        return self.proxy if self.proxy is not None and self.proxy.applies_to(host) else None
+
+    def describe(self, host: str) -> str:
+        """``port 443 (MQTT over WebSockets) through proxy http://bench@10.0.0.1:3128``: never a password."""
+        how = f"port {self.port}" + (" (MQTT over WebSockets)" if self.websockets else "")
+        proxy = self.proxy_for(host)
+        return how + (f" through proxy {proxy}" if proxy else "")
+
+    def sdk_kwargs(self, host: str) -> dict[str, Any]:
+        """The SDK's ``websockets`` and ``proxy_options`` for a connection to ``host``."""
+        kwargs: dict[str, Any] = {"websockets": self.websockets}
+        proxy = self.proxy_for(host)
+        if proxy is not None:
+            from azure.iot.device import ProxyOptions
+
+            kwargs["proxy_options"] = ProxyOptions(proxy.sdk_type, proxy.host, proxy.port, proxy.username,
+                                                   proxy.password.reveal() if proxy.password else None)
+        return kwargs
+
+
+DIRECT = Transport()
+
+
+@dataclass(frozen=True)
 class Registration:
     registration_id: str
     device_id: str
@@ -62,6 +105,7 @@ class Registration:
     status: str
     substatus: str | None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: register, connect, message
+    payload: Any = None  # registrationState.payload: what DPS (a custom allocation, IoT Central) handed back
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -123,13 +167,19 @@ def _pem(ca_cert: CaCert | str | Path | None) -> str | None:
 def register_device(registration_id: str, device_key: str, *, id_scope: str, dps_host: str = DEFAULT_DPS_HOST,
                     ca_cert: CaCert | str | Path | None = None, timeout: float = DEFAULT_TIMEOUT,
                     test_message: str | None = "TestMessage", on_phase: Callable[[str], None] | None = None,
-                    throttle_retries: int = DEFAULT_THROTTLE_RETRIES) -> Registration:
+                    throttle_retries: int = DEFAULT_THROTTLE_RETRIES, transport: Transport = DIRECT,
+                    payload: Any = None, model_id: str | None = None, other_key: str | None = None,
+                    key_names: tuple[str, str] = ("primary", "secondary")) -> Registration:
     """Register ``registration_id`` with DPS, then (unless ``test_message`` is None) send it from the hub.
 
     ``device_key`` is the device's base64 key (group-derived or the individual
     enrollment's). ``ca_cert`` is the path of a PEM root of trust (an emulator, a
     gateway). ``timeout`` bounds the whole call. ``on_phase`` is called with one of
     :data:`PHASES` as each starts ("throttled" each time DPS answers 429 and we wait).
+    ``transport`` says how to get out (8883, 443, a proxy); ``payload`` is the registration
+    payload (IoT Central's ``{"modelId": ...}``); ``model_id`` is also announced to the hub.
+    ``other_key`` (the device key from the group's other key, named ``key_names[1]``) is
+    tried once if DPS refuses ``device_key`` with 401, so the error can say whether it works.
     Raises :class:`DpsError` (one-line message naming the id and host) or
     :class:`InputError` for bad arguments. Every SDK client is closed on every path.
     """
@@ -140,6 +190,9 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
     reg_id = validate_registration_id(registration_id)
     decode_symmetric_key(device_key, f"device key for {reg_id!r}")
     Redactor.add(device_key)
+    if other_key is not None:
+        decode_symmetric_key(other_key, f"{key_names[1]} device key for {reg_id!r}")
+        Redactor.add(other_key)
     scope = validate_id_scope(id_scope)
     host = validate_host(dps_host)
     if not (0 < timeout < math.inf):
@@ -148,33 +201,93 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
     phase = on_phase or (lambda _p: None)
     deadline = time.monotonic() + timeout
     timings: dict[str, float] = {}
+    attempt = _Attempt(reg_id, scope, host, pem, timeout, throttle_retries, transport, payload)
 
     t0 = time.monotonic()
     phase("register")
-    result = _provision(reg_id, device_key, scope, host, pem, deadline, timeout, phase, throttle_retries)
+    try:
+        result = attempt.provision(device_key, deadline, phase)
+    except DpsError as exc:
+        if exc.kind != "unauthorized" or other_key is None:
+            raise
+        raise attempt.check_other_key(exc, other_key, deadline, key_names) from None
     timings["register"] = time.monotonic() - t0
     state = result.registration_state
     hub, device_id, substatus = state.assigned_hub, state.device_id, state.sub_status or None
     if not hub or not device_id:
-        raise DpsError("failed", f"registration {reg_id!r} at {host}: DPS answered {result.status!r} without a hub or device id")
+        raise DpsError("failed", f"{attempt.where}: DPS answered {result.status!r} without a hub or device id")
+    returned = _returned_payload(state)
     log.info("registration %r: assigned to %s as %r (%s)", reg_id, hub, device_id, substatus)
     if test_message is not None:
-        _prove(reg_id, device_key, device_id, hub, pem, test_message, deadline, timeout, phase, timings)
-    return Registration(reg_id, device_id, hub, result.status, substatus, timings)
+        _prove(reg_id, device_key, device_id, hub, pem, test_message, deadline, timeout, phase, timings, transport,
+               model_id)
+    return Registration(reg_id, device_id, hub, result.status, substatus, timings, returned)
+
+
+def _returned_payload(state) -> Any:
+    """registrationState.payload as JSON values (the SDK keeps it decoded, and re-encodes it for display)."""
+    import json
+
+    text = state.response_payload  # json.dumps of what the service sent; "null" when it sent none
+    return json.loads(text)
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One registration's fixed inputs, so a second attempt with the other key differs only in the key."""
+
+    reg_id: str
+    scope: str
+    host: str
+    pem: str | None
+    timeout: float
+    throttle_retries: int
+    transport: Transport
+    payload: Any
+
+    @property
+    def where(self) -> str:
+        return f"registration {self.reg_id!r} at {self.host}"
+
+    def provision(self, key: str, deadline: float, phase: Callable[[str], None]):
+        return _provision(self.reg_id, key, self.scope, self.host, self.pem, deadline, self.timeout, phase,
+                          self.throttle_retries, self.transport, self.payload)
+
+    def check_other_key(self, refused: DpsError, other_key: str, deadline: float, names: tuple[str, str]) -> DpsError:
+        """The first key got 401: try the other one once, and say what that tells the user."""
+        used, other = names
+        rerun = "--use-secondary-key" if other == "secondary" else "without --use-secondary-key"
+        first = f"{self.where}: DPS refused the {used} key (401)"
+        if deadline - time.monotonic() < 1:
+            return DpsError("unauthorized", f"{first}; no time was left to try the {other} key")
+        log.info("%s; trying the %s key once", first, other)
+        try:
+            self.provision(other_key, deadline, lambda _p: None)
+        except DpsError as exc:
+            if exc.kind == "unauthorized":
+                return DpsError("unauthorized", f"{first}, and the {other} key too: check the ID scope, the "
+                                                f"registration id format and the enrollment group")
+            return DpsError(refused.kind, f"{first}; trying the {other} key failed too: "
+                                          f"{str(exc).removeprefix(self.where + ': ')}")
+        return DpsError("unauthorized", f"{first}, but the {other} key works (DPS registered the device with it): "
+                                        f"the {used} key was probably rotated; rerun {rerun}")
 
 
 def register_many(keys: Mapping[str, str], *, concurrency: int = 8,
-                  on_phase: Callable[[str, str], None] | None = None, **kwargs) -> Iterator[tuple[str, Registration | DpsError]]:
+                  on_phase: Callable[[str, str], None] | None = None, other_keys: Mapping[str, str] | None = None,
+                  **kwargs) -> Iterator[tuple[str, Registration | DpsError]]:
     """Register every ``registration id -> device key`` at once, at most ``concurrency`` in flight.
 
     Yields ``(registration_id, Registration or DpsError)`` as each finishes, so one refusal
-    never hides the others; ``kwargs`` go to :func:`register_device`.
+    never hides the others; ``other_keys`` (id -> the device key from the group's other
+    key) are for the 401 check; ``kwargs`` go to :func:`register_device`.
     """
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     def one(reg_id: str) -> Registration:
         phase = (lambda p: on_phase(reg_id, p)) if on_phase else None
-        return register_device(reg_id, keys[reg_id], on_phase=phase, **kwargs)
+        other = other_keys.get(reg_id) if other_keys else None
+        return register_device(reg_id, keys[reg_id], on_phase=phase, other_key=other, **kwargs)
 
     with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(keys))), thread_name_prefix="flasher-register") as pool:
         futures = {pool.submit(one, r): r for r in keys}
@@ -208,7 +321,8 @@ def _stages(root):
         stage = stage.next
 
 
-def _provision(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle_retries):
+def _provision(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle_retries, transport=DIRECT,
+               payload=None):
     from azure.iot.device import ProvisioningDeviceClient
     from azure.iot.device.common.pipeline import pipeline_ops_base as ops_base
     from azure.iot.device.provisioning.pipeline import pipeline_ops_provisioning as ops_provisioning
@@ -218,11 +332,15 @@ def _provision(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle
     kwargs = {"server_verification_cert": pem} if pem else {}
     try:
         client = ProvisioningDeviceClient.create_from_symmetric_key(
-            provisioning_host=host, registration_id=reg_id, id_scope=scope, symmetric_key=key, **kwargs)
+            provisioning_host=host, registration_id=reg_id, id_scope=scope, symmetric_key=key,
+            **transport.sdk_kwargs(host), **kwargs)
     except ValueError as exc:  # the SDK rejects what we validated only for an unreadable CA
         raise InputError(f"{where}: {exc}") from None
+    if payload is not None:
+        client.provisioning_payload = payload  # sent as {"registrationId": ..., "payload": ...}
     ops: list = []
     throttled = {"count": 0}
+    service_errors: list[dict] = []  # DPS's error bodies ({"errorCode", "message"}); the SDK drops them
 
     def instrument(stage) -> None:
         run_op, retry = stage._run_op, stage._process_retry_status_code
@@ -251,6 +369,7 @@ def _provision(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle
         def sanitising_send_op_down(op):
             if isinstance(op, ops_base.RequestAndResponseOperation):
                 op.add_callback(_integral_retry_after)  # runs before the stage's own response handler
+                op.add_callback(lambda op, error: _keep_service_error(op, service_errors))
             return send_op_down(op)
 
         send_op_down = stage.send_op_down
@@ -268,7 +387,8 @@ def _provision(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle
         if isinstance(outcome, _DeadlineReached):
             raise DpsError("timeout", f"{where}: no answer within {timeout:g} s")
         if isinstance(outcome, BaseException):
-            raise _classify(outcome, where, throttle_retries) from None
+            raise _classify(outcome, where, throttle_retries, transport=transport, host=host,
+                            service_error=service_errors[-1] if service_errors else None) from None
         if outcome is None or outcome.status != "assigned" or outcome.registration_state is None:
             status = getattr(outcome, "status", None)
             raise DpsError("disabled" if status == "disabled" else "failed", f"{where}: DPS answered status {status!r}")
@@ -276,6 +396,21 @@ def _provision(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle
     finally:
         _dispose_provisioning(client, ops, where)
         _join_all(threads, where)
+
+
+def _keep_service_error(op, into: list[dict]) -> None:
+    """Keep an error answer's body: its errorCode says more than the status (400012: a body DPS cannot read)."""
+    import json
+
+    status = getattr(op, "status_code", None)
+    if status is None or status < 300 or not getattr(op, "response_body", None):
+        return
+    try:
+        body = json.loads(op.response_body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return
+    if isinstance(body, dict):
+        into.append({"status": status, "errorCode": body.get("errorCode"), "message": body.get("message")})
 
 
 def _integral_retry_after(op, error) -> None:
@@ -431,7 +566,8 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return out
 
 
-def _classify(exc: BaseException, where: str, throttle_retries: int = 0, hub: bool = False) -> DpsError:
+def _classify(exc: BaseException, where: str, throttle_retries: int = 0, hub: bool = False, *,
+              transport: Transport = DIRECT, host: str = "", service_error: dict | None = None) -> DpsError:
     import socket
     import ssl
 
@@ -445,8 +581,14 @@ def _classify(exc: BaseException, where: str, throttle_retries: int = 0, hub: bo
             return DpsError("throttled", f"{where}: {what}{ra}; gave up after {e.retries} retries")
         if isinstance(e, DpsError):
             return e
+    proxy_error = _classify_proxy(chain, where, transport, host)
+    if proxy_error is not None:
+        return proxy_error
     m = re.search(r"status code (\d{3})", text)
     code = int(m.group(1)) if m else None
+    detail = ""
+    if service_error and service_error.get("status") == code and service_error.get("errorCode"):
+        detail = f" (errorCode {service_error['errorCode']}: {service_error.get('message') or 'no message'})"
     if "invalid registration status disabled" in text:
         return DpsError("disabled", f"{where}: the enrollment is disabled")
     if code in (401, 403):
@@ -456,8 +598,10 @@ def _classify(exc: BaseException, where: str, throttle_retries: int = 0, hub: bo
         return DpsError("not_found", f"{where}: DPS answered 404 (not found)")
     if code == 429 or (code and code >= 500):
         return DpsError("throttled", f"{where}: DPS answered {code}")
+    if code == 400:
+        return DpsError("bad_request", f"{where}: DPS refused the request as malformed (400){detail}")
     if code is not None:
-        return DpsError("failed", f"{where}: DPS answered {code}")
+        return DpsError("failed", f"{where}: DPS answered {code}{detail}")
     if "failed registration status" in text:
         return DpsError("failed", f"{where}: DPS could not assign the device (status 'failed')")
     if "Operation timed out before provisioning service could respond" in text:
@@ -469,6 +613,9 @@ def _classify(exc: BaseException, where: str, throttle_retries: int = 0, hub: bo
         return DpsError("tls", f"{where}: TLS failed ({reason}); check the host name, or --ca-cert for a private root of trust")
     if any(isinstance(e, socket.gaierror) for e in chain):
         return DpsError("unreachable", f"{where}: cannot resolve the host name")
+    if "WebsocketConnectionError" in names:
+        why = next(str(e) for e in chain if type(e).__name__ == "WebsocketConnectionError")
+        return DpsError("unreachable", f"{where}: no MQTT over WebSockets on port 443 ({why})")
     if "broker unavailable" in text:
         if hub:
             return DpsError("hub_refused", f"{where}: the hub refused the connection (server unavailable)")
@@ -480,22 +627,67 @@ def _classify(exc: BaseException, where: str, throttle_retries: int = 0, hub: bo
     sockerr = next((e for e in chain if isinstance(e, OSError)), None)
     if sockerr is not None or "ConnectionFailedError" in names or "ConnectionDroppedError" in names:
         why = (sockerr.strerror or str(sockerr)) if sockerr is not None else "connection failed or dropped"
-        return DpsError("unreachable", f"{where}: cannot connect on port 8883 ({why})")
+        hint = ""
+        if not transport.websockets and (isinstance(sockerr, (ConnectionRefusedError, TimeoutError))):
+            hint = "; if a firewall blocks 8883, try --websockets (MQTT over WebSockets on port 443)"
+        return DpsError("unreachable", f"{where}: cannot connect on {transport.describe(host)} ({why}){hint}")
     if "OperationTimeout" in names:
         return DpsError("timeout", f"{where}: the SDK timed out")
     meaningful = next((str(e) for e in reversed(chain) if str(e) and str(e) != "Unexpected failure"), type(chain[-1]).__name__)
     return DpsError("failed", f"{where}: {meaningful}")
 
 
+def _classify_proxy(chain: list[BaseException], where: str, transport: Transport, host: str) -> DpsError | None:
+    """A failure of the proxy (PySocks' ProxyError) as one line that names the proxy, never its password."""
+    try:
+        import socks
+    except ImportError:  # no PySocks, no proxy: nothing to classify
+        return None
+    err = next((e for e in chain if isinstance(e, socks.ProxyError)), None)
+    proxy = transport.proxy_for(host) if host else transport.proxy
+    if err is None or proxy is None:
+        return None
+    while isinstance(getattr(err, "socket_err", None), socks.ProxyError):  # PySocks wraps its own HTTPError
+        err = err.socket_err  # type: ignore[union-attr]
+    target = f"{host}:{transport.port}"
+    message = str(getattr(err, "msg", None) or err).split("\n")[0]
+    hint = "; proxies often allow only port 443: try --websockets" if not transport.websockets else ""
+    if isinstance(err, socks.HTTPError):
+        status, _, reason = message.partition(": ")
+        if status in ("407", "401"):  # 407 is the standard answer; tinyproxy, for one, answers 401
+            answer = f"{status} {reason or 'Proxy Authentication Required'}"
+            if proxy.username:
+                return DpsError("proxy", f"{where}: proxy {proxy} refused the user name or password ({answer})")
+            return DpsError("proxy", f"{where}: proxy {proxy} wants a user name and password ({answer}): put the user "
+                                     f"in the URL (http://USER@host:port) and the password in --proxy-password-file "
+                                     f"or $FLASHER_PROXY_PASSWORD")
+        return DpsError("proxy", f"{where}: proxy {proxy} refused the tunnel to {target} ({status} {reason}){hint}")
+    if isinstance(err, socks.SOCKS5AuthError):
+        return DpsError("proxy", f"{where}: proxy {proxy} refused the user name or password ({message})")
+    if isinstance(err, socks.SOCKS5Error):
+        return DpsError("proxy", f"{where}: proxy {proxy} could not open the tunnel to {target} ({message}){hint}")
+    if isinstance(err, socks.ProxyConnectionError):
+        cause = getattr(err, "socket_err", None)
+        why = (getattr(cause, "strerror", None) or str(cause)) if cause is not None else message
+        return DpsError("proxy", f"{where}: cannot reach proxy {proxy} ({why})")
+    cause = getattr(err, "socket_err", None)
+    why = (getattr(cause, "strerror", None) or str(cause)) if cause is not None else message
+    return DpsError("proxy", f"{where}: proxy {proxy} failed while opening the tunnel to {target} "
+                             f"({why.splitlines()[0] if why else 'no reason given'})")
+
+
 # --- proof: connect to the hub and send one message -----------------------------------
 
 def send_test_message(device_id: str, assigned_hub: str, device_key: str, *, ca_cert: CaCert | str | Path | None = None,
                       timeout: float = DEFAULT_TIMEOUT, message: str = "TestMessage",
-                      on_phase: Callable[[str], None] | None = None) -> dict[str, float]:
+                      on_phase: Callable[[str], None] | None = None, transport: Transport = DIRECT,
+                      model_id: str | None = None) -> dict[str, float]:
     """Connect to the hub as ``device_id`` (after a registration) and send ``message``.
 
-    Returns the timings of the "connect" and "message" phases; raises :class:`DpsError`
-    ("hub_refused", "unreachable", "tls", "timeout", "failed") or :class:`InputError`.
+    ``transport`` is the same as the registration's; ``model_id`` is announced in the
+    connection, as IoT Plug and Play devices do. Returns the timings of the "connect" and
+    "message" phases; raises :class:`DpsError` ("hub_refused", "unreachable", "tls",
+    "proxy", "timeout", "failed") or :class:`InputError`.
     """
     from flasher.keys import decode_symmetric_key
     from flasher.secrets import Redactor
@@ -509,41 +701,45 @@ def send_test_message(device_id: str, assigned_hub: str, device_key: str, *, ca_
     pem = _pem(ca_cert)
     timings: dict[str, float] = {}
     _prove(device_id, device_key, device_id, assigned_hub, pem, message, time.monotonic() + timeout, timeout,
-           on_phase or (lambda _p: None), timings)
+           on_phase or (lambda _p: None), timings, transport, model_id)
     return timings
 
 
-def _prove(reg_id, key, device_id, hub, pem, text, deadline, timeout, phase, timings) -> None:
+def _prove(reg_id, key, device_id, hub, pem, text, deadline, timeout, phase, timings, transport=DIRECT,
+           model_id=None) -> None:
     from azure.iot.device import IoTHubDeviceClient, Message
 
     where = f"device {device_id!r} at hub {hub}"
     kwargs = {"server_verification_cert": pem} if pem else {}
+    if model_id:
+        kwargs["product_info"] = model_id  # the SDK announces a "dtmi:..." product_info as the PnP model-id
     client = IoTHubDeviceClient.create_from_symmetric_key(symmetric_key=key, hostname=hub, device_id=device_id,
-                                                          connection_retry=False, **kwargs)
+                                                          connection_retry=False, **transport.sdk_kwargs(hub),
+                                                          **kwargs)
     threads = _track_paho_threads(client._mqtt_pipeline._pipeline)
     try:
         t0 = time.monotonic()
         phase("connect")
         outcome = _run_until(client.connect, deadline, f"flasher-hub-{device_id}", threads)
-        _raise_for(outcome, where, timeout)
+        _raise_for(outcome, where, timeout, transport, hub)
         timings["connect"] = time.monotonic() - t0
         t0 = time.monotonic()
         phase("message")
         msg = Message(text)
         msg.content_type, msg.content_encoding = "text/plain", "utf-8"
         outcome = _run_until(lambda: client.send_message(msg), deadline, f"flasher-msg-{device_id}", threads)
-        _raise_for(outcome, where, timeout)
+        _raise_for(outcome, where, timeout, transport, hub)
         timings["message"] = time.monotonic() - t0
     finally:
         _dispose_hub(client, where)
         _join_all(threads, where)
 
 
-def _raise_for(outcome, where: str, timeout: float) -> None:
+def _raise_for(outcome, where: str, timeout: float, transport: Transport = DIRECT, host: str = "") -> None:
     if isinstance(outcome, _DeadlineReached):
         raise DpsError("timeout", f"{where}: no answer within {timeout:g} s")
     if isinstance(outcome, BaseException):
-        raise _classify(outcome, where, hub=True) from None
+        raise _classify(outcome, where, hub=True, transport=transport, host=host) from None
 
 
 def _dispose_hub(client, where: str) -> None:

@@ -87,9 +87,9 @@ _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})?(\.[A-Za-z0-9]([A-Za-z0-9-]
 
 
 def validate_host(text: str, what: str = "DPS host") -> str:
-    """A host name or IPv4 address (no scheme, no port: the SDK always dials 8883)."""
+    """A host name or IPv4 address (no scheme, no port: the SDK dials 8883, or 443 with WebSockets)."""
     host = (text or "").strip()
     if not host or len(host) > 253 or not _HOST.fullmatch(host):
         raise InputError(f"{what} {text!r}: expected a host name such as global.azure-devices-provisioning.net "
-                         f"(no scheme or port: the SDK always uses port 8883)")
+                         f"(no scheme or port: the SDK picks 8883, or 443 with --websockets)")
     return host

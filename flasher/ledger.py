@@ -98,6 +98,13 @@ ALTER TABLE steps ADD COLUMN station TEXT;
 ALTER TABLE claims ADD COLUMN station TEXT;
 """
 
+# What a board sent DPS as its registration payload (IoT Central's {"modelId": ...}; compared like the
+# other settings), and what DPS handed back in registrationState.payload. JSON text, NULL for none.
+DPS_PAYLOADS = """
+ALTER TABLE boards ADD COLUMN dps_payload TEXT;
+ALTER TABLE boards ADD COLUMN registration_payload TEXT;
+"""
+
 Migration = str | Callable[[Any], None]
 
 # MIGRATIONS[n] takes a ledger from schema n to n + 1 (0 is an empty file or database), inside the
@@ -110,14 +117,16 @@ MIGRATIONS: list[Migration] = [
     CLAIMS,
     TTS,
     STATIONS,
+    DPS_PAYLOADS,
 ]
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 EXPORT_FIELDS = ("deveui", "registration_id", "status", "current_step", "join_eui", "band", "app_key_source",
                  "id_scope", "device_key_check", "assigned_hub", "device_id", "header_path", "header_sha256", "attempts",
                  "last_error", "port", "serial_number", "created_at", "updated_at", "tts_app", "tts_device_id",
-                 "tts_servers", "station")
+                 "tts_servers", "station", "dps_payload", "registration_payload")
+JSON_FIELDS = frozenset({"dps_payload", "registration_payload"})  # JSON text in the ledger and CSV, values in --json
 
 # A step row, whole (what `flasher ledger copy` moves).
 STEP_FIELDS = ("deveui", "step", "outcome", "started_at", "finished_at", "detail", "station")
@@ -167,6 +176,8 @@ class BoardRecord:
     tts_device_id: str | None
     tts_servers: str | None      # comma-separated, in the order is,js,ns,as
     station: str | None
+    dps_payload: str | None
+    registration_payload: str | None
     steps: dict  # step -> outcome
 
     def done(self, step: str) -> bool:
@@ -174,8 +185,20 @@ class BoardRecord:
 
     def to_dict(self) -> dict:
         d = {f: getattr(self, f) for f in EXPORT_FIELDS}
+        for f in JSON_FIELDS:
+            d[f] = _json_value(d[f])
         d["steps"] = dict(self.steps)
         return d
+
+
+def _json_value(text: str | None):
+    """A JSON column as its value in --json; text that is not JSON (written by hand) is shown as it is."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 # --- where a ledger lives ---------------------------------------------------------------

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flasher.dps import CaCert
+from flasher.dps import DIRECT, CaCert, Transport
 from flasher.errors import FlasherError
 from flasher.eui import EUI64
 from flasher.identity import RegistrationIdPolicy
@@ -98,6 +98,11 @@ class Settings:
     force: bool = False
     extras: dict = field(default_factory=dict)
     labels: LabelPlan | None = None         # --labels DIR: the label step writes there
+    transport: Transport = DIRECT           # 8883 or 443 (WebSockets), directly or through a proxy
+    dps_payload: dict | None = None         # the DPS registration payload ({"modelId": ...} for IoT Central)
+    model_id: str | None = None             # also announced to the hub (IoT Plug and Play)
+    other_group_key: Secret | None = None   # the group's other key, tried once after a 401 (--check-other-key)
+    key_names: tuple[str, str] = ("primary", "secondary")  # what group_key and other_group_key are
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_key, Secret):
@@ -108,13 +113,20 @@ class Settings:
             object.__setattr__(self, "ca_cert", load_ca_cert(self.ca_cert))
         object.__setattr__(self, "out_dir", Path(self.out_dir))
 
-    def fingerprint(self) -> dict[str, str]:
+    def fingerprint(self) -> dict[str, str | None]:
         """What a finished board depends on: if one of these changed, the board was provisioned otherwise."""
+        from flasher.payload import canonical
+
         fingerprint = {"join_eui": self.join_eui.hex, "band": self.band, "id_scope": self.id_scope,
-                       "app_key_source": str(self.app_key.source)}
+                       "app_key_source": str(self.app_key.source), "dps_payload": canonical(self.dps_payload)}
         if self.tts is not None:
             fingerprint["tts_app"] = self.tts.app
         return fingerprint
+
+
+# Fingerprint fields whose empty value is a setting too ("no payload was sent"), not "not recorded":
+# a ledger from before the column existed only holds boards that sent no payload.
+EXACT_FINGERPRINT = frozenset({"dps_payload"})
 
 
 @dataclass
@@ -289,7 +301,7 @@ class _Recorder:
             self.ledger.reset(b.key)
         elif existing is not None:
             changed = {k: (getattr(existing, k), v) for k, v in fingerprint.items()
-                       if getattr(existing, k) not in (None, v)}
+                       if getattr(existing, k) != v and (getattr(existing, k) is not None or k in EXACT_FINGERPRINT)}
             if existing.status == BoardStatus.PROVISIONED and not changed:
                 r.status = ResultStatus.ALREADY_PROVISIONED
                 r.assigned_hub, r.device_id, r.header = existing.assigned_hub, existing.device_id, existing.header_path
@@ -343,9 +355,13 @@ class _Recorder:
 def _describe(changed: dict[str, tuple[Any, Any]]) -> str:
     names = {"device_key_check": "device key (group key or registration id)", "join_eui": "JoinEUI",
              "app_key_source": "AppKey source", "id_scope": "ID scope", "registration_id": "registration id",
-             "tts_app": "The Things Stack application"}
-    return ", ".join(f"{names.get(k, k)} was {old} (now {new})" if k != "device_key_check" else f"{names[k]} differs"
-                     for k, (old, new) in changed.items())
+             "tts_app": "The Things Stack application", "dps_payload": "DPS registration payload"}
+
+    def shown(v: Any) -> Any:
+        return "none" if v is None else v
+
+    return ", ".join(f"{names.get(k, k)} was {shown(old)} (now {shown(new)})" if k != "device_key_check"
+                     else f"{names[k]} differs" for k, (old, new) in changed.items())
 
 
 def preflight(settings: Settings, ports: list[str]) -> None:

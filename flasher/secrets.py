@@ -11,12 +11,20 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from flasher.errors import SecretError
 
 MASK = "********"
+# user:password@ in any URL (a proxy's, most likely): masked in every log record, whatever its length
+_URL_PASSWORD = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/\s:@]*):(?P<password>[^@\s/]*)@")
+
+
+def mask_url_passwords(text: str) -> str:
+    """``http://user:secret@host`` -> ``http://user:********@host``, anywhere in ``text``."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
 
 
 class Secret:
@@ -65,7 +73,8 @@ class Secret:
 
 
 class Redactor(logging.Filter):
-    """Replace every known secret (and its derived keys) in a log record with a mask."""
+    """Replace every known secret (and its derived keys) in a log record with a mask, and the
+    password of any ``scheme://user:password@`` URL (a proxy's), however short it is."""
 
     _secrets: set[str] = set()
 
@@ -88,12 +97,13 @@ class Redactor(logging.Filter):
         for s in cls._secrets:
             if s in text:
                 text = text.replace(s, MASK)
-        return text
+        return mask_url_passwords(text) if "@" in text else text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self._secrets:
-            record.msg = self.scrub(record.getMessage())
-            record.args = None
+        message = record.getMessage()
+        scrubbed = self.scrub(message)
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, None
         return True
 
 

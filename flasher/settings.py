@@ -166,6 +166,29 @@ def _sheet(value: Any, where: str):
     from flasher.labels import parse_sheet
 
     return parse_sheet(str(value), where)
+def _flag(value: Any, where: str) -> bool:
+    """A switch: a click flag gives a bool, flasher.toml a TOML boolean."""
+    if isinstance(value, bool):
+        return value
+    raise InputError(f"{where} {value!r}: must be true or false")
+
+
+def _model_id(value: Any, where: str) -> str:
+    from flasher.payload import validate_model_id
+
+    return validate_model_id(value, where)
+
+
+def _payload_json(value: Any, where: str):
+    from flasher.payload import PayloadFile, read_payload_file
+
+    return PayloadFile(str(value), read_payload_file(value, where))
+
+
+def _proxy(value: Any, where: str):
+    from flasher.proxy import parse_proxy
+
+    return parse_proxy(value, where)
 
 
 @dataclass(frozen=True)
@@ -178,6 +201,7 @@ class Setting:
     env: str | None = None
     toml: str | None = None            # the key in flasher.toml, when it differs from ``name``
     option: str | None = None          # how the command line spells it, for messages
+    env_aliases: tuple[str, ...] = ()  # more environment variables, after ``env`` (https_proxy beside HTTPS_PROXY)
     parse: Callable[[Any, str], Any] = _str
     toml_type: type | tuple[type, ...] = str
     path: bool | Callable[[str], bool] = False   # a path in flasher.toml is relative to the file
@@ -208,7 +232,8 @@ class SecretSetting:
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("id_scope", "DPS ID scope, e.g. 0ne0001A2B3", env="FLASHER_ID_SCOPE", parse=_id_scope),
-    Setting("dps_host", "DPS endpoint (the SDK always dials port 8883)", default="global.azure-devices-provisioning.net",
+    Setting("dps_host", "DPS endpoint (the SDK dials port 8883, or 443 with --websockets)",
+            default="global.azure-devices-provisioning.net",
             env="FLASHER_DPS_HOST", parse=_dps_host),
     Setting("ca_cert", "PEM root of trust for a private DPS (the emulator, a gateway)", parse=_ca_cert, path=True),
     Setting("template", "header template: a shipped name or a file path", default="seeed-lorawan",
@@ -266,6 +291,18 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             parse=_sheet),
     Setting("station_settle", "seconds a newly plugged port must stay before its board is started", default=1.0,
             option="--settle", parse=_seconds(0.0, 60.0), toml_type=(int, float)),
+    Setting("model_id", "IoT Plug and Play model id (DTMI) sent in the DPS registration payload, so IoT Central "
+            "assigns the device template, e.g. dtmi:com:example:Thermostat;1", parse=_model_id),
+    Setting("payload_json", "a file holding the JSON object sent as the DPS registration payload (custom allocation)",
+            parse=_payload_json, path=True),
+    Setting("websockets", "MQTT over WebSockets on port 443 (for DPS and the hub) instead of port 8883",
+            default=False, parse=_flag, toml_type=bool),
+    Setting("proxy", "proxy for DPS and the hub: http://[user@]host:port or socks5://..., 'none' for none",
+            env="HTTPS_PROXY", env_aliases=("https_proxy",), parse=_proxy),
+    Setting("use_secondary_key", "derive device keys from the group's secondary key instead of its primary",
+            default=False, parse=_flag, toml_type=bool),
+    Setting("check_other_key", "when DPS refuses a device key (401), try the group's other key once and say "
+            "whether it works", default=False, parse=_flag, toml_type=bool),
 ]}
 
 SECRETS: dict[str, SecretSetting] = {s.name: s for s in [
@@ -282,6 +319,8 @@ SECRETS: dict[str, SecretSetting] = {s.name: s for s in [
                   "--tts-api-key-file"),
     SecretSetting("ledger_password", "ledger password", "PGPASSWORD", "ledger_password", None,
                   "--ledger-password-file"),
+    SecretSetting("proxy_password", "proxy password", "FLASHER_PROXY_PASSWORD", "proxy_password", None,
+                  "--proxy-password-file"),
 ]}
 
 
@@ -392,10 +431,11 @@ def resolve(options: dict[str, Any], names: Iterable[str], *, config_path: str |
     sources: dict[str, str] = {}
     for name in names:
         s = SETTINGS[name]
+        env = next((e for e in (s.env, *s.env_aliases) if e and os.environ.get(e, "").strip()), None)
         if name in options and options[name] is not None and typed(name):
             raw, where, src = options[name], s.flag, "option"
-        elif s.env and os.environ.get(s.env, "").strip():
-            raw, where, src = os.environ[s.env], f"${s.env}", f"env {s.env}"
+        elif env is not None:
+            raw, where, src = os.environ[env], f"${env}", f"env {env}"
         elif s.key in file_values:
             raw, where, src = file_values[s.key], f"{path}: {s.key}", f"file {path}"
         else:

@@ -1,6 +1,6 @@
 """Fixtures for the local DPS + IoT Hub emulator (see flasher.sim.dps).
 
-The SDK always dials port 8883, so emulators never share an address: each one binds
+The SDK always dials port 8883 (443 with WebSockets), so emulators never share an address: each one binds
 its own loopback address (127.0.0.2, 127.0.0.3, ...; Linux routes all of 127/8 to lo).
 """
 
@@ -10,6 +10,7 @@ import base64
 import contextlib
 import hashlib
 import itertools
+import socket
 import threading
 
 import pytest
@@ -49,9 +50,26 @@ def leftover_threads(baseline: set[threading.Thread]) -> list[str]:
                   if t not in baseline and t.is_alive() and t.name not in SDK_THREADS and not t.name.startswith("dps-emulator"))
 
 
+def _may_bind(port: int) -> bool:
+    """False only if this process may not bind ``port`` at all (a privileged port, as non-root)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except PermissionError:
+            return False
+        except OSError:  # busy: someone else has it, but we may bind it elsewhere
+            return True
+    return True
+
+
 @pytest.fixture
 def make_dps_emulator(tmp_path):
-    """Factory for private emulators (for fault knobs that would disturb others); all stopped at teardown."""
+    """Factory for private emulators (for fault knobs that would disturb others); all stopped at teardown.
+
+    Without a ``host``, each gets a loopback address where its ports (8883 and/or its WebSocket
+    port) are free, and another one if a process running beside the tests took it meanwhile.
+    """
+    from flasher.errors import FlasherError
     from flasher.sim.dps import DpsEmulator
 
     with contextlib.ExitStack() as stack:
@@ -59,9 +77,19 @@ def make_dps_emulator(tmp_path):
 
         def make(**kwargs):
             kwargs.setdefault("enrollments", ENROLLMENTS)
-            kwargs.setdefault("host", free_loopback())
             kwargs.setdefault("cert_dir", tmp_path / f"certs{next(n)}")
-            return stack.enter_context(DpsEmulator(**kwargs))
+            if "host" in kwargs:
+                return stack.enter_context(DpsEmulator(**kwargs))
+            # 8883 too when it is to stay closed: the emulator holds it (bound, not listening)
+            ports = tuple(p for p in (kwargs.get("port", 8883) or 8883, kwargs.get("websocket_port")) if p)
+            if 443 in ports and not _may_bind(443):
+                pytest.skip("binding port 443 needs root or CAP_NET_BIND_SERVICE (CI has it)")
+            for attempt in range(5):
+                try:
+                    return stack.enter_context(DpsEmulator(host=free_loopback(ports), **kwargs))
+                except FlasherError as exc:
+                    if "cannot listen" not in str(exc) or attempt == 4:
+                        raise
 
         yield make
 

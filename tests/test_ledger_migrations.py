@@ -1,7 +1,8 @@
 """Schema versions: old ledgers are migrated whole or not at all; odd files are refused in one line.
 
 ``data/ledger-v1.sqlite3`` was written by flasher 0.1.0 (see data/make_ledger_v1.py);
-``data/ledger-v1.status.*`` is what that version's ``flasher status --json/--csv`` printed for it.
+``data/ledger-v1.status.*`` is what that version's ``flasher status --json/--csv`` printed for it
+(later versions print the same, plus the columns added since: see ledger_golden.py).
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ def test_reopening_does_not_migrate_again(tmp_path, monkeypatch):
 
 
 def test_a_migration_failing_halfway_leaves_the_ledger_at_v1_with_every_row(tmp_path, monkeypatch):
-    def halfway(db):
-        db.execute("CREATE TABLE claims (deveui TEXT PRIMARY KEY)")
+    def halfway(db):  # in place of the last migration, after the earlier ones ran in the same transaction
+        db.execute("CREATE TABLE half_made (deveui TEXT PRIMARY KEY)")
         db.execute("UPDATE boards SET status = 'mangled'")
         db.execute("INSERT INTO no_such_table VALUES (1)")
 

@@ -135,6 +135,31 @@ def tts_options(f):
     return f
 
 
+# --- Azure: IoT Central model id, WebSockets, proxies, key rotation ------------------------------
+
+AZURE_SETTINGS = ["model_id", "payload_json", "websockets", "proxy", "use_secondary_key", "check_other_key"]
+
+
+def azure_options(f):
+    """The options of commands that talk to DPS: what to send, how to get out, which group key."""
+    decorators = [
+        setting_option("--model-id", name="model_id", metavar="DTMI"),
+        setting_option("--payload-json", name="payload_json", metavar="FILE", type=click.Path(dir_okay=False)),
+        setting_option("--websockets", name="websockets", is_flag=True),
+        setting_option("--proxy", name="proxy", metavar="URL",
+                       help="Proxy for DPS and the hub: http://[user@]host:port or socks5://[user@]host:port; 'none' "
+                            "to ignore HTTPS_PROXY. A password belongs in --proxy-password-file or "
+                            "$FLASHER_PROXY_PASSWORD (one in the URL is visible in the process list)"),
+        click.option("--proxy-password-file", "proxy_password_file", type=click.Path(dir_okay=False),
+                     help="File holding the proxy password (or $FLASHER_PROXY_PASSWORD)."),
+        setting_option("--use-secondary-key", name="use_secondary_key", is_flag=True),
+        setting_option("--check-other-key", name="check_other_key", is_flag=True),
+    ]
+    for decorate in reversed(decorators):
+        f = decorate(f)
+    return f
+
+
 def tts_target(s, *, required: bool = False):
     """The typed :class:`flasher.tts.TtsTarget` from resolved settings, or None when no application is given.
 
@@ -156,3 +181,52 @@ def tts_target(s, *, required: bool = False):
     return TtsTarget(s.tts_app, endpoints, key, device_ids=s.tts_device_id_format, frequency_plan=s.frequency_plan,
                      lorawan_version=s.lorawan_version, lorawan_phy_version=s.lorawan_phy_version,
                      ca_cert=s.tts_ca_cert, timeout=s.tts_timeout)
+
+
+def transport_from(s):
+    """The :class:`flasher.dps.Transport` of resolved settings, the proxy password loaded as a secret."""
+    from flasher.dps import Transport
+    from flasher.errors import InputError
+
+    proxy = s.proxy
+    password = s.secret("proxy_password", required=False)
+    if password is not None:
+        if proxy is None:
+            raise InputError(f"proxy password ({password.source}): there is no proxy to use it with "
+                             f"(--proxy, proxy in flasher.toml, or HTTPS_PROXY)")
+        if proxy.password is not None:
+            raise InputError(f"proxy password: given twice, in {proxy.source} and in {password.source}")
+        proxy = proxy.with_password(password)
+    elif proxy is not None and proxy.password is not None and s.source("proxy") == "option":
+        err("warning: the password in --proxy is visible in the process list; prefer --proxy-password-file "
+            "or $FLASHER_PROXY_PASSWORD")
+    return Transport(websockets=s.websockets, proxy=proxy)
+
+
+def registration_payload_from(s):
+    """The DPS registration payload: --payload-json's object, with --model-id's modelId."""
+    from flasher.payload import registration_payload
+
+    return registration_payload(s.model_id, s.payload_json)
+
+
+def group_keys(s, *, prompt: bool = True):
+    """``(key, other, names)``: the group key to derive device keys from (raw bytes, as a Secret), the
+    other one for --check-other-key (or None), and their names (``("primary", "secondary")`` or the
+    reverse with --use-secondary-key)."""
+    from flasher.errors import InputError
+    from flasher.keys import decode_symmetric_key
+    from flasher.secrets import Secret
+
+    use, other = ("secondary_key", "group_key") if s.use_secondary_key else ("group_key", "secondary_key")
+    names = ("secondary", "primary") if s.use_secondary_key else ("primary", "secondary")
+    loaded = s.secret(use, prompt=prompt, warn=err)
+    key = Secret(decode_symmetric_key(loaded.reveal(), f"group {names[0]} key"), loaded.source)
+    other_key = None
+    if s.check_other_key:
+        spare = s.secret(other, required=False, warn=err)
+        if spare is None:
+            env = "FLASHER_GROUP_PRIMARY_KEY" if s.use_secondary_key else "FLASHER_GROUP_SECONDARY_KEY"
+            raise InputError(f"--check-other-key: the group {names[1]} key is not loaded (set {env} or use a key file)")
+        other_key = Secret(decode_symmetric_key(spare.reveal(), f"group {names[1]} key"), spare.source)
+    return key, other_key, names

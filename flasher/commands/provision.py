@@ -9,17 +9,22 @@ from typing import TYPE_CHECKING
 import click
 
 from flasher.commands.options import (
+    AZURE_SETTINGS,
     TTS_SETTINGS,
+    azure_options,
     board_selection_options,
     config_option,
     err,
     group_key_options,
+    group_keys,
     id_format_option,
     json_line,
     ledger_options,
     open_ledger,
+    registration_payload_from,
     secret_options,
     setting_option,
+    transport_from,
     tts_options,
     tts_target,
 )
@@ -32,7 +37,7 @@ if TYPE_CHECKING:
 PROVISION_SETTINGS = ["id_scope", "dps_host", "ca_cert", "template", "band", "join_eui", "app_key_source",
                       "out_dir", "ledger", "registration_id_format", "timeout", "at_timeout", "concurrency",
                       "test_message", "fqbn", "sketch", "arduino_cli", *TTS_SETTINGS, "labels", "label_vendor_id",
-                      "label_model_id", "station_id", "claim_timeout"]
+                      "label_model_id", "station_id", "claim_timeout", *AZURE_SETTINGS]
 
 
 def app_key_plan(s, source):
@@ -52,16 +57,15 @@ def app_key_plan(s, source):
 def build_settings(s, *, upload: bool, no_test_message: bool, force: bool, extras) -> Settings:
     """The pipeline's typed Settings from the resolved ones; every check that can fail early fails here."""
     from flasher.header import parse_sets
-    from flasher.keys import decode_symmetric_key
     from flasher.pipeline import Upload
-    from flasher.secrets import Secret
 
     if not s.id_scope:
         raise click.UsageError("--id-scope is required (or FLASHER_ID_SCOPE, or id_scope in flasher.toml)")
+    payload = registration_payload_from(s)
+    transport = transport_from(s)
     plan = app_key_plan(s, s.app_key_source)
     tts = tts_target(s)
-    group = s.secret("group_key", prompt=True, warn=err)
-    primary = Secret(decode_symmetric_key(group.reveal(), "group primary key"), group.source)
+    group_key, other_key, key_names = group_keys(s)
     up = None
     if upload:
         from flasher.arduino import default_sketch, find_arduino_cli
@@ -71,11 +75,12 @@ def build_settings(s, *, upload: bool, no_test_message: bool, force: bool, extra
     from flasher.pipeline import Settings
 
     labels = LabelPlan(s.labels, int(s.label_vendor_id, 16), int(s.label_model_id, 16)) if s.labels else None
-    return Settings(id_scope=s.id_scope, group_key=primary, dps_host=s.dps_host, ca_cert=s.ca_cert,
+    return Settings(id_scope=s.id_scope, group_key=group_key, dps_host=s.dps_host, ca_cert=s.ca_cert,
                     template=s.template, band=s.band, join_eui=s.join_eui, app_key=plan, out_dir=s.out_dir,
                     id_policy=s.registration_id_format, timeout=s.timeout, at_timeout=s.at_timeout,
                     test_message=None if no_test_message else s.test_message, upload=up, tts=tts, force=force,
-                    extras=parse_sets(extras), labels=labels)
+                    extras=parse_sets(extras), labels=labels, transport=transport, dps_payload=payload,
+                    model_id=s.model_id, other_group_key=other_key, key_names=key_names)
 
 
 class _Terminated(BaseException):
@@ -124,6 +129,7 @@ def _raise_terminated(signum, _frame):
 @tts_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per board on stdout as each finishes.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@azure_options
 @group_key_options
 @config_option
 def provision(targets, no_test_message, upload, extras, force, as_json, quiet, **_options):

@@ -119,9 +119,14 @@ def simulate_unplug(state_dir, board):
 
 @simulate.command("dps")
 @click.option("--enrollments", "enrollments_file", required=True, type=click.Path(dir_okay=False),
-              help="JSON: {id_scope, groups: [{name, primary_key, secondary_key, enabled}], individual: [...]}.")
+              help="JSON: {id_scope, groups: [{name, primary_key, secondary_key, enabled, return_payload}], "
+                   "individual: [...]}.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; also the assigned hub's host name.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8883, show_default=True, help="The SDK only dials 8883.")
+@click.option("--websockets", is_flag=True, help="Also serve MQTT over WebSockets (wss://HOST:443/$iothub/websocket).")
+@click.option("--websocket-port", type=click.IntRange(0, 65535), default=443, show_default=True,
+              help="Port for --websockets (the SDK only dials 443; another port is for other clients).")
+@click.option("--websockets-only", is_flag=True, help="Serve only MQTT over WebSockets: port 8883 stays closed.")
 @click.option("--cert-dir", type=click.Path(file_okay=False),
               help="Where the CA and server certificate live [~/.cache/flasher/dps-emulator].")
 @click.option("--ca-cert-out", type=click.Path(dir_okay=False), help="Also copy the CA certificate (PEM) here, for --ca-cert.")
@@ -129,10 +134,13 @@ def simulate_unplug(state_dir, board):
               help="Keep registrations, devices and messages in this JSON file.")
 @click.option("--assign-delay", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Seconds DPS spends 'assigning'.")
-def simulate_dps(enrollments_file, host, port, cert_dir, ca_cert_out, state_file, assign_delay):
+def simulate_dps(enrollments_file, host, port, websockets, websocket_port, websockets_only, cert_dir, ca_cert_out,
+                 state_file, assign_delay):
     """Run a local DPS + IoT Hub emulator (MQTT over TLS) until Ctrl-C or SIGTERM.
 
     Prints its CA certificate's path on stdout: pass it to `flasher register --ca-cert`.
+    With --websockets it also serves MQTT over WebSockets on 443, what `flasher register
+    --websockets` dials (binding 443 may need privileges: CAP_NET_BIND_SERVICE, or root).
     """
     import signal
     import threading
@@ -141,8 +149,9 @@ def simulate_dps(enrollments_file, host, port, cert_dir, ca_cert_out, state_file
     from flasher.files import atomic_write
     from flasher.sim.dps import DpsEmulator, default_cert_dir
 
-    emu = DpsEmulator(enrollments_file, host=host, port=port, cert_dir=cert_dir or default_cert_dir(),
-                      assign_delay=assign_delay, state_file=state_file)
+    emu = DpsEmulator(enrollments_file, host=host, port=None if websockets_only else port,
+                      websocket_port=websocket_port if websockets or websockets_only else None,
+                      cert_dir=cert_dir or default_cert_dir(), assign_delay=assign_delay, state_file=state_file)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -153,8 +162,9 @@ def simulate_dps(enrollments_file, host, port, cert_dir, ca_cert_out, state_file
                 ca = Path(ca_cert_out)
             click.echo(str(ca))
             sys.stdout.flush()
-            err(f"DPS + IoT Hub emulator on {emu.host}:{emu.port}, ID scope {emu.id_scope}, hub {emu.hub_name}")
-            err(f"try: flasher register ID --id-scope {emu.id_scope} --dps-host {emu.host} --ca-cert {ca}")
+            err(f"DPS + IoT Hub emulator on {emu.endpoints()}, ID scope {emu.id_scope}, hub {emu.hub_name}")
+            err(f"try: flasher register ID --id-scope {emu.id_scope} --dps-host {emu.host} --ca-cert {ca}"
+                + (" --websockets" if emu.port is None else ""))
             err("Ctrl-C to stop")
             stop.wait()
     finally:

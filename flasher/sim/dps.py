@@ -19,7 +19,21 @@ port 8883 (the SDK's fixed port), with its own root of trust:
 * The assigned hub is this same server (its host name is the bound host): the device's
   hub CONNECT (user name ``{hub}/{deviceId}/?api-version=...``, SAS over
   ``{hub}/devices/{deviceId}``) is checked against the keys it registered with, refused
-  with CONNACK 5 otherwise, and every telemetry message is recorded.
+  with CONNACK 5 otherwise, and every telemetry message is recorded. A Plug and Play
+  ``model-id`` in that user name is recorded on the device.
+* The register request's body is ``{"registrationId", "payload"}``: the device's payload
+  (IoT Central's ``{"modelId": "dtmi:...;1"}``, or anything a custom allocation wants) is
+  recorded with the registration; a member DPS does not know, such as a ``modelId`` beside
+  ``registrationId``, is refused with 400 / errorCode 400012 "Deserialization error.", as
+  DPS does (MicrosoftDocs/azure-docs#66740). An enrollment configured with a
+  ``return_payload`` hands it back in ``registrationState.payload``, as a custom allocation
+  webhook's answer would be. Which of the enrollment's keys signed the token (primary or
+  secondary) is recorded too, for key rotation.
+* Port 443 (``websocket_port``): MQTT over TLS + WebSocket at ``/$iothub/websocket``, what the
+  SDK dials with ``websockets=True``, into the same MQTT server and state as 8883. ``port=None``
+  keeps 8883 closed (bound, never listening, so no other server can open it there meanwhile),
+  to prove a client really used 443. Each registration and hub device records
+  the transport it came by.
 
 State (registration records, devices, messages; never a key) is available from
 :meth:`DpsEmulator.state` and, if ``state_file`` is given, rewritten atomically on every
@@ -66,10 +80,14 @@ from flasher.sim.mqtt import (
     MqttServer,
     ProtocolError,
 )
+from flasher.sim.web import HttpRequest, HttpsListener, WebSocketStream
 
 log = logging.getLogger("flasher.sim.dps")
 
 DEFAULT_PORT = 8883  # fixed by the SDK for MQTT over TLS
+WEBSOCKET_PORT = 443  # fixed by the SDK for MQTT over WebSockets
+WEBSOCKET_PATH = "/$iothub/websocket"  # the SDK's path, for DPS and the hub alike
+REGISTER_MEMBERS = {"registrationId", "payload", "tpm"}  # DPS's DeviceRegistration; anything else: 400012
 RES_PREFIX = "$dps/registrations/res/"
 REGISTER_PATH = "$dps/registrations/PUT/iotdps-register"
 STATUS_PATH = "$dps/registrations/GET/iotdps-get-operationstatus"
@@ -80,23 +98,31 @@ _loopback_next = itertools.count(os.getpid() % 250)  # processes started togethe
 _loopback_lock = threading.Lock()
 
 
-def free_loopback(port: int = 8883, prefer: tuple[str, ...] = ()) -> str:
-    """A loopback address where ``port`` can be bound now: ``prefer`` first, then 127.0.0.2-251.
+def free_loopback(port: int | tuple[int, ...] = 8883, prefer: tuple[str, ...] = ()) -> str:
+    """A loopback address where ``port`` (or every port of a tuple) can be bound now: ``prefer`` first,
+    then 127.0.0.2-251.
 
-    The SDK always dials 8883, so emulators that run side by side (tests, a demo next to
-    a running `flasher simulate dps`) each take their own address; Linux routes all of
-    127/8 to the loopback interface.
+    The SDK always dials 8883 (443 with WebSockets), so emulators that run side by side
+    (tests, a demo next to a running `flasher simulate dps`) each take their own address;
+    Linux routes all of 127/8 to the loopback interface.
     """
+    ports = (port,) if isinstance(port, int) else tuple(port)
     with _loopback_lock:
         candidates = [*prefer, *(f"127.0.0.{2 + next(_loopback_next) % 250}" for _ in range(250))]
         for host in candidates:
-            with socket.socket() as sock:
-                try:
-                    sock.bind((host, port))
-                except OSError:
-                    continue
-            return host
-    raise FlasherError(f"port {port} is busy on every loopback address tried ({candidates[0]} and 249 more)")
+            if all(_bindable(host, p) for p in ports):
+                return host
+    shown = "/".join(map(str, ports))
+    raise FlasherError(f"port {shown} is busy on every loopback address tried ({candidates[0]} and 249 more)")
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def default_cert_dir() -> Path:
@@ -117,6 +143,7 @@ class Enrollment:
     primary: bytes
     secondary: bytes | None
     enabled: bool = True
+    return_payload: object = None  # handed back in registrationState.payload, as a custom allocation would
 
     @property
     def label(self) -> str:
@@ -167,7 +194,7 @@ def load_enrollments(source: dict | str | os.PathLike) -> Enrollments:
         if any(x.name == g["name"] for x in out.groups):
             raise InputError(f"{where}: group {g['name']!r} appears twice")
         p, s = keys(g, f"group {g['name']!r}")
-        out.groups.append(Enrollment("group", g["name"], p, s, bool(g.get("enabled", True))))
+        out.groups.append(Enrollment("group", g["name"], p, s, bool(g.get("enabled", True)), g.get("return_payload")))
     for n, e in enumerate(individual, 1):
         rid = e.get("registration_id") if isinstance(e, dict) else None
         if not isinstance(rid, str) or not rid:
@@ -175,7 +202,7 @@ def load_enrollments(source: dict | str | os.PathLike) -> Enrollments:
         if rid in out.individual:
             raise InputError(f"{where}: individual enrollment {rid!r} appears twice")
         p, s = keys(e, f"individual enrollment {rid!r}")
-        out.individual[rid] = Enrollment("individual", rid, p, s, bool(e.get("enabled", True)))
+        out.individual[rid] = Enrollment("individual", rid, p, s, bool(e.get("enabled", True)), e.get("return_payload"))
     return out
 
 
@@ -214,6 +241,12 @@ def check_sas(token: str | None, resource: str, keys: list[bytes], now: float | 
     return "signature does not match"
 
 
+def _which_key(e: Enrollment, registration_id: str, token: str | None, id_scope: str) -> str:
+    """"primary" or "secondary": which of the enrollment's keys signed an accepted token (key rotation)."""
+    primary = _key_pair(e, registration_id)[:1]
+    return "primary" if check_sas(token, f"{id_scope}/registrations/{registration_id}", primary) is None else "secondary"
+
+
 def _key_pair(e: Enrollment, registration_id: str) -> list[bytes]:
     """The device keys an enrollment grants a registration id (raw bytes)."""
     if e.kind == "individual":
@@ -223,6 +256,18 @@ def _key_pair(e: Enrollment, registration_id: str) -> list[bytes]:
 
 # --- the emulator -------------------------------------------------------------------
 
+def _add_ws_stats(totals: dict, stream: WebSocketStream) -> None:
+    st = stream.stats
+    totals["pings_sent"] += st.pings_sent
+    totals["pongs_received"] += st.pongs_received
+    totals["unmasked_control_frames"] += st.unmasked_control_frames
+    totals["closes_received"] += st.close_received is not None
+    totals["closes_sent"] += st.close_sent is not None
+
+
+# Registration record members that are the emulator's own, never sent to the device.
+_EXTRAS = frozenset({"enrollment", "attempts", "device_payload", "model_id", "transport", "signed_with"})
+
 @dataclass
 class _Operation:
     operation_id: str
@@ -230,18 +275,26 @@ class _Operation:
     enrollment: Enrollment
     ready_at: float
     keys: list[bytes]
+    request: dict = field(default_factory=dict)  # what the emulator records of the request: payload, transport
     result: dict | None = None
 
 
 class DpsEmulator(MqttApplication):
-    """DPS + IoT Hub on one TLS MQTT endpoint. ``with DpsEmulator(...) as emu:`` runs it in a thread."""
+    """DPS + IoT Hub on one TLS MQTT endpoint (and 443). ``with DpsEmulator(...) as emu:`` runs it in a thread.
 
-    def __init__(self, enrollments: dict | str | os.PathLike, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+    ``port``: MQTT over TLS (8883; None keeps it closed). ``websocket_port``: MQTT over TLS +
+    WebSocket (443 for the SDK; None, the default, serves no WebSockets).
+    """
+
+    def __init__(self, enrollments: dict | str | os.PathLike, host: str = "127.0.0.1", port: int | None = DEFAULT_PORT,
                  cert_dir: str | os.PathLike | None = None, assign_delay: float = 0.0,
-                 state_file: str | os.PathLike | None = None, hub_name: str | None = None):
+                 state_file: str | os.PathLike | None = None, hub_name: str | None = None,
+                 websocket_port: int | None = None):
         self.enrollments = load_enrollments(enrollments)
         self.id_scope = self.enrollments.id_scope
-        self.host, self.port = host, port
+        if port is None and websocket_port is None:
+            raise InputError("DPS emulator: neither port 8883 nor a WebSocket port to listen on")
+        self.host, self.port, self.websocket_port = host, port, websocket_port
         self.hub_name = hub_name or ("localhost" if host in ("", "0.0.0.0", "::") else host)
         self.assign_delay = float(assign_delay)
         self.state_file = Path(state_file) if state_file else None
@@ -258,12 +311,17 @@ class DpsEmulator(MqttApplication):
         self._messages: list[dict] = []
         self._operations: dict[str, _Operation] = {}
         self._stats = {"register_requests": 0, "status_requests": 0, "throttled": 0, "unauthorized": 0,
-                       "hub_connections": 0, "hub_refused": 0}
+                       "bad_requests": 0, "hub_connections": 0, "hub_refused": 0, "websocket_connections": 0}
         self._throttle: dict[str | None, list[int]] = {}  # registration id (None: any) -> [remaining, retry_after, status]
         self._refused: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: MqttServer | None = None
+        self._https: HttpsListener | None = None
+        self._closed_8883: socket.socket | None = None  # with port=None: bound, never listening
+        self._ws_streams: set[WebSocketStream] = set()  # open ones (guarded by _lock)
+        self._ws_totals = {"pings_sent": 0, "pongs_received": 0, "unmasked_control_frames": 0, "closes_received": 0,
+                           "closes_sent": 0}
 
     # --- lifecycle ---------------------------------------------------------------
     @property
@@ -277,22 +335,42 @@ class DpsEmulator(MqttApplication):
             raise RuntimeError("already started")
         hosts = [h for h in (self.hub_name, self.host, "localhost", "127.0.0.1") if h and h not in ("0.0.0.0", "::")]
         self._creds = certs.ensure_server_credentials(self.cert_dir, hosts)
+        if self.port is None:
+            self._hold_8883_closed()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self._creds.cert, self._creds.key)
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(self._loop_exception)
-        self._server = MqttServer(self, self.host, self.port, ctx)
+        self._server = MqttServer(self, self.host, self.port or 0, ctx)
+        if self.websocket_port is not None:
+            self._https = HttpsListener(self.host, self.websocket_port, ctx,
+                                        upgrades={WEBSOCKET_PATH: ("mqtt", self._serve_websocket)})
         started: list[BaseException | None] = []
         ready = threading.Event()
 
-        loop, server = self._loop, self._server
+        loop, server, https = self._loop, self._server, self._https
         assert loop is not None
+
+        async def listen() -> None:
+            if self.port is not None:
+                await server.start()
+            if https is not None:
+                try:
+                    await https.start()
+                except OSError:
+                    await server.stop()
+                    raise
+
+        async def stop() -> None:
+            if https is not None:
+                await https.stop()
+            await server.stop()
 
         def run() -> None:
             asyncio.set_event_loop(loop)
             try:
-                loop.run_until_complete(server.start())
+                loop.run_until_complete(listen())
             except OSError as exc:
                 started.append(exc)
                 ready.set()
@@ -303,7 +381,7 @@ class DpsEmulator(MqttApplication):
             try:
                 loop.run_forever()
             finally:
-                loop.run_until_complete(server.stop())
+                loop.run_until_complete(stop())
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
 
@@ -313,19 +391,49 @@ class DpsEmulator(MqttApplication):
         if started[0] is not None:
             self._thread.join()
             self._thread = None
+            if self._closed_8883 is not None:
+                self._closed_8883.close()
+                self._closed_8883 = None
             exc = started[0]
             why = getattr(exc, "strerror", None) or exc
-            raise FlasherError(f"DPS emulator: cannot listen on {self.host}:{self.port}: {why}")
-        self.port = self._server.port
+            ports = "/".join(str(p) for p in (self.port, self.websocket_port) if p is not None)
+            raise FlasherError(f"DPS emulator: cannot listen on {self.host}:{ports}: {why}")
+        if self.port is not None:
+            self.port = self._server.port
+        if self._https is not None:
+            self.websocket_port = self._https.port
         self._write_state()
-        log.info("DPS emulator on %s:%d (hub %s), ID scope %s", self.host, self.port, self.hub_name, self.id_scope)
+        log.info("DPS emulator on %s (hub %s), ID scope %s", self.endpoints(), self.hub_name, self.id_scope)
         return self
 
+    def endpoints(self) -> str:
+        """Where it listens, for people: ``127.0.0.5:8883 (MQTT), 127.0.0.5:443 (WebSocket)``."""
+        shown = [f"{self.host}:{self.port} (MQTT)"] if self.port is not None else []
+        if self.websocket_port is not None:
+            shown.append(f"{self.host}:{self.websocket_port} (MQTT over WebSocket)")
+        return ", ".join(shown)
+
+    def _hold_8883_closed(self) -> None:
+        """Bind 8883 on our address without listening: a client that dials it is refused, and no other
+        server can open it there while we run, so a working client provably came by 443."""
+        sock = socket.socket()
+        try:
+            sock.bind((self.host, DEFAULT_PORT))  # no SO_REUSEADDR: nobody else may bind it either
+        except OSError as exc:
+            sock.close()
+            raise FlasherError(f"DPS emulator: cannot listen on {self.host} with port {DEFAULT_PORT} closed: "
+                               f"{DEFAULT_PORT} is in use there ({exc.strerror or exc})") from None
+        self._closed_8883 = sock
+
     def stop(self) -> None:
+        """Close every listener and connection and end the thread; the certificates stay in ``cert_dir``."""
         if self._thread is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(30)
             self._thread = None
+        if self._closed_8883 is not None:
+            self._closed_8883.close()
+            self._closed_8883 = None
         if self._tmp_cert_dir is not None:
             self._tmp_cert_dir.cleanup()
             self._tmp_cert_dir = None
@@ -370,6 +478,48 @@ class DpsEmulator(MqttApplication):
             e.enabled = bool(enabled)
         self._write_state()
 
+    def ping_websockets(self, payload: bytes = b"flasher") -> int:
+        """Send a WebSocket PING on every open WebSocket connection; how many were pinged.
+
+        The answers show in :meth:`websocket_stats` (paho answers unmasked: see flasher.sim.web).
+        """
+        with self._lock:
+            streams = list(self._ws_streams)
+        if self._loop is None or not streams:
+            return 0
+
+        async def ping() -> None:
+            for stream in streams:
+                stream.ping(payload)
+                await stream.drain()
+
+        asyncio.run_coroutine_threadsafe(ping(), self._loop).result(10)
+        return len(streams)
+
+    def close_websockets(self) -> int:
+        """Start the WebSocket closing handshake on every open WebSocket connection; how many."""
+        with self._lock:
+            streams = list(self._ws_streams)
+        if self._loop is None or not streams:
+            return 0
+
+        async def close() -> None:
+            for stream in streams:
+                stream.close()
+                await stream.drain()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        return len(streams)
+
+    def websocket_stats(self) -> dict:
+        """Frame counts over every WebSocket connection so far, open or closed (pings sent, pongs and
+        closes received, unmasked control frames)."""
+        with self._lock:
+            totals = dict(self._ws_totals)
+            for stream in self._ws_streams:
+                _add_ws_stats(totals, stream)
+        return totals
+
     def disable(self, name: str) -> None:
         self.set_enrollment_enabled(name, False)
 
@@ -381,7 +531,9 @@ class DpsEmulator(MqttApplication):
         with self._lock:
             return copy.deepcopy({
                 "id_scope": self.id_scope,
-                "endpoint": f"{self.host}:{self.port}",
+                "endpoint": f"{self.host}:{self.port}" if self.port is not None else None,
+                "websocket_endpoint": (f"wss://{self.host}:{self.websocket_port}{WEBSOCKET_PATH}"
+                                       if self.websocket_port is not None else None),
                 "hub": self.hub_name,
                 "enrollments": {"groups": [{"name": g.name, "enabled": g.enabled} for g in self.enrollments.groups],
                                 "individual": [{"registration_id": e.name, "enabled": e.enabled}
@@ -393,10 +545,11 @@ class DpsEmulator(MqttApplication):
             })
 
     def connections(self) -> list[dict]:
-        """Open connections: [{"kind": "dps"|"hub", "client_id": ...}]."""
+        """Open connections: [{"kind": "dps"|"hub", "client_id": ..., "transport": "mqtt"|"websocket"}]."""
         if self._server is None:
             return []
-        return [{"kind": c.info.get("kind"), "client_id": c.client_id} for c in list(self._server.connections)]
+        return [{"kind": c.info.get("kind"), "client_id": c.client_id, "transport": c.transport}
+                for c in list(self._server.connections)]
 
     def _write_state(self) -> None:
         if self.state_file is None:
@@ -404,13 +557,30 @@ class DpsEmulator(MqttApplication):
         with self._lock:  # one writer at a time, so the newest state lands last
             atomic_write(self.state_file, json.dumps(self.state(), indent=2, sort_keys=True) + "\n", mode=0o644)
 
+    # --- 443: MQTT over WebSockets ----------------------------------------------------
+    async def _serve_websocket(self, stream: WebSocketStream, request: HttpRequest) -> None:
+        """An upgraded /$iothub/websocket: the same MQTT connection handler as port 8883."""
+        assert self._server is not None
+        with self._lock:
+            self._stats["websocket_connections"] += 1
+            self._ws_streams.add(stream)
+        try:
+            await self._server.serve(stream, stream, transport="websocket")
+            await stream.finish()
+        finally:
+            with self._lock:
+                self._ws_streams.discard(stream)
+                _add_ws_stats(self._ws_totals, stream)
+
     # --- MQTT: CONNECT -------------------------------------------------------------
     async def on_connect(self, conn: Connection, req: ConnectRequest) -> int:
         parts = (req.username or "").split("/")
         if len(parts) >= 3 and parts[1] == "registrations":
             return self._connect_dps(conn, req, parts[0], parts[2])
         if len(parts) >= 2 and parts[0].lower() == self.hub_name.lower():
-            return self._connect_hub(conn, req, parts[1])
+            query = urllib.parse.parse_qs("/".join(parts[2:]).partition("?")[2])
+            model_ids = query.get("model-id") or []
+            return self._connect_hub(conn, req, parts[1], model_ids[0] if model_ids else None)
         log.info("CONNECT from %s refused: user name is neither DPS nor hub %s", conn.peer, self.hub_name)
         return REFUSED_BAD_USERNAME_PASSWORD
 
@@ -425,6 +595,8 @@ class DpsEmulator(MqttApplication):
         if req.client_id == reg_id:
             reason, enrollment = self._authenticate(reg_id, req.password)
         conn.info["auth_error"], conn.info["enrollment"] = reason, enrollment
+        if enrollment is not None:
+            conn.info["signed_with"] = _which_key(enrollment, reg_id, req.password, self.id_scope)
         if reason:
             log.info("DPS %r: authentication failed (%s); will answer 401", reg_id, reason)
         return ACCEPTED  # DPS answers a bad token with 401 on the response topic, not at CONNECT
@@ -445,7 +617,7 @@ class DpsEmulator(MqttApplication):
                     break
         return why, None
 
-    def _connect_hub(self, conn: Connection, req: ConnectRequest, device_id: str) -> int:
+    def _connect_hub(self, conn: Connection, req: ConnectRequest, device_id: str, model_id: str | None) -> int:
         conn.info.update(kind="hub", device_id=device_id)
         conn.session_key = ("hub", device_id)
         with self._lock:
@@ -468,6 +640,9 @@ class DpsEmulator(MqttApplication):
             dev["connected"] = True
             dev["connection_count"] += 1
             dev["last_activity_utc"] = _utc_now()
+            dev["transport"] = conn.transport
+            if model_id:
+                dev["model_id"] = model_id  # IoT Plug and Play: announced in the CONNECT user name
         self._write_state()
         return ACCEPTED
 
@@ -542,27 +717,39 @@ class DpsEmulator(MqttApplication):
             body = json.loads(payload.decode("utf-8") or "{}")
         except (UnicodeDecodeError, json.JSONDecodeError):
             body = None
-        if not isinstance(body, dict) or body.get("registrationId") != reg_id:
+        if not isinstance(body, dict) or not set(body) <= REGISTER_MEMBERS:
+            # DPS deserializes the body strictly: a top-level "modelId" (IoT Central's model id belongs
+            # inside "payload") gets exactly this answer (MicrosoftDocs/azure-docs#66740).
+            with self._lock:
+                self._stats["bad_requests"] += 1
+            log.info("DPS %r: register body refused (400012): members %s", reg_id,
+                     sorted(body) if isinstance(body, dict) else type(body).__name__)
+            return await self._respond(conn, 400, rid, self._error(400012, "Deserialization error."))
+        if body.get("registrationId") != reg_id:
+            with self._lock:
+                self._stats["bad_requests"] += 1
             return await self._respond(conn, 400, rid, self._error(
                 400004, "The registration id in the request body does not match the token."))
         enrollment: Enrollment = conn.info["enrollment"]
+        request = {"device_payload": body.get("payload"), "transport": conn.transport,
+                   "signed_with": conn.info.get("signed_with")}
         now = _utc_now()
         with self._lock:
             if not enrollment.enabled:
-                record = self._record(reg_id, enrollment, status="disabled", now=now)
+                record = self._record(reg_id, enrollment, status="disabled", now=now, request=request)
                 op_id = self._new_operation_id()
                 response = {"operationId": op_id, "status": "disabled",
                             "registrationState": self._registration_state(record)}
             else:
                 op_id = self._new_operation_id()
                 self._operations[op_id] = _Operation(op_id, reg_id, enrollment, time.monotonic() + self.assign_delay,
-                                                     _key_pair(enrollment, reg_id))
+                                                     _key_pair(enrollment, reg_id), request)
                 response = None
         if response is not None:
             log.info("DPS %r: enrollment %s is disabled", reg_id, enrollment.label)
             self._write_state()
             return await self._respond(conn, 200, rid, response)
-        log.info("DPS %r: assigning (operation %s, %s)", reg_id, op_id, enrollment.label)
+        log.info("DPS %r: assigning (operation %s, %s, over %s)", reg_id, op_id, enrollment.label, conn.transport)
         await self._respond(conn, 202, rid, {"operationId": op_id, "status": "assigning"}, REGISTER_RETRY_AFTER)
 
     async def _status(self, conn: Connection, rid: str, reg_id: str, op_id: str) -> None:
@@ -588,29 +775,39 @@ class DpsEmulator(MqttApplication):
     def _new_operation_id(self) -> str:
         return f"5.{_secrets.token_hex(8)}.{uuid.uuid4()}"
 
-    def _record(self, reg_id: str, e: Enrollment, *, status: str, now: str, substatus: str | None = None) -> dict:
-        """The registration record, shaped like DPS's DeviceRegistrationState (plus enrollment and attempts)."""
+    def _record(self, reg_id: str, e: Enrollment, *, status: str, now: str, request: dict,
+                substatus: str | None = None) -> dict:
+        """The registration record, shaped like DPS's DeviceRegistrationState, plus the emulator's own
+        extras (:data:`_EXTRAS`: the enrollment, attempts, and what the device sent and how)."""
         rec = self._registrations.get(reg_id)
         if rec is None:
             rec = self._registrations[reg_id] = {"registrationId": reg_id, "createdDateTimeUtc": now, "attempts": 0}
+        device_payload = request.get("device_payload")
+        model_id = device_payload.get("modelId") if isinstance(device_payload, dict) else None
         rec.update(enrollment=e.label, status=status, lastUpdatedDateTimeUtc=now, attempts=rec["attempts"] + 1,
-                   etag=f'"{uuid.uuid4()}"')
+                   etag=f'"{uuid.uuid4()}"', device_payload=device_payload, model_id=model_id,
+                   transport=request.get("transport"), signed_with=request.get("signed_with"))
         if status == "assigned":
             rec.update(deviceId=reg_id, assignedHub=self.hub_name, substatus=substatus)
+            if e.return_payload is not None:
+                rec["payload"] = copy.deepcopy(e.return_payload)
+            else:
+                rec.pop("payload", None)
         return rec
 
     @staticmethod
     def _registration_state(rec: dict) -> dict:
         """What the device is told: the record without the emulator's extras."""
-        return {k: v for k, v in rec.items() if k not in ("enrollment", "attempts")}
+        return {k: v for k, v in rec.items() if k not in _EXTRAS}
 
     def _assign(self, op: _Operation) -> dict:
         """Complete an operation (lock held): create or update the device in the hub."""
         now, reg_id = _utc_now(), op.registration_id
         if not op.enrollment.enabled:
-            rec = self._record(reg_id, op.enrollment, status="disabled", now=now)
+            rec = self._record(reg_id, op.enrollment, status="disabled", now=now, request=op.request)
             return {"operationId": op.operation_id, "status": "disabled", "registrationState": self._registration_state(rec)}
-        rec = self._record(reg_id, op.enrollment, status="assigned", now=now, substatus="initialAssignment")
+        rec = self._record(reg_id, op.enrollment, status="assigned", now=now, request=op.request,
+                           substatus="initialAssignment")
         dev = self._devices.get(reg_id)
         if dev is None:
             dev = self._devices[reg_id] = {"device_id": reg_id, "hub": self.hub_name, "created_utc": now,

@@ -24,6 +24,7 @@ import logging
 import ssl
 import struct
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 log = logging.getLogger("flasher.sim.mqtt")
 
@@ -155,11 +156,32 @@ class MqttApplication:
         """The connection is gone (``reason``: "disconnect", "eof", "error: ...", "takeover", "keep-alive", "server")."""
 
 
+class ByteReader(Protocol):
+    """What a connection reads from: an ``asyncio.StreamReader``, or a WebSocket (flasher.sim.web)."""
+
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+class ByteWriter(Protocol):
+    """What a connection writes to: an ``asyncio.StreamWriter``, or a WebSocket (flasher.sim.web)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
 @dataclass(eq=False)
 class Connection:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    reader: ByteReader
+    writer: ByteWriter
     peer: str
+    transport: str = "mqtt"  # "mqtt" (TLS on 8883) or "websocket" (TLS + WebSocket on 443)
     client_id: str = ""
     username: str | None = None
     session_key: object = None
@@ -209,7 +231,11 @@ class Connection:
 
 
 class MqttServer:
-    """Accepts TLS (or plain, for tests of the codec) MQTT 3.1.1 connections for one application."""
+    """Accepts TLS (or plain, for tests of the codec) MQTT 3.1.1 connections for one application.
+
+    :meth:`start` listens on ``host:port``; :meth:`serve` also runs connections that arrive
+    another way (MQTT over WebSockets on 443), so both share sessions and the application.
+    """
 
     def __init__(self, app: MqttApplication, host: str, port: int, ssl_context: ssl.SSLContext | None):
         self.app, self.host, self.port, self.ssl = app, host, port, ssl_context
@@ -241,11 +267,15 @@ class MqttServer:
         return [c for c in self._conns if c.connected]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.serve(reader, writer)
+
+    async def serve(self, reader: ByteReader, writer: ByteWriter, transport: str = "mqtt") -> None:
+        """Run one MQTT connection to its end: accepted here on 8883, or handed over by another listener."""
         task = asyncio.current_task()
-        assert task is not None  # always inside asyncio's own task here
+        assert task is not None  # always inside an asyncio task here
         self._tasks.add(task)
         peer = writer.get_extra_info("peername")
-        conn = Connection(reader, writer, f"{peer[0]}:{peer[1]}" if peer else "?")
+        conn = Connection(reader, writer, f"{peer[0]}:{peer[1]}" if peer else "?", transport)
         self._conns.add(conn)
         reason = "eof"
         try:

@@ -19,5 +19,6 @@ class Message(Step):
 
         s = board.settings
         dps.send_test_message(board.device_id, board.assigned_hub, board.device_key.reveal(), ca_cert=s.ca_cert,
-                              timeout=s.timeout, message=s.test_message, on_phase=board.phase)
+                              timeout=s.timeout, message=s.test_message, on_phase=board.phase, transport=s.transport,
+                              model_id=s.model_id)
         return Done()
