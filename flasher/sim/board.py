@@ -34,9 +34,11 @@ import tempfile
 import threading
 import time
 import tty
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from flasher.bands import BANDS as _FLASHER_BANDS
 from flasher.errors import InputError
 from flasher.files import atomic_write
 
@@ -46,7 +48,9 @@ VID, PID = 0x2886, 0x800C
 FACTORY_APPEUI = "8000000000000006"
 DEFAULT_VERSION = "2.1.19"
 MAX_LINE = 528
-BANDS = ("EU868", "US915", "US915HYBRID", "AU915", "AS923", "CN470", "KR920", "IN865", "EU433")
+BANDS = tuple(_FLASHER_BANDS)  # every band Seeed's LoRaWan library can select, CN779 and AU915OLD included
+# The factory channel plan the module reports for AT+CH (EU868's three join channels).
+DEFAULT_CHANNELS = {0: (868100000, 0, 5), 1: (868300000, 0, 5), 2: (868500000, 0, 5)}
 BOOT_NOISE = b"\x00\xf0\xff\r\nRisingHF RHF76-052 LoRaWAN modem\r\n+INFO: Input timeout\r\n\xfe\xff"
 PORTS_FILE = "ports.json"
 
@@ -90,6 +94,8 @@ class Eeprom:
     dr: int = 0
     class_: str = "A"
     adr: bool = True
+    port: int = 8
+    power: int = 14
     version: str = DEFAULT_VERSION
 
     def to_json(self) -> dict:
@@ -129,6 +135,8 @@ class Eeprom:
             ("mode", self.mode in ("LWABP", "LWOTAA", "TEST")), ("band", self.band in BANDS),
             ("dr", isinstance(self.dr, int) and not isinstance(self.dr, bool) and 0 <= self.dr <= 15),
             ("class", self.class_ in ("A", "B", "C")), ("adr", isinstance(self.adr, bool)),
+            ("port", isinstance(self.port, int) and not isinstance(self.port, bool) and 1 <= self.port <= 255),
+            ("power", isinstance(self.power, int) and not isinstance(self.power, bool) and 0 <= self.power <= 30),
             ("version", isinstance(self.version, str) and self.version != ""),
         ]
         bad = [name for name, ok in checks if not ok]
@@ -160,6 +168,12 @@ class SimulatedBoard:
                                  factory_deveui=deveui, devaddr=deveui[8:], version=version)
             self.save()
         self.joined = False
+        self.join_attempts = 0  # AT+JOIN commands that reached the network stage
+        self.join_accept_after = 0  # the network answers only joins after this many attempts (no coverage before)
+        self.join_style = "full"  # "terse": no "+JOIN: Network joined" line, as some firmware answers
+        self.channels = dict(DEFAULT_CHANNELS)
+        self.duty_cycle = self.join_duty_cycle = True
+        self.received: deque[str] = deque(maxlen=1000)  # command lines as received, for tests to inspect
         self.port: str | None = None  # the pty path while plugged in
         self.commands = 0  # commands received since the last (re)plug
         self.booting = True  # next answer preceded by boot noise (if that fault is on)
@@ -194,6 +208,7 @@ class SimulatedBoard:
             return [(0, "+AT: ERROR(-23)")]
         if any(not (" " <= c <= "~") for c in text):
             return [(0, "+AT: ERROR(-23)")]
+        self.received.append(text)
         m = _CMD.fullmatch(text.strip())
         if not m:
             return [(0, "+AT: ERROR(-10)")]
@@ -301,11 +316,87 @@ class SimulatedBoard:
         self.save()
         return [arg.upper()]
 
+    def _set_int(self, attr: str, query: bool, arg: str, low: int, high: int) -> list:
+        """``AT+PORT``/``AT+POWER``: query, or set a whole number in range (the library sends ``=%d``)."""
+        if not query:
+            if not re.fullmatch(r"-?\d{1,3}", arg) or not low <= int(arg) <= high:
+                return ["ERROR(-1)"]
+            setattr(self.eeprom, attr, int(arg))
+            self.save()
+        return [str(getattr(self.eeprom, attr))]
+
     def _cmd_port(self, query, arg):
-        return ["8"] if query else ["ERROR(-11)"]
+        return self._set_int("port", query, arg, 1, 255)
 
     def _cmd_power(self, query, arg):
-        return ["14"] if query else ["ERROR(-11)"]
+        return self._set_int("power", query, arg, 0, 30)
+
+    def _cmd_ch(self, query, arg):
+        """``AT+CH`` lists the enabled channels; ``AT+CH=n,freq[,dr[,drmax]]`` sets one (freq 0 disables it).
+
+        The library sends the frequency as ``MHz.tenths`` (``AT+CH=3,867.1,0,5``)."""
+        def line(n: int) -> str:
+            hz, lo, hi = self.channels[n]
+            return f"{n},{hz},DR{lo}" + (f",DR{hi}" if hi != lo else "")
+
+        if query:
+            return ["; ".join([str(len(self.channels))] + [line(n) for n in sorted(self.channels)])]
+        parts = [p.strip() for p in arg.split(",")]
+        try:
+            n = int(parts[0])
+            mhz = float(parts[1]) if len(parts) > 1 else None
+            drs = [int(p.upper().removeprefix("DR")) for p in parts[2:]]
+        except (ValueError, IndexError):
+            return ["ERROR(-1)"]
+        if not 0 <= n <= 71 or len(parts) > 4 or any(not 0 <= d <= 15 for d in drs):
+            return ["ERROR(-1)"]
+        if mhz is None:
+            return [line(n)] if n in self.channels else [f"{n},0"]
+        if mhz == 0:
+            self.channels.pop(n, None)
+            return [f"{n},0"]
+        lo, hi = (drs + [0, 5])[:2] if drs else (0, 5)
+        if len(drs) == 1:
+            hi = lo
+        self.channels[n] = (round(mhz * 1e6), lo, hi)
+        return [line(n)]
+
+    def _cmd_lw(self, query, arg):
+        """``AT+LW=DC, ON`` / ``AT+LW=JDC,OFF`` (duty cycle, join duty cycle); the name alone reads it."""
+        parts = [p.strip().upper() for p in arg.split(",")]
+        if query or parts[0] not in ("DC", "JDC") or len(parts) > 2:
+            return ["ERROR(-1)"]
+        attr = "duty_cycle" if parts[0] == "DC" else "join_duty_cycle"
+        if len(parts) == 2:
+            if parts[1] not in ("ON", "OFF"):
+                return ["ERROR(-1)"]
+            setattr(self, attr, parts[1] == "ON")
+        return [f"{parts[0]}, {'ON' if getattr(self, attr) else 'OFF'}"]
+
+    def _cmd_delay(self, query, arg):
+        """``AT+DELAY=RX1,1000`` (also RX2, JRX1, JRX2), milliseconds."""
+        parts = [p.strip().upper() for p in arg.split(",")]
+        if query or len(parts) != 2 or parts[0] not in ("RX1", "RX2", "JRX1", "JRX2") or not parts[1].isdigit():
+            return ["ERROR(-1)"]
+        return [f"{parts[0]}, {int(parts[1])}"]
+
+    def _repeat(self, query, arg):
+        if query:
+            return ["1"]
+        return [str(int(arg))] if arg.isdigit() and 1 <= int(arg) <= 15 else ["ERROR(-1)"]
+
+    _cmd_rept = _cmd_retry = _repeat
+
+    def _rxwin(self, query, arg):
+        parts = [p.strip() for p in arg.split(",")]
+        if query or not parts[0]:
+            return ["ERROR(-1)"]
+        return [", ".join(parts)]
+
+    _cmd_rxwin1 = _cmd_rxwin2 = _rxwin
+
+    def _cmd_lowpower(self, query, arg):
+        return ["SLEEP"]
 
     def _cmd_reset(self, query, arg):
         self.joined = False
@@ -319,6 +410,8 @@ class SimulatedBoard:
         self.eeprom = Eeprom(serial_number=e.serial_number, deveui=e.factory_deveui, factory_deveui=e.factory_deveui,
                              devaddr=e.factory_deveui[8:], version=e.version)
         self.joined = False
+        self.channels = dict(DEFAULT_CHANNELS)
+        self.duty_cycle = self.join_duty_cycle = True
         self.save()
         return ["OK"]
 
@@ -331,12 +424,15 @@ class SimulatedBoard:
         if self.joined and arg.upper() != "FORCE":
             return ["Joined already"]
         d = self.join_delay
-        if not e.appkey:
-            return ["Start", "NORMAL", (d, "Join failed"), (d, "Done")]
+        self.join_attempts += 1
+        # No AppKey, or no network in reach yet (join_accept_after): the join-accept never comes.
+        if not e.appkey or self.join_attempts <= self.join_accept_after:
+            return ["Starting", "NORMAL", (d, "Join failed"), (d, "Done")]
         self.joined = True
         e.devaddr = self._rng.randbytes(4).hex().upper()
         self.save()
-        return ["Start", "NORMAL", (d, "Network joined"), (d, f"NetID 000013 DevAddr {_colon(e.devaddr)}"), (d, "Done")]
+        joined = [] if self.join_style == "terse" else [(d, "Network joined")]  # some firmware omits the line
+        return ["Starting", "NORMAL", *joined, (d, f"NetID 000013 DevAddr {_colon(e.devaddr)}"), (d, "Done")]
 
     def _msg(self, query, arg):
         if self.eeprom.mode == "TEST":
