@@ -170,7 +170,9 @@ class SimulatedBoard:
         self.joined = False
         self.join_attempts = 0  # AT+JOIN commands that reached the network stage
         self.join_accept_after = 0  # the network answers only joins after this many attempts (no coverage before)
-        self.join_style = "full"  # "terse": no "+JOIN: Network joined" line, as some firmware answers
+        # "terse": no "+JOIN: Network joined" line, as some firmware answers; "silent": nothing after NORMAL;
+        # "busy": "+JOIN: LoRaWAN modem is busy" (its duty-cycle limiter)
+        self.join_style = "full"
         self.channels = dict(DEFAULT_CHANNELS)
         self.duty_cycle = self.join_duty_cycle = True
         self.received: deque[str] = deque(maxlen=1000)  # command lines as received, for tests to inspect
@@ -424,7 +426,11 @@ class SimulatedBoard:
         if self.joined and arg.upper() != "FORCE":
             return ["Joined already"]
         d = self.join_delay
+        if self.join_style == "busy":
+            return ["LoRaWAN modem is busy"]
         self.join_attempts += 1
+        if self.join_style == "silent":  # the join-accept window passes and the module never says Done
+            return ["Starting", "NORMAL"]
         # No AppKey, or no network in reach yet (join_accept_after): the join-accept never comes.
         if not e.appkey or self.join_attempts <= self.join_accept_after:
             return ["Starting", "NORMAL", (d, "Join failed"), (d, "Done")]
