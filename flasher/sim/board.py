@@ -31,6 +31,7 @@ import re
 import select
 import shutil
 import tempfile
+import termios
 import threading
 import time
 import tty
@@ -53,6 +54,11 @@ BANDS = tuple(_FLASHER_BANDS)  # every band Seeed's LoRaWan library can select, 
 DEFAULT_CHANNELS = {0: (868100000, 0, 5), 1: (868300000, 0, 5), 2: (868500000, 0, 5)}
 BOOT_NOISE = b"\x00\xf0\xff\r\nRisingHF RHF76-052 LoRaWAN modem\r\n+INFO: Input timeout\r\n\xfe\xff"
 PORTS_FILE = "ports.json"
+BOOTLOADER_PID = 0x000C
+FIRMWARES = ("at_passthrough", "flasher_otaa")
+# What a flasher_otaa image says first on USB; the simulator reads the header's DevEUI from the image.
+OTAA_BANNER = re.compile(rb"flasher_otaa: for DevEUI ([0-9A-Fa-f]{16}), band ([A-Z0-9]+)")
+TOUCH_POLL = 0.05  # seconds between looks at each port's baud rate (the 1200-baud touch)
 
 
 @dataclass
@@ -97,6 +103,9 @@ class Eeprom:
     port: int = 8
     power: int = 14
     version: str = DEFAULT_VERSION
+    # Not the module's: what the SAMD21 runs (its flash), kept in the same file so it survives restarts.
+    firmware: str = "at_passthrough"
+    firmware_deveui: str | None = None  # flasher_otaa: the DevEUI its config.h was generated for
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -138,6 +147,8 @@ class Eeprom:
             ("port", isinstance(self.port, int) and not isinstance(self.port, bool) and 1 <= self.port <= 255),
             ("power", isinstance(self.power, int) and not isinstance(self.power, bool) and 0 <= self.power <= 30),
             ("version", isinstance(self.version, str) and self.version != ""),
+            ("firmware", self.firmware in FIRMWARES),
+            ("firmware_deveui", self.firmware_deveui is None or hexes(self.firmware_deveui, 16)),
         ]
         bad = [name for name, ok in checks if not ok]
         return f"bad value for {', '.join(bad)}" if bad else None
@@ -176,6 +187,16 @@ class SimulatedBoard:
         self.channels = dict(DEFAULT_CHANNELS)
         self.duty_cycle = self.join_duty_cycle = True
         self.received: deque[str] = deque(maxlen=1000)  # command lines as received, for tests to inspect
+        # The SAMD21 side: its bootloader (after a 1200-baud touch) and what flasher_otaa is doing.
+        self.bootloader = False
+        self.image = bytearray()  # what the bootloader was sent (SAM-BA "S" writes), read at the next boot
+        self.image_pending = 0  # bytes of an "S" write still to come
+        self.busy_until = 0.0  # flasher_otaa holds the module (a join) until then
+        self.told_busy = False
+        self.maintenance_until = 0.0  # flasher_otaa forwards host lines until then
+        self.maintenance_idle = 60.0  # seconds of host silence that end its maintenance pass-through
+        self.nag: tuple[float, bytes] | None = None  # (next time, text): flasher_otaa repeating its refusal
+        self.nag_every = 1.0
         self.port: str | None = None  # the pty path while plugged in
         self.commands = 0  # commands received since the last (re)plug
         self.booting = True  # next answer preceded by boot noise (if that fault is on)
@@ -410,7 +431,8 @@ class SimulatedBoard:
             return ["ERROR(-1)"]
         e = self.eeprom
         self.eeprom = Eeprom(serial_number=e.serial_number, deveui=e.factory_deveui, factory_deveui=e.factory_deveui,
-                             devaddr=e.factory_deveui[8:], version=e.version)
+                             devaddr=e.factory_deveui[8:], version=e.version, firmware=e.firmware,
+                             firmware_deveui=e.firmware_deveui)
         self.joined = False
         self.channels = dict(DEFAULT_CHANNELS)
         self.duty_cycle = self.join_duty_cycle = True
@@ -570,8 +592,29 @@ class BoardSimulator:
     # --- control from other threads --------------------------------------------------------
 
     def unplug(self, i: int) -> None:
-        """Pull board ``i``'s cable: its pty master closes, readers get an error."""
-        self._call(lambda: self._unplug_now(self.boards[i]))
+        """Pull board ``i``'s cable: its pty master closes, readers get an error. It powers up running its sketch."""
+        def job():
+            self._unplug_now(self.boards[i])
+            self.boards[i].bootloader = False
+
+        self._call(job)
+
+    def flash(self, i: int, firmware: str, deveui: str | None = None) -> str:
+        """Put ``firmware`` on board ``i`` as an upload would (``deveui``: the one flasher_otaa's header names,
+        by default the module's own), and power-cycle it. Returns its new port."""
+        if firmware not in FIRMWARES:
+            raise ValueError(f"firmware {firmware!r}: one of {', '.join(FIRMWARES)}")
+        b = self.boards[i]
+
+        def job():
+            b.eeprom.firmware = firmware
+            b.eeprom.firmware_deveui = (deveui or b.deveui).upper() if firmware == "flasher_otaa" else None
+            b.save()
+            self._unplug_now(b)
+            b.bootloader = False
+            return self._plug(b)
+
+        return self._call(job)
 
     def replug(self, i: int) -> str:
         """Plug board ``i`` back in, on a new pty; same serial number and EEPROM. Returns the new path."""
@@ -609,11 +652,13 @@ class BoardSimulator:
         tty.setraw(slave)  # no line discipline: no local echo, no CRLF translation
         os.set_blocking(master, False)
         path = os.ttyname(slave)
-        self._plugs[b.index] = _Plug(master, slave, path)
+        plug = self._plugs[b.index] = _Plug(master, slave, path)
         b.port, b.commands, b.booting = path, 0, True
         if self._thread is not None:
             self._write_ports()
-        log.debug("board %d plugged in at %s", b.index, path)
+        log.debug("board %d plugged in at %s%s", b.index, path, " (bootloader)" if b.bootloader else "")
+        if not b.bootloader and b.eeprom.firmware == "flasher_otaa":
+            self._otaa_boot(b, plug)
         return path
 
     def _unplug_now(self, b: SimulatedBoard) -> None:
@@ -634,9 +679,12 @@ class BoardSimulator:
         log.debug("board %d unplugged", b.index)
 
     def _write_ports(self) -> None:
-        entries = [{"device": b.port, "serial_number": b.serial_number, "vid": f"{VID:04X}", "pid": f"{PID:04X}",
-                    "description": "Seeeduino LoRaWAN (simulated)", "manufacturer": "Seeed Studio",
-                    "location": f"sim-{b.index}", "simulated": True}
+        # In its bootloader a board has another product id and, as on real hardware, no serial number:
+        # only its USB location says which board it is.
+        entries = [{"device": b.port, "serial_number": None if b.bootloader else b.serial_number,
+                    "vid": f"{VID:04X}", "pid": f"{BOOTLOADER_PID if b.bootloader else PID:04X}",
+                    "description": "Seeeduino LoRaWAN" + (" bootloader" if b.bootloader else "") + " (simulated)",
+                    "manufacturer": "Seeed Studio", "location": f"sim-{b.index}", "simulated": True}
                    for b in self.boards if b.port]
         atomic_write(self.ports_file, json.dumps(entries, indent=2) + "\n", mode=0o644)
 
@@ -655,6 +703,9 @@ class BoardSimulator:
                 ready = [p.master for p in self._plugs.values() if p.out and p.out[0][0] <= now]
                 later = [p.out[0][0] for p in self._plugs.values() if p.out and p.out[0][0] > now]
                 timeout = max(0.0, min(later) - now) if later else None
+                if any(not self.boards[i].bootloader for i in self._plugs):  # watch for a 1200-baud touch
+                    timeout = TOUCH_POLL if timeout is None else min(timeout, TOUCH_POLL)
+                self._nag(now)
                 fds = {p.master: i for i, p in self._plugs.items()}
                 readable, writable, _ = select.select([self._wake_r, *fds], ready, [], timeout)
                 if self._wake_r in readable:
@@ -666,6 +717,7 @@ class BoardSimulator:
                     if fd in fds and fds[fd] in self._plugs:
                         self._receive(self.boards[fds[fd]])
                 self._flush(time.monotonic(), set(writable))
+                self._look_for_touches()
         except BaseException as exc:  # a simulator bug must not look like a silent board
             self._error = exc
             log.exception("board simulator loop died")
@@ -681,6 +733,9 @@ class BoardSimulator:
         if not data:
             return
         plug.inbuf += data
+        if b.bootloader:
+            self._samba(b, plug)
+            return
         while b.index in self._plugs and b"\n" in plug.inbuf:
             i = plug.inbuf.index(b"\n")
             line = bytes(plug.inbuf[:i])
@@ -703,13 +758,28 @@ class BoardSimulator:
             self._send(plug, now, self._flip(b, line.rstrip(b"\r") + b"\r\n"))
         if f.silent:
             return
-        self._queue(b, plug, b.respond(line))
+        wait = 0.0
+        if b.eeprom.firmware == "flasher_otaa" and now >= b.maintenance_until:
+            # flasher_otaa's own protocol (otaa_node.h): a line starting with AT opens the pass-through;
+            # during a join it is answered BUSY once, then the next line waits for the join to end.
+            if not line.strip()[:2].upper() == b"AT":
+                self._send_now(plug, b"flasher_otaa: send a line starting with AT to talk to the module\r\n")
+                return
+            if now < b.busy_until:
+                if not b.told_busy:
+                    b.told_busy = True
+                    self._send_now(plug, f"+AT: BUSY {int(b.busy_until - now) + 1}\r\n".encode())
+                    return
+                wait = b.busy_until - now
+        if b.eeprom.firmware == "flasher_otaa":
+            b.maintenance_until = now + wait + b.maintenance_idle
+        self._queue(b, plug, b.respond(line), wait)
 
-    def _queue(self, b: SimulatedBoard, plug: _Plug, answers: list[tuple[float, str]]) -> None:
+    def _queue(self, b: SimulatedBoard, plug: _Plug, answers: list[tuple[float, str]], wait: float = 0.0) -> None:
         if not answers:
             return
         f = b.faults
-        start = time.monotonic() + f.latency
+        start = time.monotonic() + f.latency + wait
         chunks = [(start + d, s.encode("ascii") + b"\r\n") for d, s in answers]
         if f.corrupt:
             k = b._rng.randrange(len(chunks))
@@ -727,6 +797,96 @@ class BoardSimulator:
         for t, data in chunks:
             self._send(plug, t, self._flip(b, data))
 
+    # --- the SAMD21: flasher_otaa, the touch, the bootloader -----------------------------------
+
+    def _otaa_boot(self, b: SimulatedBoard, plug: _Plug) -> None:
+        """What flasher_otaa says and does at power-up: its DevEUI check, then one join (answered BUSY)."""
+        now = time.monotonic()
+        e = b.eeprom
+        b.maintenance_until, b.told_busy, b.busy_until = 0.0, False, now
+        say = [f"flasher_otaa: for DevEUI {e.firmware_deveui}, band {e.band}"]
+        if e.firmware_deveui != e.deveui:
+            say += [f"flasher_otaa: REFUSING TO JOIN: config.h was generated for DevEUI {e.firmware_deveui}, "
+                    f"but this board's module has DevEUI {e.deveui}"]
+            self._send(plug, now, "".join(f"{x}\r\n" for x in say).encode())
+            b.nag = (now + b.nag_every, f"{say[-1]}\r\n".encode())  # said again and again, as the sketch does
+            return
+        b.nag = None
+        say += [f"flasher_otaa: DevEUI {e.deveui} matches config.h", "flasher_otaa: join attempt 1"]
+        self._send(plug, now, "".join(f"{x}\r\n" for x in say).encode())
+        answer = b.respond(b"AT+JOIN")
+        b.busy_until = now + sum(d for d, _ in answer)
+        devaddr = next((t.rsplit(" ", 1)[1].replace(":", "") for _, t in answer if "DevAddr" in t), None)
+        result = (f"flasher_otaa: joined, DevAddr {devaddr}" if devaddr else
+                  f"flasher_otaa: join failed ({(answer[-1][1].split(': ', 1)[1] if answer else 'no answer')})")
+        self._send(plug, b.busy_until, f"{result}\r\n".encode())
+
+    def _nag(self, now: float) -> None:
+        """Spontaneous output that is due (flasher_otaa's refusal), unless the host holds the pass-through."""
+        for i, plug in self._plugs.items():
+            b = self.boards[i]
+            if b.nag is not None and b.nag[0] <= now and not b.bootloader and b.eeprom.firmware == "flasher_otaa":
+                if now >= b.maintenance_until:
+                    self._send_now(plug, b.nag[1])
+                b.nag = (now + b.nag_every, b.nag[1])
+
+    def _look_for_touches(self) -> None:
+        """A port opened at 1200 baud and closed resets a running board into its bootloader (Arduino's
+        convention, what arduino-cli and bossac uploads start with). A pty shows its baud rate on the master."""
+        for i, plug in list(self._plugs.items()):
+            b = self.boards[i]
+            try:
+                touched = not b.bootloader and termios.tcgetattr(plug.master)[4] == termios.B1200
+            except termios.error:
+                continue
+            if touched:
+                joined = b.joined  # the RHF76 keeps its power and its session through the SAMD21's reset
+                self._unplug_now(b)
+                b.joined, b.bootloader, b.image = joined, True, bytearray()
+                self._plug(b)
+
+    def _samba(self, b: SimulatedBoard, plug: _Plug) -> None:
+        """A subset of the SAM-BA monitor the SAMD21 bootloader speaks: ``N#`` (binary mode), ``V#`` (version),
+        ``S<addr>,<size>#`` then <size> bytes (kept as the image), and ``G<addr>#`` or bossac's reset
+        (``W<AIRCR>,<SYSRESETREQ>#``), which start the application. Enough for a stand-in bossac, and for
+        the simulator to tell which firmware it was sent (flasher_otaa's banner is in its image)."""
+        buf = plug.inbuf
+        while True:
+            if b.image_pending:
+                n = min(b.image_pending, len(buf))
+                b.image += buf[:n]
+                del buf[:n]
+                b.image_pending -= n
+                if b.image_pending:
+                    return
+            end = buf.find(b"#")
+            if end < 0:
+                if len(buf) > 64:
+                    buf.clear()
+                return
+            cmd = bytes(buf[:end]).decode("ascii", "replace").strip().upper()
+            del buf[: end + 1]
+            now = time.monotonic()
+            if cmd == "N":
+                self._send(plug, now, b"\n\r")
+            elif cmd == "V":
+                self._send(plug, now, b"v2.0 [Arduino:XYZ] Dec 20 2016 15:36:43 (flasher simulator)\n\r")
+            elif cmd.startswith("S") and re.fullmatch(r"S[0-9A-F]{1,8},[0-9A-F]{1,8}", cmd):
+                b.image_pending = int(cmd.split(",")[1], 16)
+            elif cmd.startswith("G") or cmd.startswith("WE000ED0C"):
+                self._start_application(b)
+                return
+
+    def _start_application(self, b: SimulatedBoard) -> None:
+        m = OTAA_BANNER.search(bytes(b.image))
+        b.eeprom.firmware = "flasher_otaa" if m else "at_passthrough"
+        b.eeprom.firmware_deveui = m.group(1).decode().upper() if m else None
+        b.save()
+        joined = b.joined
+        self._unplug_now(b)
+        b.joined, b.bootloader, b.image = joined, False, bytearray()
+        self._plug(b)
+
     @staticmethod
     def _flip(b: SimulatedBoard, data: bytes) -> bytes:
         """Line noise: each byte, with probability ``flip_rate``, gets one of its 8 bits flipped."""
@@ -738,6 +898,13 @@ class BoardSimulator:
             if b._rng.random() < rate:
                 out[i] ^= 1 << b._rng.randrange(8)
         return bytes(out)
+
+    @staticmethod
+    def _send_now(plug: _Plug, data: bytes) -> None:
+        """Output that overtakes what is queued for later (flasher_otaa's own answer during a join)."""
+        now = time.monotonic()
+        at = next((k for k, (due, _) in enumerate(plug.out) if due > now), len(plug.out))
+        plug.out.insert(at, (now, data))
 
     @staticmethod
     def _send(plug: _Plug, due: float, data: bytes) -> None:
