@@ -27,6 +27,7 @@ COMMANDS = {
     "status": "flasher.commands.provision:status",
     "keys": "flasher.commands.keys:keys",
     "header": "flasher.commands.header:header",
+    "build": "flasher.commands.build:build_cmd",
     "register": "flasher.commands.register:register",
     "ports": "flasher.commands.board:ports_cmd",
     "eui": "flasher.commands.board:eui",

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # Every setting provision reads: the file, the environment and the options resolve the same way as elsewhere.
 PROVISION_SETTINGS = ["id_scope", "dps_host", "ca_cert", "template", "band", "join_eui", "app_key_source",
                       "out_dir", "ledger", "registration_id_format", "timeout", "at_timeout", "concurrency",
-                      "test_message", "fqbn", "sketch", "arduino_cli"]
+                      "test_message", "fqbn", "sketch", "arduino_cli", "builder", "samd_core", "bossac"]
 
 
 def app_key_plan(s, source):
@@ -57,9 +57,11 @@ def build_settings(s, *, upload: bool, no_test_message: bool, force: bool, extra
     primary = Secret(decode_symmetric_key(group.reveal(), "group primary key"), group.source)
     up = None
     if upload:
-        from flasher.arduino import default_sketch, find_arduino_cli
+        from flasher.arduino import default_sketch, make_builder
 
-        up = Upload(sketch=str(s.sketch or default_sketch()), fqbn=s.fqbn, arduino_cli=find_arduino_cli(s.arduino_cli))
+        tool = make_builder(s.builder, fqbn=s.fqbn, arduino_cli=s.arduino_cli, samd_core=s.samd_core, bossac=s.bossac)
+        up = Upload(sketch=str(s.sketch or default_sketch()), fqbn=s.fqbn, arduino_cli=getattr(tool, "executable", None),
+                    builder=s.builder, samd_core=str(getattr(tool, "kit", "")) or None, bossac=s.bossac)
     from flasher.pipeline import Settings
 
     return Settings(id_scope=s.id_scope, group_key=primary, dps_host=s.dps_host, ca_cert=s.ca_cert,
@@ -98,10 +100,13 @@ def _raise_terminated(signum, _frame):
 @id_format_option
 @setting_option("--timeout", name="timeout", metavar="S")
 @click.option("--no-test-message", is_flag=True, help="Register only; do not send the proof message.")
-@click.option("--upload", is_flag=True, help="Build and upload the firmware sketch with the header through arduino-cli.")
+@click.option("--upload", is_flag=True, help="Build and upload the firmware sketch with the header (--builder).")
 @setting_option("--fqbn", name="fqbn")
 @setting_option("--sketch", name="sketch", type=click.Path(file_okay=False))
 @setting_option("--arduino-cli", name="arduino_cli", metavar="PATH")
+@setting_option("--builder", name="builder", type=click.Choice(["arduino-cli", "arduino-builder"]))
+@setting_option("--samd-core", name="samd_core", metavar="DIR", type=click.Path(file_okay=False))
+@setting_option("--bossac", name="bossac", metavar="PATH")
 @click.option("--set", "extras", multiple=True, metavar="NAME=VALUE", help="Extra header value (repeatable).")
 @click.option("--force", is_flag=True, help="Provision again boards the ledger says are done, or that conflict with it.")
 @setting_option("--concurrency", name="concurrency", metavar="N")

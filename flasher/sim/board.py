@@ -840,6 +840,7 @@ class BoardSimulator:
             except termios.error:
                 continue
             if touched:
+                log.debug("board %d: 1200-baud touch on %s", i, plug.path)
                 joined = b.joined  # the RHF76 keeps its power and its session through the SAMD21's reset
                 self._unplug_now(b)
                 b.joined, b.bootloader, b.image = joined, True, bytearray()
