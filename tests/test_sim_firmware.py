@@ -116,7 +116,7 @@ def test_touch_bootloader_and_samba_boot_the_image_it_was_sent(sim_boards):
         assert s.read_until(b"\n\r").startswith(b"v2.0 [Arduino:XYZ]")
         s.write(f"S00002000,{len(image):X}#".encode() + image + b"G00002000#")
         deadline = time.monotonic() + 5
-        while b.bootloader:
+        while b.bootloader or not any(p.board == "app" for p in load_simulated(sim.ports_file) if p.location == "sim-1"):
             assert time.monotonic() < deadline, "never left the bootloader"
             time.sleep(0.01)
     app = [p for p in load_simulated(sim.ports_file) if p.location == "sim-1"]
