@@ -28,6 +28,7 @@ COMMANDS = {
     "status": "flasher.commands.provision:status",
     "keys": "flasher.commands.keys:keys",
     "header": "flasher.commands.header:header",
+    "build": "flasher.commands.build:build_cmd",
     "register": "flasher.commands.register:register",
     "tts": "flasher.commands.tts:tts",
     "ports": "flasher.commands.board:ports_cmd",

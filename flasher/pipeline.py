@@ -74,6 +74,9 @@ class Upload:
     sketch: str
     fqbn: str
     arduino_cli: str | None = None
+    builder: str = "arduino-cli"  # or "arduino-builder": offline, with the Seeed core in samd_core
+    samd_core: str | None = None
+    bossac: str | None = None
 
 
 @dataclass(frozen=True)

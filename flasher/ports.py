@@ -3,7 +3,9 @@
 A board is recognised by its USB ids (Seeed's ``boards.txt``, board ``rolawan``):
 vendor 0x2886, product 0x800C while a sketch runs, 0x000C in the bootloader.
 Tty names change when a board re-enumerates (an upload, a replug), so a board
-is best picked by its USB serial number (``--serial-number``).
+is best picked by its USB serial number (``--serial-number``). Only a running
+sketch has one (the SAMD21's chip id); the bootloader's descriptor has none, so
+through an upload a board is followed by its USB location (:func:`usb_port_path`).
 
 Recognition is a pure function of ``comports()``-shaped records, so it is tested
 against recorded output from several operating systems, without hardware.
@@ -58,6 +60,15 @@ class PortInfo:
         d["vid"] = f"{self.vid:04X}" if self.vid is not None else None
         d["pid"] = f"{self.pid:04X}" if self.pid is not None else None
         return d
+
+
+def usb_port_path(location: str | None) -> str | None:
+    """The physical place on the bus: ``1-1.2:1.0`` -> ``1-1.2`` (pyserial adds the interface after ``:``).
+
+    A board keeps it through the bootloader, whose USB descriptor has no serial number, so it is how a
+    board is followed from its sketch into the bootloader; the serial number finds it once the sketch is back.
+    """
+    return location.split(":", 1)[0] if location else None
 
 
 def board_kind(vid: int | None, pid: int | None) -> str | None:
@@ -170,13 +181,19 @@ def resolve_targets(ports: list[str], serial_numbers: list[str], all_boards: boo
     if serial_numbers or all_boards:
         boards = find_boards(available if available is not None else list_ports())
         for sn in serial_numbers:
-            hits = [b for b in boards if b.serial_number and b.serial_number.lower() == sn.strip().lower()]
-            if not hits:
-                raise InputError(f"serial number {sn}: no such board connected (see `flasher ports`)")
-            apps = [b for b in hits if b.board == APP]
+            apps = [b for b in boards if b.board == APP and b.serial_number
+                    and b.serial_number.lower() == sn.strip().lower()]
             if not apps:
-                raise FlasherError(f"serial number {sn}: board is in its bootloader at {hits[0].device} "
-                                   "(no sketch running); upload the pass-through sketch first")
+                # A board in its bootloader has no serial number (only a running sketch reports one, from
+                # the chip id): it may be one of these, but nothing says which.
+                waiting = [b for b in boards if b.board == BOOTLOADER]
+                if waiting:
+                    where = ", ".join(f"{b.device}" + (f" (USB {usb_port_path(b.location)})" if b.location else "")
+                                      for b in waiting)
+                    raise FlasherError(f"serial number {sn}: no board running a sketch has it; {len(waiting)} "
+                                       f"board(s) in their bootloader at {where} report no serial number until a "
+                                       "sketch runs: upload the pass-through sketch (or wait for an upload to end)")
+                raise InputError(f"serial number {sn}: no such board connected (see `flasher ports`)")
             if len({b.device for b in apps}) > 1:
                 raise InputError(f"serial number {sn}: matches several ports ({', '.join(b.device for b in apps)})")
             targets.append(apps[0].device)

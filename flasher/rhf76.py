@@ -40,6 +40,8 @@ _ID_LINE = re.compile(r"\s*(DevAddr|DevEui|AppEui)\s*,\s*([0-9A-Fa-f]{2}(?::?[0-
 _KEY_ECHO = re.compile(r"\s*APPKEY\s*,?\s*([0-9A-Fa-f ]+?)\s*", re.IGNORECASE)
 _DR = re.compile(r"\s*DR(\d{1,2})\s*", re.IGNORECASE)
 _BAND_LINE = re.compile(r"\s*([A-Za-z0-9]+)\b.*", re.DOTALL)
+_BUSY = re.compile(r"\s*BUSY\s+(\d{1,3})\s*", re.IGNORECASE)  # flasher_otaa: "+AT: BUSY 18"
+MAX_BUSY_WAIT = 60  # seconds; flasher_otaa never holds its module longer (a join: 20 s)
 _VERSION = re.compile(r"\s*[Vv]?(\d+\.\d+(?:\.\d+)?[0-9A-Za-z.\-]*)\s*")  # 2.1.19, V2.0.10, 2.1
 
 T = TypeVar("T")
@@ -167,13 +169,28 @@ class RHF76:
     # --- reads -------------------------------------------------------------------
 
     def ping(self) -> None:
-        """``AT`` -> ``+AT: OK``; retried only if something (garbled) came back."""
-        def ok(lines: list[str]) -> None:
+        """``AT`` -> ``+AT: OK``; retried only if something (garbled) came back.
+
+        A board running ``flasher_otaa`` that is busy with its module (a join takes up to 20 s)
+        answers ``+AT: BUSY <seconds>`` and forwards our next line once it is free: ask once more
+        and wait that long (at most :data:`MAX_BUSY_WAIT`).
+        """
+        def ok(lines: list[str]) -> int | None:
+            busy = _BUSY.fullmatch(lines[0])
+            if busy:
+                return int(busy.group(1))
             if lines[0].strip().upper() != "OK":
                 raise ProtocolError(f"{where(self.port)}: AT answered {lines[0]!r}, expected OK", port=self.port,
                                     command="AT")
+            return None
 
-        self._read("AT", ok)
+        busy_for = self._read("AT", ok)
+        if busy_for is not None:
+            wait = min(busy_for, MAX_BUSY_WAIT) + self.at.timeout
+            log.info("port %s: flasher_otaa is busy with its module for up to %d s; waiting", self.port, busy_for)
+            if self._read("AT", ok, timeout=wait) is not None:
+                raise ProtocolError(f"{where(self.port)}: board still busy with its module after {wait:g} s",
+                                    port=self.port, command="AT")
 
     def read_ids(self) -> ModuleIds:
         """``AT+ID``, read until two readable answers in a row agree on DevEUI, JoinEUI and DevAddr.

@@ -58,6 +58,15 @@ def _count(low: int, high: int) -> Callable[[Any, str], int]:
     return parse
 
 
+def _choice(*allowed: str) -> Callable[[Any, str], str]:
+    def parse(value: Any, where: str) -> str:
+        text = str(value).strip().lower()
+        if text not in allowed:
+            raise InputError(f"{where} {value!r}: one of {', '.join(allowed)}")
+        return text
+    return parse
+
+
 def _id_scope(value: Any, where: str) -> str:
     from flasher.identity import validate_id_scope
 
@@ -303,6 +312,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             default=False, parse=_flag, toml_type=bool),
     Setting("check_other_key", "when DPS refuses a device key (401), try the group's other key once and say "
             "whether it works", default=False, parse=_flag, toml_type=bool),
+    Setting("builder", "how --upload builds: arduino-cli, or arduino-builder (offline, Debian's, with --samd-core)",
+            default="arduino-cli", parse=_choice("arduino-cli", "arduino-builder")),
+    Setting("samd_core", "Seeed SAMD core folder for --builder arduino-builder (hardware/Seeeduino/samd, tools/CMSIS-*)",
+            env="FLASHER_ARDUINO_SAMD", path=True),
+    Setting("bossac", "bossac for --builder arduino-builder uploads (default: found on PATH; must be < 1.8)"),
 ]}
 
 SECRETS: dict[str, SecretSetting] = {s.name: s for s in [

@@ -65,7 +65,7 @@ def test_modes_and_join(board):
     answers(board, 'AT+KEY=APPKEY,"2B7E151628AED2A6ABF7158809CF4F3C"')
     assert answers(board, 'AT+MSG="x"') == ["+MSG: Please join network first"]
     joined = answers(board, "AT+JOIN")
-    assert joined[:3] == ["+JOIN: Start", "+JOIN: NORMAL", "+JOIN: Network joined"] and joined[-1] == "+JOIN: Done"
+    assert joined[:3] == ["+JOIN: Starting", "+JOIN: NORMAL", "+JOIN: Network joined"] and joined[-1] == "+JOIN: Done"
     assert answers(board, "AT+JOIN") == ["+JOIN: Joined already"]
 
 
@@ -268,3 +268,69 @@ def test_simulate_boards_with_a_corrupt_state_file_is_one_line(cli, tmp_path):
     assert err == (f"error: board state {str(tmp_path / 'board-0.json')!r}: not a simulated board's state "
                    "(Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); "
                    "fix it or delete it for a new board\n")
+
+
+# --- what Seeed's LoRaWan library sends ---------------------------------------------------
+
+LIBRARY_LINES = [  # LoRaWan.cpp's commands with the values flasher_otaa and the examples use
+    "AT+VER=?", "AT+ID=?", 'AT+ID=DevAddr,"26011B3C"', 'AT+ID=DevEui,"2CF7F12024900138"',
+    'AT+ID=AppEui,"70B3D57ED003F06A"', 'AT+KEY=NWKSKEY,"2B7E151628AED2A6ABF7158809CF4F3C"',
+    'AT+KEY=APPSKEY,"2B7E151628AED2A6ABF7158809CF4F3C"', 'AT+KEY= APPKEY,"2B7E151628AED2A6ABF7158809CF4F3C"',
+    "AT+DR=EU433", "AT+DR=CN779", "AT+DR=AU915OLD", "AT+DR=0", "AT+POWER=14", "AT+PORT=8", "AT+ADR=ON", "AT+ADR=OFF",
+    "AT+CH=3,867.1", "AT+CH=3,867.1,0", "AT+CH=3,867.1,0,5", "AT+REPT=1", "AT+RETRY=3", "AT+RXWIN1=ON",
+    "AT+RXWIN2=869.5,3", "AT+LW=DC, ON", "AT+LW=DC, OFF", "AT+LW=JDC,ON", "AT+LW=JDC,OFF", "AT+DELAY=RX1,1000",
+    "AT+CLASS=A", "AT+CLASS=C", "AT+MODE=LWABP", "AT+MODE=LWOTAA", "AT+RESET", "AT+FDEFAULT=RISINGHF", "AT+LOWPOWER",
+    'AT+MSG="hello"', 'AT+MSGHEX="0102"', 'AT+CMSG="hello"', "AT+JOIN", "AT+JOIN=FORCE",
+]
+
+
+@pytest.mark.parametrize("line", LIBRARY_LINES)
+def test_every_command_the_library_sends_is_understood(board, line):
+    got = answers(board, line)
+    name = line[3:].split("=")[0].upper()
+    assert got and all(a.startswith(f"+{name}: ") and "ERROR" not in a for a in got), got
+
+
+def test_library_lines_cover_the_real_library():
+    """Every AT command word in the real LoRaWan.cpp (the kit's copy) is among LIBRARY_LINES, bar P2P/TEST mode."""
+    import re
+
+    from samd_kit import core_dir
+
+    source = (core_dir() / "libraries" / "LoRaWan" / "LoRaWan.cpp").read_text()
+    words = set(re.findall(r'"AT\+([A-Z0-9]+)', source)) - {"TEST", "PMSG", "PMSGHEX", "CMSGHEX"}
+    covered = {line[3:].split("=")[0].upper() for line in LIBRARY_LINES}
+    assert words and words <= covered, words - covered
+    bands = set(re.findall(r'"AT\+DR=([A-Z0-9]+)\\r\\n"', source))
+    from flasher.sim.board import BANDS
+    assert bands == set(BANDS)  # the simulator takes exactly the bands the library can select
+
+
+def test_join_says_starting_and_a_terse_module_omits_network_joined(board):
+    answers(board, "AT+MODE=LWOTAA")
+    answers(board, 'AT+KEY=APPKEY,"2B7E151628AED2A6ABF7158809CF4F3C"')
+    board.join_style = "terse"
+    got = answers(board, "AT+JOIN")
+    assert got[:2] == ["+JOIN: Starting", "+JOIN: NORMAL"] and got[2].startswith("+JOIN: NetID 000013 DevAddr ")
+    assert got[-1] == "+JOIN: Done" and "+JOIN: Network joined" not in got
+
+
+def test_no_coverage_fails_joins_until_the_network_answers(board):
+    answers(board, "AT+MODE=LWOTAA")
+    answers(board, 'AT+KEY=APPKEY,"2B7E151628AED2A6ABF7158809CF4F3C"')
+    board.join_accept_after = 2
+    assert [answers(board, "AT+JOIN")[2] for _ in range(2)] == ["+JOIN: Join failed"] * 2
+    assert answers(board, "AT+JOIN")[2] == "+JOIN: Network joined"
+    assert list(board.received)[-3:] == ["AT+JOIN"] * 3
+
+
+def test_port_power_and_channels_are_kept(board):
+    assert answers(board, "AT+PORT=0") == ["+PORT: ERROR(-1)"] and answers(board, "AT+POWER=x") == ["+POWER: ERROR(-1)"]
+    answers(board, "AT+PORT=42")
+    answers(board, "AT+POWER=20")
+    assert answers(board, "AT+PORT") == ["+PORT: 42"] and answers(board, "AT+POWER") == ["+POWER: 20"]
+    assert board.eeprom.port == 42 and json.loads(board.state_path.read_text())["power"] == 20
+    answers(board, "AT+CH=1,0")
+    assert answers(board, "AT+CH") == ["+CH: 2; 0,868100000,DR0,DR5; 2,868500000,DR0,DR5"]
+    answers(board, "AT+FDEFAULT=RISINGHF")
+    assert answers(board, "AT+CH")[0].startswith("+CH: 3; ") and answers(board, "AT+PORT") == ["+PORT: 8"]

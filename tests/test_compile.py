@@ -154,6 +154,22 @@ def test_header_compiles_and_carries_the_bytes(gcc, tmp_path, template, cplusplu
         assert got[name] == want[name], name
 
 
+@pytest.mark.parametrize("template", sorted(EXPECT))
+def test_every_band_renders_and_compiles(gcc, tmp_path, template):
+    """Every template x band through the host gcc, checking the band's bytes (the target build is in
+    test_firmware_target.py)."""
+    from flasher.bands import BANDS
+
+    for band, token in BANDS.items():
+        spec = EXPECT[template]
+        strings = [m for m in ("FLASHER_BAND",) if m in spec["strings"]]
+        got = compile_and_run(gcc, render_header(known_data(band=band), template),
+                              host_program(strings + ["FLASHER_DEV_EUI"], spec["tokens"]), tmp_path)
+        want = {"FLASHER_DEV_EUI": b"2CF7F12024900138", **({"FLASHER_BAND": band.encode()} if strings else {}),
+                **({"FLASHER_LORA_BAND": token.encode()} if spec["tokens"] else {})}
+        assert got == want, band
+
+
 def test_eu433_is_the_seeed_librarys_eu434(gcc, tmp_path):
     header = render_header(known_data(band="eu433"), "seeed-lorawan")
     got = compile_and_run(gcc, header, host_program(["FLASHER_BAND"], ["FLASHER_LORA_BAND"]), tmp_path)

@@ -23,7 +23,7 @@ LINUX = [
     port("/dev/ttyS0"),
     port("/dev/ttyACM0", 0x2886, 0x800C, "6D3F2A1B5150484735202020FF0B1C2A", "1-1.2:1.0", "Seeeduino LoRaWAN",
          manufacturer="Seeed Studio", product="Seeeduino LoRaWAN", hwid="USB VID:PID=2886:800C SER=6D3F2A1B LOCATION=1-1.2:1.0"),
-    port("/dev/ttyACM1", 0x2886, 0x000C, "88AA22CC5150484735202020FF0B0F11", "1-1.3:1.0", "Seeeduino LoRaWAN"),
+    port("/dev/ttyACM1", 0x2886, 0x000C, None, "1-1.3:1.0", "Seeeduino LoRaWAN"),  # a bootloader has no serial number
     port("/dev/ttyUSB0", 0x0403, 0x6001, "A50285BI", "1-1.4:1.0", "FT232R USB UART"),
     port("/dev/ttyACM2", 0x2341, 0x8057, "ABCDEF", "1-1.5:1.0", "Arduino Nano 33 IoT"),
 ]
@@ -34,7 +34,7 @@ MACOS = [
 WINDOWS = [
     port("COM1", description="Communications Port (COM1)"),
     port("COM7", 0x2886, 0x800C, "0F1E2D3C5150484735202020FF101112", "1-4:x.0", "USB Serial Device (COM7)"),
-    port("COM8", 0x2886, 0x000C, "0F1E2D3C5150484735202020FF101113", "1-5:x.0", "USB Serial Device (COM8)"),
+    port("COM8", 0x2886, 0x000C, None, "1-5:x.0", "USB Serial Device (COM8)"),
 ]
 
 
@@ -67,12 +67,24 @@ def test_resolve_by_port_serial_number_and_all():
 
 @pytest.mark.parametrize("ports,sns,all_,exc,match", [
     ([], [], False, InputError, "no board selected"),
-    ([], ["NOPE"], False, InputError, "serial number NOPE: no such board"),
-    ([], ["88AA22CC5150484735202020FF0B0F11"], False, FlasherError, "bootloader at /dev/ttyACM1"),
+    ([], ["NOPE"], False, FlasherError, r"serial number NOPE: no board running a sketch has it; 1 board\(s\) in their "
+                                        r"bootloader at /dev/ttyACM1 \(USB 1-1.3\) report no serial number"),
 ])
 def test_resolve_errors(ports, sns, all_, exc, match):
     with pytest.raises(exc, match=match):
         resolve_targets(ports, sns, all_, available=classify(LINUX))
+
+
+def test_a_serial_number_with_no_board_and_no_bootloader_is_bad_input():
+    with pytest.raises(InputError, match="serial number NOPE: no such board connected"):
+        resolve_targets([], ["NOPE"], False, available=classify(MACOS))
+
+
+def test_usb_port_path_drops_the_interface():
+    from flasher.ports import usb_port_path
+
+    assert [usb_port_path(p.location) for p in classify(LINUX)[1:3]] == ["1-1.2", "1-1.3"]
+    assert usb_port_path("20-2") == "20-2" and usb_port_path(None) is None
 
 
 def test_all_without_boards():

@@ -54,7 +54,9 @@ if os.environ.get("FAKE_SLEEP") and args[0] == "compile":
     os.replace(os.path.join(log, "pids.tmp"), os.path.join(log, "pids"))
     time.sleep(float(os.environ["FAKE_SLEEP"]))
 if "--show-properties" in args:
-    print("upload.tool=bossac")
+    print("upload.tool=bossac")  # as arduino-cli shows the rolawan board's properties (placeholders unexpanded)
+    print("tools.bossac.cmd=bossac")
+    print("tools.bossac.path={runtime.tools.bossac.path}")
     print("runtime.tools.bossac.path=/root/.arduino15/packages/Seeeduino/tools/bossac/" + os.environ["FAKE_BOSSAC"])
     print("tools.bossac.upload.pattern=\"{{path}}/bossac\" -i -d --port={{serial.port.file}} -U true -e -w -v "
           "-b \"{{build.path}}/x.bin\" -R")

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 # Every setting provision reads: the file, the environment and the options resolve the same way as elsewhere.
 PROVISION_SETTINGS = ["id_scope", "dps_host", "ca_cert", "template", "band", "join_eui", "app_key_source",
                       "out_dir", "ledger", "registration_id_format", "timeout", "at_timeout", "concurrency",
-                      "test_message", "fqbn", "sketch", "arduino_cli", *TTS_SETTINGS, "labels", "label_vendor_id",
-                      "label_model_id", "station_id", "claim_timeout", *AZURE_SETTINGS]
+                      "test_message", "fqbn", "sketch", "arduino_cli", "builder", "samd_core", "bossac", *TTS_SETTINGS,
+                      "labels", "label_vendor_id", "label_model_id", "station_id", "claim_timeout", *AZURE_SETTINGS]
 
 
 def app_key_plan(s, source):
@@ -68,9 +68,11 @@ def build_settings(s, *, upload: bool, no_test_message: bool, force: bool, extra
     group_key, other_key, key_names = group_keys(s)
     up = None
     if upload:
-        from flasher.arduino import default_sketch, find_arduino_cli
+        from flasher.arduino import default_sketch, make_builder
 
-        up = Upload(sketch=str(s.sketch or default_sketch()), fqbn=s.fqbn, arduino_cli=find_arduino_cli(s.arduino_cli))
+        tool = make_builder(s.builder, fqbn=s.fqbn, arduino_cli=s.arduino_cli, samd_core=s.samd_core, bossac=s.bossac)
+        up = Upload(sketch=str(s.sketch or default_sketch()), fqbn=s.fqbn, arduino_cli=getattr(tool, "executable", None),
+                    builder=s.builder, samd_core=str(getattr(tool, "kit", "")) or None, bossac=s.bossac)
     from flasher.labels import LabelPlan
     from flasher.pipeline import Settings
 
@@ -116,10 +118,13 @@ def _raise_terminated(signum, _frame):
 @id_format_option
 @setting_option("--timeout", name="timeout", metavar="S")
 @click.option("--no-test-message", is_flag=True, help="Register only; do not send the proof message.")
-@click.option("--upload", is_flag=True, help="Build and upload the firmware sketch with the header through arduino-cli.")
+@click.option("--upload", is_flag=True, help="Build and upload the firmware sketch with the header (--builder).")
 @setting_option("--fqbn", name="fqbn")
 @setting_option("--sketch", name="sketch", type=click.Path(file_okay=False))
 @setting_option("--arduino-cli", name="arduino_cli", metavar="PATH")
+@setting_option("--builder", name="builder", type=click.Choice(["arduino-cli", "arduino-builder"]))
+@setting_option("--samd-core", name="samd_core", metavar="DIR", type=click.Path(file_okay=False))
+@setting_option("--bossac", name="bossac", metavar="PATH")
 @click.option("--set", "extras", multiple=True, metavar="NAME=VALUE", help="Extra header value (repeatable).")
 @setting_option("--labels", name="labels", metavar="DIR", type=click.Path(file_okay=False))
 @setting_option("--label-vendor-id", name="label_vendor_id", metavar="HEX")

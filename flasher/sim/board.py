@@ -39,12 +39,15 @@ import select
 import shutil
 import socket
 import tempfile
+import termios
 import threading
 import time
 import tty
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from flasher.bands import BANDS as _FLASHER_BANDS
 from flasher.errors import InputError
 from flasher.files import atomic_write
 
@@ -54,13 +57,20 @@ VID, PID = 0x2886, 0x800C
 FACTORY_APPEUI = "8000000000000006"
 DEFAULT_VERSION = "2.1.19"
 MAX_LINE = 528
-BANDS = ("EU868", "US915", "US915HYBRID", "AU915", "AS923", "CN470", "KR920", "IN865", "EU433")
+BANDS = tuple(_FLASHER_BANDS)  # every band Seeed's LoRaWan library can select, CN779 and AU915OLD included
+# The factory channel plan the module reports for AT+CH (EU868's three join channels).
+DEFAULT_CHANNELS = {0: (868100000, 0, 5), 1: (868300000, 0, 5), 2: (868500000, 0, 5)}
 BOOT_NOISE = b"\x00\xf0\xff\r\nRisingHF RHF76-052 LoRaWAN modem\r\n+INFO: Input timeout\r\n\xfe\xff"
 PORTS_FILE = "ports.json"
 CONTROL_FILE = "control.sock"
 CONTROL_COMMANDS = ("plug", "unplug", "list")
 MAX_BOARDS = 64
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path, less its NUL
+BOOTLOADER_PID = 0x000C
+FIRMWARES = ("at_passthrough", "flasher_otaa")
+# What a flasher_otaa image says first on USB; the simulator reads the header's DevEUI from the image.
+OTAA_BANNER = re.compile(rb"flasher_otaa: for DevEUI ([0-9A-Fa-f]{16}), band ([A-Z0-9]+)")
+TOUCH_POLL = 0.05  # seconds between looks at each port's baud rate (the 1200-baud touch)
 
 
 @dataclass
@@ -102,7 +112,12 @@ class Eeprom:
     dr: int = 0
     class_: str = "A"
     adr: bool = True
+    port: int = 8
+    power: int = 14
     version: str = DEFAULT_VERSION
+    # Not the module's: what the SAMD21 runs (its flash), kept in the same file so it survives restarts.
+    firmware: str = "at_passthrough"
+    firmware_deveui: str | None = None  # flasher_otaa: the DevEUI its config.h was generated for
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -141,7 +156,11 @@ class Eeprom:
             ("mode", self.mode in ("LWABP", "LWOTAA", "TEST")), ("band", self.band in BANDS),
             ("dr", isinstance(self.dr, int) and not isinstance(self.dr, bool) and 0 <= self.dr <= 15),
             ("class", self.class_ in ("A", "B", "C")), ("adr", isinstance(self.adr, bool)),
+            ("port", isinstance(self.port, int) and not isinstance(self.port, bool) and 1 <= self.port <= 255),
+            ("power", isinstance(self.power, int) and not isinstance(self.power, bool) and 0 <= self.power <= 30),
             ("version", isinstance(self.version, str) and self.version != ""),
+            ("firmware", self.firmware in FIRMWARES),
+            ("firmware_deveui", self.firmware_deveui is None or hexes(self.firmware_deveui, 16)),
         ]
         bad = [name for name, ok in checks if not ok]
         return f"bad value for {', '.join(bad)}" if bad else None
@@ -172,6 +191,24 @@ class SimulatedBoard:
                                  factory_deveui=deveui, devaddr=deveui[8:], version=version)
             self.save()
         self.joined = False
+        self.join_attempts = 0  # AT+JOIN commands that reached the network stage
+        self.join_accept_after = 0  # the network answers only joins after this many attempts (no coverage before)
+        # "terse": no "+JOIN: Network joined" line, as some firmware answers; "silent": nothing after NORMAL;
+        # "busy": "+JOIN: LoRaWAN modem is busy" (its duty-cycle limiter)
+        self.join_style = "full"
+        self.channels = dict(DEFAULT_CHANNELS)
+        self.duty_cycle = self.join_duty_cycle = True
+        self.received: deque[str] = deque(maxlen=1000)  # command lines as received, for tests to inspect
+        # The SAMD21 side: its bootloader (after a 1200-baud touch) and what flasher_otaa is doing.
+        self.bootloader = False
+        self.image = bytearray()  # what the bootloader was sent (SAM-BA "S" writes), read at the next boot
+        self.image_pending = 0  # bytes of an "S" write still to come
+        self.busy_until = 0.0  # flasher_otaa holds the module (a join) until then
+        self.told_busy = False
+        self.maintenance_until = 0.0  # flasher_otaa forwards host lines until then
+        self.maintenance_idle = 60.0  # seconds of host silence that end its maintenance pass-through
+        self.nag: tuple[float, bytes] | None = None  # (next time, text): flasher_otaa repeating its refusal
+        self.nag_every = 1.0
         self.port: str | None = None  # the pty path while plugged in
         self.arrived = False  # plugged in at least once (a schedule plugs only boards that never were)
         self.commands = 0  # commands received since the last (re)plug
@@ -207,6 +244,7 @@ class SimulatedBoard:
             return [(0, "+AT: ERROR(-23)")]
         if any(not (" " <= c <= "~") for c in text):
             return [(0, "+AT: ERROR(-23)")]
+        self.received.append(text)
         m = _CMD.fullmatch(text.strip())
         if not m:
             return [(0, "+AT: ERROR(-10)")]
@@ -314,11 +352,87 @@ class SimulatedBoard:
         self.save()
         return [arg.upper()]
 
+    def _set_int(self, attr: str, query: bool, arg: str, low: int, high: int) -> list:
+        """``AT+PORT``/``AT+POWER``: query, or set a whole number in range (the library sends ``=%d``)."""
+        if not query:
+            if not re.fullmatch(r"-?\d{1,3}", arg) or not low <= int(arg) <= high:
+                return ["ERROR(-1)"]
+            setattr(self.eeprom, attr, int(arg))
+            self.save()
+        return [str(getattr(self.eeprom, attr))]
+
     def _cmd_port(self, query, arg):
-        return ["8"] if query else ["ERROR(-11)"]
+        return self._set_int("port", query, arg, 1, 255)
 
     def _cmd_power(self, query, arg):
-        return ["14"] if query else ["ERROR(-11)"]
+        return self._set_int("power", query, arg, 0, 30)
+
+    def _cmd_ch(self, query, arg):
+        """``AT+CH`` lists the enabled channels; ``AT+CH=n,freq[,dr[,drmax]]`` sets one (freq 0 disables it).
+
+        The library sends the frequency as ``MHz.tenths`` (``AT+CH=3,867.1,0,5``)."""
+        def line(n: int) -> str:
+            hz, lo, hi = self.channels[n]
+            return f"{n},{hz},DR{lo}" + (f",DR{hi}" if hi != lo else "")
+
+        if query:
+            return ["; ".join([str(len(self.channels))] + [line(n) for n in sorted(self.channels)])]
+        parts = [p.strip() for p in arg.split(",")]
+        try:
+            n = int(parts[0])
+            mhz = float(parts[1]) if len(parts) > 1 else None
+            drs = [int(p.upper().removeprefix("DR")) for p in parts[2:]]
+        except (ValueError, IndexError):
+            return ["ERROR(-1)"]
+        if not 0 <= n <= 71 or len(parts) > 4 or any(not 0 <= d <= 15 for d in drs):
+            return ["ERROR(-1)"]
+        if mhz is None:
+            return [line(n)] if n in self.channels else [f"{n},0"]
+        if mhz == 0:
+            self.channels.pop(n, None)
+            return [f"{n},0"]
+        lo, hi = (drs + [0, 5])[:2] if drs else (0, 5)
+        if len(drs) == 1:
+            hi = lo
+        self.channels[n] = (round(mhz * 1e6), lo, hi)
+        return [line(n)]
+
+    def _cmd_lw(self, query, arg):
+        """``AT+LW=DC, ON`` / ``AT+LW=JDC,OFF`` (duty cycle, join duty cycle); the name alone reads it."""
+        parts = [p.strip().upper() for p in arg.split(",")]
+        if query or parts[0] not in ("DC", "JDC") or len(parts) > 2:
+            return ["ERROR(-1)"]
+        attr = "duty_cycle" if parts[0] == "DC" else "join_duty_cycle"
+        if len(parts) == 2:
+            if parts[1] not in ("ON", "OFF"):
+                return ["ERROR(-1)"]
+            setattr(self, attr, parts[1] == "ON")
+        return [f"{parts[0]}, {'ON' if getattr(self, attr) else 'OFF'}"]
+
+    def _cmd_delay(self, query, arg):
+        """``AT+DELAY=RX1,1000`` (also RX2, JRX1, JRX2), milliseconds."""
+        parts = [p.strip().upper() for p in arg.split(",")]
+        if query or len(parts) != 2 or parts[0] not in ("RX1", "RX2", "JRX1", "JRX2") or not parts[1].isdigit():
+            return ["ERROR(-1)"]
+        return [f"{parts[0]}, {int(parts[1])}"]
+
+    def _repeat(self, query, arg):
+        if query:
+            return ["1"]
+        return [str(int(arg))] if arg.isdigit() and 1 <= int(arg) <= 15 else ["ERROR(-1)"]
+
+    _cmd_rept = _cmd_retry = _repeat
+
+    def _rxwin(self, query, arg):
+        parts = [p.strip() for p in arg.split(",")]
+        if query or not parts[0]:
+            return ["ERROR(-1)"]
+        return [", ".join(parts)]
+
+    _cmd_rxwin1 = _cmd_rxwin2 = _rxwin
+
+    def _cmd_lowpower(self, query, arg):
+        return ["SLEEP"]
 
     def _cmd_reset(self, query, arg):
         self.joined = False
@@ -330,8 +444,11 @@ class SimulatedBoard:
             return ["ERROR(-1)"]
         e = self.eeprom
         self.eeprom = Eeprom(serial_number=e.serial_number, deveui=e.factory_deveui, factory_deveui=e.factory_deveui,
-                             devaddr=e.factory_deveui[8:], version=e.version)
+                             devaddr=e.factory_deveui[8:], version=e.version, firmware=e.firmware,
+                             firmware_deveui=e.firmware_deveui)
         self.joined = False
+        self.channels = dict(DEFAULT_CHANNELS)
+        self.duty_cycle = self.join_duty_cycle = True
         self.save()
         return ["OK"]
 
@@ -344,12 +461,19 @@ class SimulatedBoard:
         if self.joined and arg.upper() != "FORCE":
             return ["Joined already"]
         d = self.join_delay
-        if not e.appkey:
-            return ["Start", "NORMAL", (d, "Join failed"), (d, "Done")]
+        if self.join_style == "busy":
+            return ["LoRaWAN modem is busy"]
+        self.join_attempts += 1
+        if self.join_style == "silent":  # the join-accept window passes and the module never says Done
+            return ["Starting", "NORMAL"]
+        # No AppKey, or no network in reach yet (join_accept_after): the join-accept never comes.
+        if not e.appkey or self.join_attempts <= self.join_accept_after:
+            return ["Starting", "NORMAL", (d, "Join failed"), (d, "Done")]
         self.joined = True
         e.devaddr = self._rng.randbytes(4).hex().upper()
         self.save()
-        return ["Start", "NORMAL", (d, "Network joined"), (d, f"NetID 000013 DevAddr {_colon(e.devaddr)}"), (d, "Done")]
+        joined = [] if self.join_style == "terse" else [(d, "Network joined")]  # some firmware omits the line
+        return ["Starting", "NORMAL", *joined, (d, f"NetID 000013 DevAddr {_colon(e.devaddr)}"), (d, "Done")]
 
     def _msg(self, query, arg):
         if self.eeprom.mode == "TEST":
@@ -509,8 +633,29 @@ class BoardSimulator:
     # --- control from other threads --------------------------------------------------------
 
     def unplug(self, i: int) -> None:
-        """Pull board ``i``'s cable: its pty master closes, readers get an error."""
-        self._call(lambda: self._unplug_now(self.boards[i]))
+        """Pull board ``i``'s cable: its pty master closes, readers get an error. It powers up running its sketch."""
+        def job():
+            self._unplug_now(self.boards[i])
+            self.boards[i].bootloader = False
+
+        self._call(job)
+
+    def flash(self, i: int, firmware: str, deveui: str | None = None) -> str:
+        """Put ``firmware`` on board ``i`` as an upload would (``deveui``: the one flasher_otaa's header names,
+        by default the module's own), and power-cycle it. Returns its new port."""
+        if firmware not in FIRMWARES:
+            raise ValueError(f"firmware {firmware!r}: one of {', '.join(FIRMWARES)}")
+        b = self.boards[i]
+
+        def job():
+            b.eeprom.firmware = firmware
+            b.eeprom.firmware_deveui = (deveui or b.deveui).upper() if firmware == "flasher_otaa" else None
+            b.save()
+            self._unplug_now(b)
+            b.bootloader = False
+            return self._plug(b)
+
+        return self._call(job)
 
     def replug(self, i: int) -> str:
         """Plug board ``i`` back in, on a new pty; same serial number and EEPROM. Returns the new path."""
@@ -565,12 +710,14 @@ class BoardSimulator:
         tty.setraw(slave)  # no line discipline: no local echo, no CRLF translation
         os.set_blocking(master, False)
         path = os.ttyname(slave)
-        self._plugs[b.index] = _Plug(master, slave, path)
+        plug = self._plugs[b.index] = _Plug(master, slave, path)
         b.port, b.commands, b.booting, b.arrived = path, 0, True, True
         if self._thread is not None:
             self._write_ports()
             self._changed(b.index, path)
-        log.debug("board %d plugged in at %s", b.index, path)
+        log.debug("board %d plugged in at %s%s", b.index, path, " (bootloader)" if b.bootloader else "")
+        if not b.bootloader and b.eeprom.firmware == "flasher_otaa":
+            self._otaa_boot(b, plug)
         return path
 
     def _changed(self, i: int, port: str | None) -> None:
@@ -599,9 +746,12 @@ class BoardSimulator:
         log.debug("board %d unplugged", b.index)
 
     def _write_ports(self) -> None:
-        entries = [{"device": b.port, "serial_number": b.serial_number, "vid": f"{VID:04X}", "pid": f"{PID:04X}",
-                    "description": "Seeeduino LoRaWAN (simulated)", "manufacturer": "Seeed Studio",
-                    "location": f"sim-{b.index}", "simulated": True}
+        # In its bootloader a board has another product id and, as on real hardware, no serial number:
+        # only its USB location says which board it is.
+        entries = [{"device": b.port, "serial_number": None if b.bootloader else b.serial_number,
+                    "vid": f"{VID:04X}", "pid": f"{BOOTLOADER_PID if b.bootloader else PID:04X}",
+                    "description": "Seeeduino LoRaWAN" + (" bootloader" if b.bootloader else "") + " (simulated)",
+                    "manufacturer": "Seeed Studio", "location": f"sim-{b.index}", "simulated": True}
                    for b in self.boards if b.port]
         atomic_write(self.ports_file, json.dumps(entries, indent=2) + "\n", mode=0o644)
 
@@ -624,6 +774,9 @@ class BoardSimulator:
                 if self._next_plug is not None:
                     later.append(self._next_plug)
                 timeout = max(0.0, min(later) - now) if later else None
+                if any(not self.boards[i].bootloader for i in self._plugs):  # watch for a 1200-baud touch
+                    timeout = TOUCH_POLL if timeout is None else min(timeout, TOUCH_POLL)
+                self._nag(now)
                 fds = {p.master: i for i, p in self._plugs.items()}
                 control = [self._control.fileno()] if self._control is not None else []
                 readable, writable, _ = select.select([self._wake_r, *fds, *control, *self._clients], ready, [],
@@ -641,6 +794,7 @@ class BoardSimulator:
                     elif fd in self._clients:
                         self._serve_client(fd)
                 self._flush(time.monotonic(), set(writable))
+                self._look_for_touches()
         except BaseException as exc:  # a simulator bug must not look like a silent board
             self._error = exc
             log.exception("board simulator loop died")
@@ -746,6 +900,9 @@ class BoardSimulator:
         if not data:
             return
         plug.inbuf += data
+        if b.bootloader:
+            self._samba(b, plug)
+            return
         while b.index in self._plugs and b"\n" in plug.inbuf:
             i = plug.inbuf.index(b"\n")
             line = bytes(plug.inbuf[:i])
@@ -768,13 +925,28 @@ class BoardSimulator:
             self._send(plug, now, self._flip(b, line.rstrip(b"\r") + b"\r\n"))
         if f.silent:
             return
-        self._queue(b, plug, b.respond(line))
+        wait = 0.0
+        if b.eeprom.firmware == "flasher_otaa" and now >= b.maintenance_until:
+            # flasher_otaa's own protocol (otaa_node.h): a line starting with AT opens the pass-through;
+            # during a join it is answered BUSY once, then the next line waits for the join to end.
+            if not line.strip()[:2].upper() == b"AT":
+                self._send_now(plug, b"flasher_otaa: send a line starting with AT to talk to the module\r\n")
+                return
+            if now < b.busy_until:
+                if not b.told_busy:
+                    b.told_busy = True
+                    self._send_now(plug, f"+AT: BUSY {int(b.busy_until - now) + 1}\r\n".encode())
+                    return
+                wait = b.busy_until - now
+        if b.eeprom.firmware == "flasher_otaa":
+            b.maintenance_until = now + wait + b.maintenance_idle
+        self._queue(b, plug, b.respond(line), wait)
 
-    def _queue(self, b: SimulatedBoard, plug: _Plug, answers: list[tuple[float, str]]) -> None:
+    def _queue(self, b: SimulatedBoard, plug: _Plug, answers: list[tuple[float, str]], wait: float = 0.0) -> None:
         if not answers:
             return
         f = b.faults
-        start = time.monotonic() + f.latency
+        start = time.monotonic() + f.latency + wait
         chunks = [(start + d, s.encode("ascii") + b"\r\n") for d, s in answers]
         if f.corrupt:
             k = b._rng.randrange(len(chunks))
@@ -792,6 +964,97 @@ class BoardSimulator:
         for t, data in chunks:
             self._send(plug, t, self._flip(b, data))
 
+    # --- the SAMD21: flasher_otaa, the touch, the bootloader -----------------------------------
+
+    def _otaa_boot(self, b: SimulatedBoard, plug: _Plug) -> None:
+        """What flasher_otaa says and does at power-up: its DevEUI check, then one join (answered BUSY)."""
+        now = time.monotonic()
+        e = b.eeprom
+        b.maintenance_until, b.told_busy, b.busy_until = 0.0, False, now
+        say = [f"flasher_otaa: for DevEUI {e.firmware_deveui}, band {e.band}"]
+        if e.firmware_deveui != e.deveui:
+            say += [f"flasher_otaa: REFUSING TO JOIN: config.h was generated for DevEUI {e.firmware_deveui}, "
+                    f"but this board's module has DevEUI {e.deveui}"]
+            self._send(plug, now, "".join(f"{x}\r\n" for x in say).encode())
+            b.nag = (now + b.nag_every, f"{say[-1]}\r\n".encode())  # said again and again, as the sketch does
+            return
+        b.nag = None
+        say += [f"flasher_otaa: DevEUI {e.deveui} matches config.h", "flasher_otaa: join attempt 1"]
+        self._send(plug, now, "".join(f"{x}\r\n" for x in say).encode())
+        answer = b.respond(b"AT+JOIN")
+        b.busy_until = now + sum(d for d, _ in answer)
+        devaddr = next((t.rsplit(" ", 1)[1].replace(":", "") for _, t in answer if "DevAddr" in t), None)
+        result = (f"flasher_otaa: joined, DevAddr {devaddr}" if devaddr else
+                  f"flasher_otaa: join failed ({(answer[-1][1].split(': ', 1)[1] if answer else 'no answer')})")
+        self._send(plug, b.busy_until, f"{result}\r\n".encode())
+
+    def _nag(self, now: float) -> None:
+        """Spontaneous output that is due (flasher_otaa's refusal), unless the host holds the pass-through."""
+        for i, plug in self._plugs.items():
+            b = self.boards[i]
+            if b.nag is not None and b.nag[0] <= now and not b.bootloader and b.eeprom.firmware == "flasher_otaa":
+                if now >= b.maintenance_until:
+                    self._send_now(plug, b.nag[1])
+                b.nag = (now + b.nag_every, b.nag[1])
+
+    def _look_for_touches(self) -> None:
+        """A port opened at 1200 baud and closed resets a running board into its bootloader (Arduino's
+        convention, what arduino-cli and bossac uploads start with). A pty shows its baud rate on the master."""
+        for i, plug in list(self._plugs.items()):
+            b = self.boards[i]
+            try:
+                touched = not b.bootloader and termios.tcgetattr(plug.master)[4] == termios.B1200
+            except termios.error:
+                continue
+            if touched:
+                log.debug("board %d: 1200-baud touch on %s", i, plug.path)
+                joined = b.joined  # the RHF76 keeps its power and its session through the SAMD21's reset
+                self._unplug_now(b)
+                b.joined, b.bootloader, b.image = joined, True, bytearray()
+                self._plug(b)
+
+    def _samba(self, b: SimulatedBoard, plug: _Plug) -> None:
+        """A subset of the SAM-BA monitor the SAMD21 bootloader speaks: ``N#`` (binary mode), ``V#`` (version),
+        ``S<addr>,<size>#`` then <size> bytes (kept as the image), and ``G<addr>#`` or bossac's reset
+        (``W<AIRCR>,<SYSRESETREQ>#``), which start the application. Enough for a stand-in bossac, and for
+        the simulator to tell which firmware it was sent (flasher_otaa's banner is in its image)."""
+        buf = plug.inbuf
+        while True:
+            if b.image_pending:
+                n = min(b.image_pending, len(buf))
+                b.image += buf[:n]
+                del buf[:n]
+                b.image_pending -= n
+                if b.image_pending:
+                    return
+            end = buf.find(b"#")
+            if end < 0:
+                if len(buf) > 64:
+                    buf.clear()
+                return
+            cmd = bytes(buf[:end]).decode("ascii", "replace").strip().upper()
+            del buf[: end + 1]
+            now = time.monotonic()
+            if cmd == "N":
+                self._send(plug, now, b"\n\r")
+            elif cmd == "V":
+                self._send(plug, now, b"v2.0 [Arduino:XYZ] Dec 20 2016 15:36:43 (flasher simulator)\n\r")
+            elif cmd.startswith("S") and re.fullmatch(r"S[0-9A-F]{1,8},[0-9A-F]{1,8}", cmd):
+                b.image_pending = int(cmd.split(",")[1], 16)
+            elif cmd.startswith("G") or cmd.startswith("WE000ED0C"):
+                self._start_application(b)
+                return
+
+    def _start_application(self, b: SimulatedBoard) -> None:
+        m = OTAA_BANNER.search(bytes(b.image))
+        b.eeprom.firmware = "flasher_otaa" if m else "at_passthrough"
+        b.eeprom.firmware_deveui = m.group(1).decode().upper() if m else None
+        b.save()
+        joined = b.joined
+        self._unplug_now(b)
+        b.joined, b.bootloader, b.image = joined, False, bytearray()
+        self._plug(b)
+
     @staticmethod
     def _flip(b: SimulatedBoard, data: bytes) -> bytes:
         """Line noise: each byte, with probability ``flip_rate``, gets one of its 8 bits flipped."""
@@ -803,6 +1066,13 @@ class BoardSimulator:
             if b._rng.random() < rate:
                 out[i] ^= 1 << b._rng.randrange(8)
         return bytes(out)
+
+    @staticmethod
+    def _send_now(plug: _Plug, data: bytes) -> None:
+        """Output that overtakes what is queued for later (flasher_otaa's own answer during a join)."""
+        now = time.monotonic()
+        at = next((k for k, (due, _) in enumerate(plug.out) if due > now), len(plug.out))
+        plug.out.insert(at, (now, data))
 
     @staticmethod
     def _send(plug: _Plug, due: float, data: bytes) -> None:

@@ -1,4 +1,4 @@
-"""upload: build the sketch with the board's header through arduino-cli and flash it (``--upload``)."""
+"""upload: build the sketch with the board's header (arduino-cli or arduino-builder) and flash it (``--upload``)."""
 
 from __future__ import annotations
 
@@ -27,17 +27,21 @@ class Upload(Step):
                 raise InputError(f"sketch {up.sketch!r}: no {sketch.name}.ino in it")
 
     def run(self, board) -> Done:
-        """The tty may change name after the upload: follow the board by its USB serial number."""
-        from flasher.arduino import ArduinoCli, wait_for_serial_number
+        """The tty may change name: the board is followed into its bootloader by its USB location (the
+        bootloader reports no serial number) and found again running the sketch by its serial number."""
+        from flasher.arduino import make_builder, wait_for_serial_number
         from flasher.ports import find_boards
 
         up = board.settings.upload
-        serial_number = next((b.serial_number for b in find_boards() if b.device == board.port), None)
-        # builds in a private folder under out_dir; board.stop (Ctrl-C, SIGTERM) cancels arduino-cli at once
-        ArduinoCli(up.arduino_cli, up.fqbn).build_and_upload(up.sketch, board.header_path, board.port,
-                                                             build_parent=board.settings.out_dir, cancel=board.stop)
+        here = next((b for b in find_boards() if b.device == board.port), None)
+        serial_number, location = (here.serial_number, here.location) if here else (None, None)
+        tool = make_builder(up.builder, fqbn=up.fqbn, arduino_cli=up.arduino_cli, samd_core=up.samd_core,
+                            bossac=up.bossac)
+        # builds in a private folder under out_dir; board.stop (Ctrl-C, SIGTERM) cancels the builder at once
+        tool.build_and_upload(up.sketch, board.header_path, board.port, build_parent=board.settings.out_dir,
+                              cancel=board.stop, location=location)
         fields = {}
-        if serial_number:
-            board.port = wait_for_serial_number(serial_number)
-            fields = {"port": board.port, "serial_number": serial_number}
-        return Done(f"{up.fqbn} on {board.port}", fields)
+        if serial_number or location:
+            board.port = wait_for_serial_number(serial_number, location=location)
+            fields = {"port": board.port, **({"serial_number": serial_number} if serial_number else {})}
+        return Done(f"{up.fqbn} on {board.port} ({tool.name})", fields)
