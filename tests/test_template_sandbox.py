@@ -132,6 +132,8 @@ CASES = [
 ]
 
 
+DEADLINE_MAY_COME_FIRST = {"sum-lists"}
+
 # Runs in the child: every case through flasher's own error funnel, one JSON line per case.
 DRIVER = r"""
 import contextlib, io, json, sys
@@ -217,7 +219,9 @@ def test_hostile_templates_end_in_one_input_error(hostile, case, source, match):
     assert r.stdout == ""
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: template {str(template)!r}: "), r.stderr[-2000:]
-    assert match in lines[0], lines[0]
+    # Cases that do real work before their size check can meet the 5 s deadline first on a starved machine:
+    # either limit stopping them is the sandbox working, so both are accepted, and nothing else.
+    assert match in lines[0] or (case in DEADLINE_MAY_COME_FIRST and "took longer than 5 s" in lines[0]), lines[0]
     assert not out.exists() and not marker.exists()
     for secret in SECRETS:
         assert secret not in r.stderr
