@@ -42,7 +42,7 @@ def finish(proc):
 
 @pytest.mark.parametrize("ledgers", ["one-ledger", "two-ledgers", "one-postgres-ledger"])
 def test_overlapping_runs_do_each_board_once(sim_boards, make_dps_emulator, tmp_path, request, ledgers):
-    emu = make_dps_emulator(assign_delay=2.0)
+    emu = make_dps_emulator(assign_delay=4.0)  # A holds its ports this long after registering: B must find them held
     sim = sim_boards(3, seed=2024)
     shared_ledger = ledgers != "two-ledgers"
     if ledgers == "one-postgres-ledger":
