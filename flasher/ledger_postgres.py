@@ -22,7 +22,7 @@ from flasher.secrets import Redactor, Secret
 
 DEFAULT_CONNECT_TIMEOUT = 10     # seconds; libpq's own default is to wait for ever
 POOL_SIZE = 8                    # connections per run: transactions are short, 16 boards share them
-MIGRATION_LOCK = 0x666C6173686572  # pg_advisory_xact_lock key ("flasher"): one migrating opener at a time
+MIGRATION_LOCK = 0x666C6173686572  # pg_advisory_lock key ("flasher"): one migrating opener at a time
 VERSION_TABLE = "flasher_schema"   # PostgreSQL has no PRAGMA user_version: the schema version lives here
 
 
@@ -143,9 +143,16 @@ class PostgresBackend(Backend):
 
     @contextmanager
     def migrating(self):
-        with self.transaction(write=True) as db:
-            db.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
-            yield db
+        """The lock is taken before the transaction begins: a transaction that began before another opener's
+        migration committed may still see the catalog as it was (a cached "no such table"), and migrate again."""
+        with self.pool.connection() as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))  # the server drops it if the connection does
+            try:
+                with conn.transaction():
+                    yield _Db(conn)
+            finally:
+                if not conn.broken:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
 
     def user_version(self, db) -> int:
         if not db.execute(f"SELECT to_regclass('{VERSION_TABLE}') IS NOT NULL").fetchone()[0]:

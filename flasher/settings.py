@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +104,13 @@ def _ledger(value: Any, where: str) -> str:
 
         return check_url(text, where)
     return text
+
+
+def _hostname() -> str:
+    """station_id's default, found when a command asks (importing socket is not free for `flasher keys`)."""
+    import socket
+
+    return socket.gethostname() or "localhost"
 
 
 def _station_id(value: Any, where: str) -> str:
@@ -206,7 +212,7 @@ class Setting:
 
     name: str
     help: str
-    default: Any = None
+    default: Any = None                # or a function giving it, called only when it is needed
     env: str | None = None
     toml: str | None = None            # the key in flasher.toml, when it differs from ``name``
     option: str | None = None          # how the command line spells it, for messages
@@ -256,7 +262,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("out_dir", "where headers go, one per board", default="headers", path=True),
     Setting("ledger", "the ledger: a SQLite file, or postgresql://user@host/db shared by stations",
             default=DEFAULT_LEDGER, parse=_ledger, path=lambda v: "://" not in v),
-    Setting("station_id", "this station's name in a shared ledger", default=socket.gethostname() or "localhost",
+    Setting("station_id", "this station's name in a shared ledger", default=_hostname,
             env="FLASHER_STATION_ID", parse=_station_id),
     Setting("claim_timeout", "seconds without a heartbeat before another station may take over a board",
             default=60.0, parse=_seconds(1.0), toml_type=(int, float)),
@@ -453,7 +459,8 @@ def resolve(options: dict[str, Any], names: Iterable[str], *, config_path: str |
         elif s.key in file_values:
             raw, where, src = file_values[s.key], f"{path}: {s.key}", f"file {path}"
         else:
-            values[name], sources[name] = (s.parse(s.default, "default") if s.default is not None else None), "default"
+            default = s.default() if callable(s.default) else s.default
+            values[name], sources[name] = (s.parse(default, "default") if default is not None else None), "default"
             continue
         values[name], sources[name] = s.parse(raw, where), src
     return Resolved(values, sources, file_values, options, path)

@@ -71,14 +71,17 @@ def step_rows(url: str, eui: str) -> dict[str, tuple[str, str]]:
 
 def test_two_stations_on_overlapping_boards_do_each_once_and_status_shows_both(sim_boards, make_dps_emulator, pg_url,
                                                                               tmp_path):
-    emu = make_dps_emulator(assign_delay=4.0)   # station A holds its claims at least this long
+    emu = make_dps_emulator(assign_delay=120.0)   # DPS holds station A's registrations until B is done
     bench_a = sim_boards(2, seed=4242, state_dir=tmp_path / "a")
     bench_b = sim_boards(3, seed=4242, state_dir=tmp_path / "b")   # boards 0 and 1 carry A's DevEUIs
     x0, x1, x2 = (b.deveui for b in bench_b.boards)
     a = station("bench-a", bench_a.ports, emu, pg_url, tmp_path / "ha")
-    wait_until(lambda: emu.state()["stats"]["register_requests"] >= 2)  # A has claimed and programmed both
-    b = station("bench-b", bench_b.ports[1:], emu, pg_url, tmp_path / "hb")
-    code_b, results_b, err_b = finish(b)
+    try:
+        wait_until(lambda: emu.state()["stats"]["register_requests"] >= 2, 60)  # A has claimed and programmed both
+        emu.assign_delay = 0.0   # B's own board registers at once
+        code_b, results_b, err_b = finish(station("bench-b", bench_b.ports[1:], emu, pg_url, tmp_path / "hb"))
+    finally:
+        emu.assign_now()         # A finishes
     code_a, results_a, err_a = finish(a)
     assert code_a == 0 and [results_a[e]["status"] for e in (x0, x1)] == ["provisioned"] * 2, err_a
     assert code_b == 1 and results_b[x2]["status"] == "provisioned", err_b

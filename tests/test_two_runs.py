@@ -42,7 +42,7 @@ def finish(proc):
 
 @pytest.mark.parametrize("ledgers", ["one-ledger", "two-ledgers", "one-postgres-ledger"])
 def test_overlapping_runs_do_each_board_once(sim_boards, make_dps_emulator, tmp_path, request, ledgers):
-    emu = make_dps_emulator(assign_delay=2.0)
+    emu = make_dps_emulator(assign_delay=120.0)  # DPS holds A's registrations (and so A its ports) until B is done
     sim = sim_boards(3, seed=2024)
     shared_ledger = ledgers != "two-ledgers"
     if ledgers == "one-postgres-ledger":
@@ -51,12 +51,15 @@ def test_overlapping_runs_do_each_board_once(sim_boards, make_dps_emulator, tmp_
         ledger_a = str(tmp_path / "a.sqlite3")
         ledger_b = ledger_a if shared_ledger else str(tmp_path / "b.sqlite3")
     a = start(sim.ports[:2], emu, ledger_a, tmp_path / "ha")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and emu.state()["stats"]["register_requests"] < 2:
-        time.sleep(0.05)   # A is registering both of its boards: it has programmed them and holds their ports
-    b = start(sim.ports[1:], emu, ledger_b, tmp_path / "hb")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and emu.state()["stats"]["register_requests"] < 2:
+            time.sleep(0.05)   # A is registering both of its boards: it has programmed them and holds their ports
+        emu.assign_delay = 0.0   # B's own board registers at once
+        code_b, results_b, err_b = finish(start(sim.ports[1:], emu, ledger_b, tmp_path / "hb"))
+    finally:
+        emu.assign_now()         # A finishes
     code_a, results_a, err_a = finish(a)
-    code_b, results_b, err_b = finish(b)
     assert code_a == 0, err_a
     assert [results_a[p]["status"] for p in sim.ports[:2]] == ["provisioned", "provisioned"]
     assert results_b[sim.ports[2]]["status"] == "provisioned", err_b

@@ -9,7 +9,10 @@ from flasher.commands.options import config_option, err, secret_options
 
 @click.group("ledger")
 def ledger() -> None:
-    """Work on ledgers: a SQLite file or a postgresql://user@host/db that stations share."""
+    """Work on ledgers themselves (copy one, SQLite or PostgreSQL).
+
+    A ledger is a SQLite file or a postgresql://user@host/db that stations share.
+    """
 
 
 @ledger.command("copy")

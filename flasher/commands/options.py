@@ -31,7 +31,7 @@ def setting_option(*decls: str, name: str, **kwargs):
     value and fall back to the environment, then flasher.toml, then the default.
     """
     s = SETTINGS[name]
-    shown = s.default if s.default is not None else None
+    shown = s.default if s.default is not None and not callable(s.default) else None
     extra = []
     if s.env:
         extra.append(f"env {s.env}")

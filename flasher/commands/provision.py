@@ -112,8 +112,8 @@ def _raise_terminated(signum, _frame):
 @setting_option("--out-dir", name="out_dir", type=click.Path(file_okay=False))
 @ledger_options
 @setting_option("--station-id", name="station_id", metavar="NAME",
-                help="This station's name in a shared ledger: recorded with each step and claim [default: the "
-                     "hostname; env FLASHER_STATION_ID]")
+                help="This station's name in a shared ledger, recorded with each step and claim (default: the "
+                     "hostname)")
 @setting_option("--claim-timeout", name="claim_timeout", metavar="S")
 @id_format_option
 @setting_option("--timeout", name="timeout", metavar="S")

@@ -526,6 +526,13 @@ class DpsEmulator(MqttApplication):
     def enable(self, name: str) -> None:
         self.set_enrollment_enabled(name, True)
 
+    def assign_now(self) -> None:
+        """Finish every registration still assigning at its next poll: a test that held DPS with a long
+        ``assign_delay`` (two runs overlapping, whatever the machine's load) lets go."""
+        with self._lock:
+            for op in self._operations.values():
+                op.ready_at = min(op.ready_at, time.monotonic())
+
     # --- state ---------------------------------------------------------------------
     def state(self) -> dict:
         with self._lock:
