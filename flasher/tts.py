@@ -699,8 +699,9 @@ def _holds(client: TtsClient, server: str, dev: EndDevice, deadline: float) -> b
             return False
     if reply.status == 404:
         return False
-    if reply.status == 403 and reply.name != "no_application_rights":
-        log.info("%s: %s: no right to read it back; writing it (a PUT creates or updates)", dev.device_id, server)
+    if reply.status in (400, 403, 405, 501) and reply.name != "no_application_rights":
+        # not allowed (or not able) to read it back: write it, a PUT creates or updates
+        log.info("%s: %s: cannot read it back (%d); writing it", dev.device_id, server, reply.status)
         return False
     if not reply.ok:
         raise client.fail(server, "GET", path, reply)
