@@ -126,8 +126,9 @@ def _show_each(echo, tts, target, client, records, module_keys: dict) -> None:
         if not r.tts_device_id:
             echo(f"  {r.deveui}: not registered")
             continue
+        module_key = bytes.fromhex(module_keys.get(r.deveui) or "00" * 16)   # only the ids are read back with it
         dev = EndDevice(target.app, r.tts_device_id, EUI64.parse(r.deveui), EUI64.parse(r.join_eui or "0" * 16),
-                        Secret(bytes(16), "placeholder"))
+                        Secret(module_key, "the simulated module's AppKey"))
         copies = read_back(client, dev)
         on = [s.upper() for s, c in copies.items() if c is not None]
         ns = copies.get("ns") or {}

@@ -648,7 +648,7 @@ def _create_on_identity_server(client: TtsClient, dev: EndDevice, reg: Registrat
         raise client.fail("is", "POST", path, reply)
     # Taken: if it is this very device (an earlier run, a lost answer), read it back and go on.
     get_path = f"{path}/{quote(dev.device_id, safe='')}"
-    mine = client.request("is", "GET", get_path, query={"field_mask": "ids.dev_eui,ids.join_eui"}, deadline=deadline)
+    mine = _get(client, "is", get_path, "ids.dev_eui,ids.join_eui", deadline)
     if mine.ok:
         ids = mine.body.get("ids", {}) if isinstance(mine.body, dict) else {}
         dev_eui, join_eui = _eui(ids.get("dev_eui")), _eui(ids.get("join_eui"))
@@ -672,6 +672,15 @@ def _create_on_identity_server(client: TtsClient, dev: EndDevice, reg: Registrat
                    f"or register under that id and application)", status=409, name=reply.name or "end_device_euis_taken")
 
 
+def _get(client: TtsClient, server: str, path: str, mask: str, deadline: float) -> Reply:
+    """GET with a field mask (grpc-gateway's ``?field_mask=a,b``); a server that refuses that query form (400)
+    is asked once more without it, for the whole device."""
+    reply = client.request(server, "GET", path, query={"field_mask": mask}, deadline=deadline)
+    if reply.status == 400:
+        reply = client.request(server, "GET", path, deadline=deadline)
+    return reply
+
+
 def _holds(client: TtsClient, server: str, dev: EndDevice, deadline: float) -> bool:
     """Whether ``server`` already holds ``dev`` as it should (read back with a field mask)."""
     path = _path(server, dev)
@@ -682,17 +691,17 @@ def _holds(client: TtsClient, server: str, dev: EndDevice, deadline: float) -> b
     else:
         mask = "ids.dev_eui,ids.join_eui"
     client.on_phase(f"{SERVER_NAMES[server]}: GET")
-    reply = client.request(server, "GET", path, query={"field_mask": mask}, deadline=deadline)
+    reply = _get(client, server, path, mask, deadline)
     if reply.status == 403 and server == "js" and reply.name != "no_application_rights":
         # no right to read keys: whether the device is there is all we can learn; the key is written again
-        reply = client.request(server, "GET", path, query={"field_mask": "ids.dev_eui,ids.join_eui"},
-                               deadline=deadline)
+        reply = _get(client, server, path, "ids.dev_eui,ids.join_eui", deadline)
         if reply.ok:
             return False
     if reply.status == 404:
         return False
-    if reply.status == 403 and reply.name != "no_application_rights":
-        log.info("%s: %s: no right to read it back; writing it (a PUT creates or updates)", dev.device_id, server)
+    if reply.status in (400, 403, 405, 501) and reply.name != "no_application_rights":
+        # not allowed (or not able) to read it back: write it, a PUT creates or updates
+        log.info("%s: %s: cannot read it back (%d); writing it", dev.device_id, server, reply.status)
         return False
     if not reply.ok:
         raise client.fail(server, "GET", path, reply)
@@ -736,7 +745,7 @@ def read_back(client: TtsClient, dev: EndDevice, *, deadline: float | None = Non
     out: dict[str, dict | None] = {}
     for server in SERVERS:
         path = _path(server, dev) if server != "is" else f"{_path('is', dev)}/{quote(dev.device_id, safe='')}"
-        reply = client.request(server, "GET", path, query={"field_mask": masks[server]}, deadline=deadline)
+        reply = _get(client, server, path, masks[server], deadline)
         if reply.status == 404:
             out[server] = None
         elif reply.ok and isinstance(reply.body, dict):

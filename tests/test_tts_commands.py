@@ -242,3 +242,24 @@ def test_export_files_import_by_the_stacks_rules(bench, cli, monkeypatch, make_t
     assert f"warning: left out {lost.deveui}: header" in err and "is missing" in err
     assert sorted(d["ids"]["dev_eui"] for d in stack_reads_csv(out.read_bytes())) == \
         sorted(k for k in keys if k != lost.deveui)
+
+
+def test_flasher_toml_sets_the_stack_and_references_its_key(clean_env, make_tts, cli, tmp_path):
+    """Every TTS setting from flasher.toml (paths relative to it), the API key only by reference."""
+    tts = make_tts()
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "tts.key").write_text(tts.add_api_key(app=APP) + "\n")
+    (tmp_path / "secrets" / "appkey.txt").write_text("2B7E151628AED2A6ABF7158809CF4F3C\n")
+    shutil.copyfile(tts.ca_cert_path, tmp_path / "tts-ca.pem")
+    (tmp_path / "flasher.toml").write_text(
+        f'tts_app = "{APP}"\ntts_url = "{tts.url}"\ntts_ca_cert = "tts-ca.pem"\ntts_api_key_file = "secrets/tts.key"\n'
+        f'app_key_file = "secrets/appkey.txt"\ntts_device_id_format = "rhf76-{{deveui}}"\n'
+        f'frequency_plan = "EU_863_870"\nlorawan_phy_version = "RP001_V1_0_2"\ntts_timeout = 20\n')
+    code, out, err = cli("tts", "register", "2CF7F12024900B01", "--app-key-source", "given", "--json")
+    assert code == 0, err
+    assert json.loads(out)["device_id"] == "rhf76-2cf7f12024900b01"
+    ns = tts.device(APP, "rhf76-2cf7f12024900b01")["ns"]
+    assert (ns["frequency_plan_id"], ns["lorawan_phy_version"]) == ("EU_863_870", "PHY_V1_0_2_REV_A")
+    assert tts.app_key(APP, "rhf76-2cf7f12024900b01") == "2B7E151628AED2A6ABF7158809CF4F3C"
+    code, out, _ = cli("config")
+    assert "tts_api_key" in out and "secrets/tts.key" in out and "NNSXS" not in out

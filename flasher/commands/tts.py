@@ -148,9 +148,10 @@ def _from_ledger(s, ledger, euis: list) -> list[_Board]:
 def register_cmd(deveuis, key_source, as_json, **_options):
     """Register boards with The Things Stack: Identity, Join, Network and Application Server.
 
-    From the ledger (default): every board whose module was programmed, or the DEVEUIs
-    given; the AppKey is read back from each board's header (or computed again from its
-    AppKey source), and the ledger records the network step. With --app-key-source: the
+    From the ledger (default): every board in it, or the DEVEUIs given; the AppKey is read
+    back from each board's header (or computed again from its AppKey source), and the
+    ledger records the network step. A board whose module was never programmed, or whose
+    header is gone, is reported and makes the exit code 1. With --app-key-source: the
     DEVEUIs given, keys from that source, no ledger. A board already registered is read
     back and completed where it is missing; nothing is overwritten that belongs to another
     device. Exit 1 if any board failed.

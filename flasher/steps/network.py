@@ -108,7 +108,7 @@ class Network(Step):
         s = board.settings
         if board.app_key is None:
             raise FlasherError(f"the module's AppKey is unknown: header {str(board.header_path)!r} does not carry it "
-                               f"(AppKey source random); rerun with --force to program a new one")
+                               f"readably (AppKey source {s.app_key.source}); rerun with --force to program a new one")
         device = end_device(s.tts, board.dev_eui, s.join_eui, board.app_key, s.band)
         reg = register_board(s.tts, device, servers_recorded(board.record, device), cancel=board.stop,
                              on_phase=board.phase, checkpoint=board.checkpoint)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 from flasher.steps import Conflict, Done, Step
+
+log = logging.getLogger("flasher.steps.render")
 
 
 def module_keyed(board) -> bool:
@@ -64,10 +67,15 @@ class Render(Step):
             raise Conflict(f"header {str(path)!r} {state} since the module was programmed; "
                            f"rerun with --force to provision this board again")
         board.header_path = path
-        # later steps (network) need the module's AppKey: the header's, or the same source's again
+        # later steps (network) need the module's AppKey: the header's, or the same source's again; a header
+        # that spells it two ways leaves it unknown, which only a step that needs it reports
         assert data is not None
-        board.app_key = module_app_key(board.settings.app_key, board.dev_eui, data.decode("utf-8", "replace"),
-                                       str(path))
+        try:
+            board.app_key = module_app_key(board.settings.app_key, board.dev_eui, data.decode("utf-8", "replace"),
+                                           str(path))
+        except Conflict as exc:
+            log.warning("%s: %s", board.deveui, exc)
+            board.app_key = None
 
     def preflight(self, settings) -> None:
         """A trial render with a placeholder board: a missing/broken template or bad --set fails once, here."""
