@@ -100,7 +100,11 @@ class Redactor(logging.Filter):
         return mask_url_passwords(text) if "@" in text else text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a broken format: never let logging's error report print its arguments
+            record.msg, record.args = f"(a log record of {record.name} that does not format)", None
+            return True
         scrubbed = self.scrub(message)
         if scrubbed != message:
             record.msg, record.args = scrubbed, None

@@ -174,3 +174,19 @@ def test_the_done_when_run_options_on_the_command_line_and_the_emulator_as_a_pro
         if emulator.poll() is None:
             emulator.kill()
             emulator.wait(10)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--model-id", "dtmi:com:example:thermostat_;1"], "--model-id 'dtmi:com:example:thermostat_;1': not a valid DTMI: "
+                                                       "path segment 'thermostat_'"),
+    (["--proxy", "https://proxy.corp:3128"], "--proxy 'https://proxy.corp:3128': the scheme must be"),
+    (["--payload-json", "{list}"], "must hold a JSON object"),
+])
+def test_provision_refuses_bad_azure_inputs_before_touching_a_board(bench, cli, args, fragment):
+    folder, emu, proxy, sim = bench
+    (folder / "list.json").write_text("[]")
+    args = [str(folder / "list.json") if a == "{list}" else a for a in args]
+    code, out, err = cli("provision", "--port", sim.ports[0], *args)
+    assert (code, out) == (2, "") and err.count("\n") == 1 and fragment in err
+    assert [b.commands for b in sim.boards] == [0, 0] and proxy.log() == []
+    assert emu.state()["stats"]["register_requests"] == 0 and not (folder / "bench.sqlite3").exists()

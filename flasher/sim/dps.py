@@ -80,7 +80,7 @@ from flasher.sim.mqtt import (
     MqttServer,
     ProtocolError,
 )
-from flasher.sim.web import HttpRequest, HttpsListener, WebSocketStream
+from flasher.sim.web import HttpRequest, HttpResponse, HttpsListener, WebSocketStream, not_found
 
 log = logging.getLogger("flasher.sim.dps")
 
@@ -345,7 +345,8 @@ class DpsEmulator(MqttApplication):
         self._server = MqttServer(self, self.host, self.port or 0, ctx)
         if self.websocket_port is not None:
             self._https = HttpsListener(self.host, self.websocket_port, ctx,
-                                        upgrades={WEBSOCKET_PATH: ("mqtt", self._serve_websocket)})
+                                        upgrades={WEBSOCKET_PATH: ("mqtt", self._serve_websocket)},
+                                        http_handler=self._serve_http)
         started: list[BaseException | None] = []
         ready = threading.Event()
 
@@ -578,6 +579,12 @@ class DpsEmulator(MqttApplication):
             with self._lock:
                 self._ws_streams.discard(stream)
                 _add_ws_stats(self._ws_totals, stream)
+
+    async def _serve_http(self, request: HttpRequest) -> HttpResponse:
+        """Every other request on 443. DPS's HTTPS registration API (``PUT /{idScope}/registrations/
+        {registrationId}/register``, ``GET .../operations/{operationId}``) belongs here, sharing
+        :meth:`_authenticate`, the operations and the records with MQTT; until then, a 404."""
+        return await not_found(request)
 
     # --- MQTT: CONNECT -------------------------------------------------------------
     async def on_connect(self, conn: Connection, req: ConnectRequest) -> int:

@@ -103,7 +103,10 @@ class HttpResponse:
                                                              *(headers or [])])
 
     def encode(self, keep_alive: bool) -> bytes:
-        reason = HTTPStatus(self.status).phrase if self.status in HTTPStatus._value2member_map_ else "Unknown"
+        try:
+            reason = HTTPStatus(self.status).phrase
+        except ValueError:
+            reason = "Unknown"
         lines = [f"HTTP/1.1 {self.status} {reason}", *(f"{k}: {v}" for k, v in self.headers)]
         if self.status != 101:
             lines += [f"Content-Length: {len(self.body)}", f"Connection: {'keep-alive' if keep_alive else 'close'}"]
@@ -122,10 +125,7 @@ async def read_request(reader: asyncio.StreamReader, peer: str, timeout: float =
         raise HttpError(431, f"request head over {MAX_HEAD} bytes") from None
     except TimeoutError:
         return None  # an idle keep-alive connection, or a client that never spoke
-    try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError:  # latin-1 decodes anything; kept for clarity
-        raise HttpError(400, "request head is not text") from None
+    text = head.decode("latin-1")  # HTTP/1.1 header bytes (RFC 9110 5.5); latin-1 maps every byte
     request_line, *header_lines = text[:-4].split("\r\n")
     parts = request_line.split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
