@@ -119,3 +119,21 @@ def test_write_json_and_csv_stream_any_iterable_and_match_the_string_forms(tmp_p
             write(led.iter_records(batch=7), out)
             assert out.getvalue() == export(records) == export(r for r in records)
             assert len(out.sizes) >= 30 and max(out.sizes) < 1000  # a record at a time, never the whole
+
+
+def test_the_csv_fast_path_prints_what_the_records_print(tmp_path):
+    """status --csv pages rows without steps; its bytes must be the per-record export's, quoting and all."""
+    import io
+
+    from flasher.ledger import write_csv, write_csv_rows
+
+    with Ledger(tmp_path / "l.sqlite3") as led:
+        for i in range(250):
+            eui = f"{i:016X}"
+            led.begin(eui, eui.lower(), port=f"/dev/ttyACM{i}", band="EU868")
+            if i % 3:
+                led.step_finished(eui, "derive", "failed", 'bad, "quoted"\nline')
+        slow, fast = io.StringIO(), io.StringIO()
+        write_csv(led.iter_records(), slow)
+        write_csv_rows(led.iter_rows(batch=7), fast)
+    assert fast.getvalue() == slow.getvalue() and fast.getvalue().count("\n") > 250
