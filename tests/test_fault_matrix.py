@@ -224,7 +224,7 @@ class Cell:
             env = self.env(WRONG_KEY)
         elif f == "dps-429":
             self.emu.throttle(1000, retry_after=1, registration_id=self.reg_id)
-            timeout = 8.0  # gives up after 5 retries (~5 s), well before the deadline
+            timeout = 20.0  # gives up after 5 retries (~5 s idle, more on a loaded machine), well before the deadline
         elif f == "dps-unreachable":
             host = free_loopback()  # nothing listens there
         elif f == "hub-refusing":
