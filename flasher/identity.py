@@ -38,6 +38,23 @@ def validate_registration_id(text: str) -> str:
     raise InputError(f"registration id {text!r}: character {bad!r} not allowed (letters, digits, - . _ : only)")
 
 
+def check_deveui_format(template: str, what: str) -> None:
+    """A format over the DevEUI: ``{deveui}`` exactly once, no other field, no spec or conversion.
+
+    A spec (``{deveui:.2}``) or a second field could cut the DevEUI and give many boards one id.
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise InputError(f"{what} {template!r}: {exc}") from None
+    if [f for _, f, _, _ in parsed if f is not None] != ["deveui"]:
+        raise InputError(f"{what} {template!r}: must contain {{deveui}} exactly once "
+                         f"and no other field (the whole DevEUI keeps ids unique per board)")
+    if any(spec or conv for _, f, spec, conv in parsed if f is not None):
+        raise InputError(f"{what} {template!r}: {{deveui}} takes no format spec or "
+                         f"conversion (they could cut the DevEUI and give boards the same id)")
+
+
 @dataclass(frozen=True)
 class RegistrationIdPolicy:
     """A format string over the DevEUI; ``{deveui}`` is its 16 lower-case hex digits."""
@@ -46,16 +63,7 @@ class RegistrationIdPolicy:
     plain_eui = staticmethod(_PLAIN_EUI.fullmatch)  # 16 bare hex digits: the fast path of resolve()
 
     def __post_init__(self) -> None:
-        try:
-            parsed = list(string.Formatter().parse(self.template))
-        except ValueError as exc:
-            raise InputError(f"registration id policy {self.template!r}: {exc}") from None
-        if [f for _, f, _, _ in parsed if f is not None] != ["deveui"]:
-            raise InputError(f"registration id policy {self.template!r}: must contain {{deveui}} exactly once "
-                             f"and no other field (the whole DevEUI keeps ids unique per board)")
-        if any(spec or conv for _, f, spec, conv in parsed if f is not None):
-            raise InputError(f"registration id policy {self.template!r}: {{deveui}} takes no format spec or "
-                             f"conversion (they could cut the DevEUI and give boards the same id)")
+        check_deveui_format(self.template, "registration id policy")
         validate_registration_id(self.template.format(deveui="0" * 16))
 
     def for_eui(self, dev_eui: EUI64) -> str:

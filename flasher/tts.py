@@ -25,7 +25,6 @@ import json
 import logging
 import random
 import re
-import string
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -35,6 +34,7 @@ from urllib.parse import quote, urlsplit
 
 from flasher.errors import FlasherError, InputError
 from flasher.eui import EUI64
+from flasher.identity import check_deveui_format
 from flasher.secrets import Secret
 
 if TYPE_CHECKING:
@@ -73,15 +73,7 @@ class DeviceIdPolicy:
     template: str = DEFAULT_DEVICE_ID_FORMAT
 
     def __post_init__(self) -> None:
-        try:
-            parsed = list(string.Formatter().parse(self.template))
-        except ValueError as exc:
-            raise InputError(f"device id format {self.template!r}: {exc}") from None
-        if [f for _, f, _, _ in parsed if f is not None] != ["deveui"]:
-            raise InputError(f"device id format {self.template!r}: must contain {{deveui}} exactly once and no "
-                             f"other field (the whole DevEUI keeps ids unique per board)")
-        if any(spec or conv for _, f, spec, conv in parsed if f is not None):
-            raise InputError(f"device id format {self.template!r}: {{deveui}} takes no format spec or conversion")
+        check_deveui_format(self.template, "device id format")
         for sample in ("0" * 16, "f" * 16):
             try:
                 validate_id(self.template.format(deveui=sample))
