@@ -101,8 +101,14 @@ def test_touch_bootloader_and_samba_boot_the_image_it_was_sent(sim_boards):
     before = {p.device: p for p in load_simulated(sim.ports_file)}[sim.ports[1]]
     with serial.Serial(sim.ports[1], 1200):  # the 1200-baud touch
         pass
-    deadline = time.monotonic() + 5
-    while not b.bootloader:
+    deadline = time.monotonic() + 10
+
+    def bootloader_listed():
+        """The flag flips first; discovery sees the bootloader once ports.json is rewritten: wait for both."""
+        return b.bootloader and any(p.location == "sim-1" and p.board == "bootloader"
+                                    for p in load_simulated(sim.ports_file))
+
+    while not bootloader_listed():
         assert time.monotonic() < deadline, "no reset into the bootloader"
         time.sleep(0.01)
     boot = {p.location: p for p in load_simulated(sim.ports_file)}["sim-1"]
