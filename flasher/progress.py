@@ -237,6 +237,7 @@ class TableReporter(_Base):
                 self._ticker.start()
 
     def close(self) -> None:
+        """Stop and join the ticker, then leave the final screen (once, however often it is called)."""
         with self._lock:
             if self._closed:
                 return
@@ -246,8 +247,11 @@ class TableReporter(_Base):
         if ticker is not None:
             ticker.join()
         with self._lock:
-            if self._rows:
-                self._draw(final=True)
+            self._final_draw()
+
+    def _final_draw(self) -> None:
+        if self._rows:
+            self._draw(final=True)
 
     def _moving(self) -> bool:
         """Whether a clock on screen is running, so the ticker must redraw."""
@@ -537,20 +541,11 @@ class StationScreen(TableReporter):
             self._tally = event.tally
         return BELLS[event.verdict] if kind is StationKind.VERDICT and event.verdict else 0
 
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            ticker = self._ticker
-        self._stop.set()
-        if ticker is not None:
-            ticker.join()
-        with self._lock:
-            if self._started:
-                self._draw(final=True)
-                if self._banner == "stopped":  # the tally once more, as plain text, for the scrollback and a log
-                    self._write(f"station: {self._tally.text()}\n")
+    def _final_draw(self) -> None:
+        if self._started:
+            self._draw(final=True)
+            if self._banner == "stopped":  # the tally once more, as plain text, for the scrollback and a log
+                self._write(f"station: {self._tally.text()}\n")
 
     def _moving(self) -> bool:
         return any(r.t1 is None for r in self._attached.values())
