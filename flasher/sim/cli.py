@@ -5,11 +5,26 @@ They live with the simulators they run; product commands never import this.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 import click
 
 from flasher.commands.options import err, json_line
+
+
+@contextmanager
+def until_signalled():
+    """An Event that Ctrl-C or SIGTERM sets while a simulator runs; the previous handlers come back after."""
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @click.group()
@@ -50,8 +65,6 @@ def simulate_boards(count, state_dir, seed, latency, boot_noise, echo_, silent, 
       FLASHER_SIMULATED_PORTS=./boards/ports.json flasher eui --all
       flasher simulate unplug --state ./boards 1
     """
-    import signal
-    import threading
 
     from flasher.sim.board import BoardSimulator, Faults
 
@@ -63,9 +76,7 @@ def simulate_boards(count, state_dir, seed, latency, boot_noise, echo_, silent, 
     def changed(i: int, port: str | None) -> None:
         err(f"board {i} plugged in at {port}" if port else f"board {i} unplugged")
 
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with until_signalled() as stop:
         with BoardSimulator(count=count, state_dir=state_dir, seed=seed, faults=faults, plugged=plugged,
                             plug_every=plug_every, control=True, on_change=changed) as sim:
             for b in sim.boards:
@@ -80,9 +91,6 @@ def simulate_boards(count, state_dir, seed, latency, boot_noise, echo_, silent, 
             err(f"plug or unplug one: flasher simulate plug|unplug --state {sim.state_dir} N")
             stop.wait()
             err("stopping simulated boards")
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
     return 0
 
 
@@ -142,8 +150,6 @@ def simulate_dps(enrollments_file, host, port, websockets, websocket_port, webso
     With --websockets it also serves MQTT over WebSockets on 443, what `flasher register
     --websockets` dials (binding 443 may need privileges: CAP_NET_BIND_SERVICE, or root).
     """
-    import signal
-    import threading
     from pathlib import Path
 
     from flasher.files import atomic_write
@@ -152,9 +158,7 @@ def simulate_dps(enrollments_file, host, port, websockets, websocket_port, webso
     emu = DpsEmulator(enrollments_file, host=host, port=None if websockets_only else port,
                       websocket_port=websocket_port if websockets or websockets_only else None,
                       cert_dir=cert_dir or default_cert_dir(), assign_delay=assign_delay, state_file=state_file)
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with until_signalled() as stop:
         with emu:
             ca = emu.ca_cert_path
             if ca_cert_out:
@@ -167,9 +171,6 @@ def simulate_dps(enrollments_file, host, port, websockets, websocket_port, webso
                 + (" --websockets" if emu.port is None else ""))
             err("Ctrl-C to stop")
             stop.wait()
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
     err("DPS emulator stopped")
     return 0
 
@@ -205,8 +206,6 @@ def simulate_tts(host, port, apps, cert_dir, ca_cert_out, state_file, latency, t
       flasher provision --all ... --tts-app my-fleet --tts-url https://127.0.0.1:8885 \\
           --tts-ca-cert ~/.cache/flasher/tts-emulator/ca.pem --tts-api-key-file ~/.cache/flasher/tts-emulator/api-key
     """
-    import signal
-    import threading
     from pathlib import Path
 
     from flasher.errors import InputError
@@ -228,9 +227,7 @@ def simulate_tts(host, port, apps, cert_dir, ca_cert_out, state_file, latency, t
         emu.fail_next(unavailable, 503)
     for server in refused:
         emu.refuse(server)
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with until_signalled() as stop:
         with emu:
             assert emu.ca_cert_path is not None
             ca = emu.ca_cert_path
@@ -245,9 +242,6 @@ def simulate_tts(host, port, apps, cert_dir, ca_cert_out, state_file, latency, t
                 f"--tts-ca-cert {ca} --tts-api-key-file {key_file}")
             err("Ctrl-C to stop")
             stop.wait()
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
     err("The Things Stack emulator stopped")
     return 0
 
