@@ -39,6 +39,21 @@ def parse_rate(text: str, where: str = "rate") -> float:
     return per_second
 
 
+def parse_quota(text: str, where: str = "quota") -> tuple[int, float]:
+    """``"1000/min"`` → ``(1000, 60.0)``: at most that many starts in any window of the unit's length.
+
+    DPS states its quotas per minute; a quota is a whole number of registrations per
+    window, so ``/s``, ``/min`` and ``/h`` give windows of 1, 60 and 3,600 seconds.
+    """
+    m = _RATE.fullmatch(str(text))
+    if not m or "." in m.group(1):
+        raise InputError(f"{where} {text!r}: expected a whole number per second, minute or hour, like 1000/min")
+    count, window = int(m.group(1)), _PER[m.group(2).lower()]
+    if not 0 < count / window <= 100_000:
+        raise InputError(f"{where} {text!r}: must be above 0 and at most 100000/s")
+    return count, window
+
+
 class Stopped(FlasherError):
     """The run is stopping (Ctrl-C, SIGTERM): no new registration starts."""
 

@@ -108,3 +108,16 @@ def test_a_stop_or_a_deadline_ends_the_wait():
         g.acquire(stop=stop)
     with pytest.raises(Stopped, match="deadline"):
         g.acquire(deadline=time.monotonic() + 0.5)   # the next slot is 2 s away
+
+
+@pytest.mark.parametrize("text,quota", [("1000/min", (1000, 60.0)), ("5/s", (5, 1.0)), (" 7200 / hour ", (7200, 3600.0))])
+def test_quotas_parse_as_a_count_per_window(text, quota):
+    from flasher.governor import parse_quota
+    assert parse_quota(text) == quota
+
+
+@pytest.mark.parametrize("text", ["1000", "0.5/s", "0/min", "10/day", "1e9/s", ""])
+def test_bad_quotas_are_one_input_error_naming_the_value(text):
+    from flasher.governor import parse_quota
+    with pytest.raises(InputError, match="--registration-quota"):
+        parse_quota(text, "--registration-quota")
