@@ -1,24 +1,30 @@
 """Pace registrations to the service's quota instead of capping them at a small fixed number.
 
-DPS admits 1,000 registrations per minute per service unit (Microsoft's "DPS quotas
-and limits"; 200/min in older documents) and answers 429 beyond it. A registration
-spends most of its ≥ 2 s waiting inside the SDK, so what limits a fleet run is the
-quota, not the number in flight. :class:`RateGovernor` is a token bucket shared by
-every board of a run:
+DPS admits 1,000 registrations per minute per service unit (Microsoft's "Quotas and
+throttling" for DPS; 200/min in older documents) and answers 429 beyond it. A
+registration spends most of its >= 2 s waiting inside the SDK, so what limits a fleet
+run is the quota, not the number in flight. :class:`RateGovernor` is shared by every
+board or id of a run and keeps the quota as the service states it, a count per window:
 
-* ``acquire()`` waits for the next start slot at the current rate (no idle waiting
-  while slots are free, no burst above the configured rate);
-* ``throttled(retry_after)`` (a 429) halves the current rate and holds every caller
-  until ``retry_after`` has passed, so one 429 never becomes a storm;
-* ``succeeded()`` after a quiet spell raises the rate again, step by step, up to the
-  configured ceiling (additive increase, multiplicative decrease, as TCP does).
+* ``acquire()`` gives a :class:`Slot` as soon as fewer than the count have started in
+  the last window: a burst up to the quota goes at once (no idle waiting), and no
+  window ever holds more (no 429 storm). A slot counts from when DPS answered it
+  (``answered()``), which is never earlier than when DPS counted it, however long the
+  TLS handshake took; a refused request (``refused()``) does not count, as at DPS.
+* ``throttled(retry_after)`` (a 429) halves the count per window and holds every caller
+  until ``retry_after`` has passed. The 429s of one burst arrive together: only the
+  first of them, outside a hold, halves.
+* ``succeeded()``, after ``recover_after`` in a row, raises the count by an eighth of the
+  configured one, up to it (additive increase, multiplicative decrease, as TCP does).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from flasher.errors import FlasherError, InputError
@@ -26,17 +32,6 @@ from flasher.errors import FlasherError, InputError
 DEFAULT_DPS_RATE = "1000/min"    # one DPS service unit (S1)
 _RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*", re.IGNORECASE)
 _PER = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
-
-
-def parse_rate(text: str, where: str = "rate") -> float:
-    """``"1000/min"`` → starts per second. ``/s``, ``/min`` and ``/h`` are understood."""
-    m = _RATE.fullmatch(str(text))
-    if not m:
-        raise InputError(f"{where} {text!r}: expected a number per second, minute or hour, like 1000/min")
-    per_second = float(m.group(1)) / _PER[m.group(2).lower()]
-    if not 0 < per_second <= 100_000:
-        raise InputError(f"{where} {text!r}: must be above 0 and at most 100000/s")
-    return per_second
 
 
 def parse_quota(text: str, where: str = "quota") -> tuple[int, float]:
@@ -58,80 +53,133 @@ class Stopped(FlasherError):
     """The run is stopping (Ctrl-C, SIGTERM): no new registration starts."""
 
 
-class RateGovernor:
-    """A token bucket whose rate backs off on 429 and recovers on success. Thread-safe."""
+class Slot:
+    """One registration's place in the governor's window."""
 
-    def __init__(self, per_second: float, *, burst: float = 1.0, floor: float = 0.2,
-                 recover_after: int = 20, clock: Callable[[], float] = time.monotonic):
-        self.ceiling = per_second
-        self.rate = per_second
-        self.floor = min(floor, per_second)
-        self.burst = max(1.0, burst)
+    __slots__ = ("_governor", "at")
+
+    def __init__(self, governor: RateGovernor):
+        self._governor = governor
+        self.at: float | None = None   # when DPS answered; None while in flight
+
+    def answered(self) -> None:
+        """DPS answered the request (accepted it, or refused it other than by throttling): it counts from now."""
+        self._governor._settle(self, counted=True)
+
+    def refused(self) -> None:
+        """DPS throttled the request (429): it never counted."""
+        self._governor._settle(self, counted=False)
+
+
+class RateGovernor:
+    """At most ``count`` registrations per ``window`` seconds, lowered on 429, raised back on success. Thread-safe."""
+
+    def __init__(self, count: int, window: float = 60.0, *, recover_after: int = 20,
+                 clock: Callable[[], float] = time.monotonic):
+        if count < 1 or window <= 0:
+            raise ValueError(f"quota {count}/{window}s")
+        self.ceiling = self.limit = int(count)
+        self.window = float(window)
         self.recover_after = recover_after
         self._clock = clock
-        self._tokens = self.burst
-        self._last = clock()
+        self._open: set[Slot] = set()          # in flight: they count as if answered now
+        self._times: deque[float] = deque()    # when each counted request was answered, oldest first
         self._hold_until = 0.0
         self._streak = 0
         self._cond = threading.Condition()
         self.throttle_count = 0
 
-    def _refill(self, now: float) -> None:
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
+    @classmethod
+    def from_text(cls, text: str, where: str = "--dps-rate", **kwargs) -> RateGovernor:
+        count, window = parse_quota(text, where)
+        return cls(count, window, **kwargs)
 
-    def wait_time(self) -> float:
-        """Seconds until the next slot (0 when one is free now); does not take it."""
+    @property
+    def rate(self) -> float:
+        """The current pace, in starts per second (for messages)."""
+        return self.limit / self.window
+
+    def _used(self, now: float) -> int:
+        cutoff = now - self.window
+        while self._times and self._times[0] <= cutoff:
+            self._times.popleft()
+        return len(self._open) + len(self._times)
+
+    def _wait(self, now: float) -> float | None:
+        """Seconds until a slot frees (0: one is free), or None when only an in-flight answer can free one."""
+        hold = max(0.0, self._hold_until - now)
+        excess = self._used(now) - self.limit + 1
+        if excess <= 0:
+            return hold
+        if excess > len(self._times):
+            return None
+        return max(hold, self._times[excess - 1] + self.window - now)
+
+    def wait_time(self) -> float | None:
+        """Seconds until the next slot (0 when one is free now; None: when a request in flight is answered)."""
         with self._cond:
-            now = self._clock()
-            self._refill(now)
-            hold = max(0.0, self._hold_until - now)
-            need = 0.0 if self._tokens >= 1 - 1e-9 else (1 - self._tokens) / self.rate
-            return max(hold, need)
+            return self._wait(self._clock())
 
-    def try_acquire(self) -> bool:
+    def try_acquire(self) -> Slot | None:
         with self._cond:
-            now = self._clock()
-            self._refill(now)
-            if now >= self._hold_until and self._tokens >= 1 - 1e-9:   # float sums of small steps
-                self._tokens -= 1
-                return True
-            return False
+            if self._wait(self._clock()) != 0:
+                return None
+            slot = Slot(self)
+            self._open.add(slot)
+            return slot
 
-    def acquire(self, deadline: float | None = None, stop: threading.Event | None = None) -> None:
-        """Wait for a start slot; raises :class:`Stopped` when ``stop`` is set or ``deadline`` passes first."""
-        while True:
-            if stop is not None and stop.is_set():
-                raise Stopped("stopping: no new registration starts")
-            if self.try_acquire():
+    def acquire(self, deadline: float | None = None, stop: threading.Event | None = None) -> Slot:
+        """Wait for a slot; raises :class:`Stopped` when ``stop`` is set or ``deadline`` passes first."""
+        with self._cond:
+            while True:
+                if stop is not None and stop.is_set():
+                    raise Stopped("stopping: no new registration starts")
+                now = self._clock()
+                wait = self._wait(now)
+                if wait == 0:
+                    slot = Slot(self)
+                    self._open.add(slot)
+                    return slot
+                if deadline is not None and (now >= deadline or (wait is not None and now + wait > deadline)):
+                    raise Stopped(f"the DPS quota ({self.limit} per {self.window:g} s after throttling) leaves no "
+                                  f"slot before the deadline")
+                self._cond.wait(min(wait if wait is not None else 0.5, 0.5))   # a stop is seen within 0.5 s
+
+    def _settle(self, slot: Slot, counted: bool) -> None:
+        with self._cond:
+            if slot not in self._open:
                 return
-            wait = self.wait_time()
-            if deadline is not None:
-                left = deadline - self._clock()
-                if left <= 0 or wait > left:
-                    raise Stopped(f"the DPS rate ({self.rate * 60:.0f}/min after throttling) leaves no slot "
-                                  f"before the deadline")
-            with self._cond:
-                self._cond.wait(min(wait, 0.5) if wait > 0 else 0.01)
+            self._open.discard(slot)
+            if counted:
+                slot.at = self._clock()
+                self._times.append(slot.at)
+            self._cond.notify_all()
 
     def throttled(self, retry_after: float | None = None) -> None:
-        """DPS answered 429: halve the rate and hold everyone for ``retry_after`` seconds (default 1/rate)."""
+        """DPS answered 429: halve the count per window (once per hold) and hold everyone for ``retry_after`` s."""
         with self._cond:
             now = self._clock()
-            self._refill(now)
             self.throttle_count += 1
             self._streak = 0
-            self.rate = max(self.floor, self.rate / 2)
-            pause = retry_after if retry_after is not None and retry_after > 0 else 1 / self.rate
+            if now >= self._hold_until:
+                self.limit = max(1, self.limit // 2)
+            pause = retry_after if retry_after is not None and retry_after > 0 else self.window / self.limit
             self._hold_until = max(self._hold_until, now + pause)
-            self._tokens = min(self._tokens, 0.0)
             self._cond.notify_all()
 
     def succeeded(self) -> None:
-        """A registration went through: after ``recover_after`` in a row, step the rate back up."""
+        """A registration went through: after ``recover_after`` in a row, raise the count back by an eighth."""
         with self._cond:
             self._streak += 1
-            if self.rate < self.ceiling and self._streak >= self.recover_after:
+            if self.limit < self.ceiling and self._streak >= self.recover_after:
                 self._streak = 0
-                self.rate = min(self.ceiling, self.rate + self.ceiling / 8)
+                self.limit = min(self.ceiling, self.limit + max(1, self.ceiling // 8))
                 self._cond.notify_all()
+
+
+def in_flight_for(governor: RateGovernor, latency: float = 4.0, most: int = 256) -> int:
+    """How many registrations to keep in flight so the quota, not the pool, sets the pace.
+
+    Little's law: in flight = rate x time per registration (a few seconds inside the SDK).
+    """
+    return max(8, min(most, math.ceil(governor.rate * latency)))
