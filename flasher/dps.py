@@ -31,12 +31,13 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flasher.errors import FlasherError, InputError
+from flasher.governor import RateGovernor
 from flasher.identity import validate_host, validate_id_scope
 from flasher.proxy import Proxy
 
@@ -55,10 +56,11 @@ _GRACE = 10.0  # how long cleanup may take after the deadline before we stop wai
 class DpsError(FlasherError):
     """A registration or hub step failed; ``kind`` is one of :data:`ERROR_KINDS`."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, *, status: int | None = None, retry_after: int | None = None):
         assert kind in ERROR_KINDS, kind
         super().__init__(message)
         self.kind = kind
+        self.status, self.retry_after = status, retry_after   # a throttled answer's HTTP status and retry-after
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,8 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
                     test_message: str | None = "TestMessage", on_phase: Callable[[str], None] | None = None,
                     throttle_retries: int = DEFAULT_THROTTLE_RETRIES, transport: Transport = DIRECT,
                     payload: Any = None, model_id: str | None = None, other_key: str | None = None,
-                    key_names: tuple[str, str] = ("primary", "secondary")) -> Registration:
+                    key_names: tuple[str, str] = ("primary", "secondary"), governor: RateGovernor | None = None,
+                    stop: threading.Event | None = None) -> Registration:
     """Register ``registration_id`` with DPS, then (unless ``test_message`` is None) send it from the hub.
 
     ``device_key`` is the device's base64 key (group-derived or the individual
@@ -180,6 +183,9 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
     payload (IoT Central's ``{"modelId": ...}``); ``model_id`` is also announced to the hub.
     ``other_key`` (the device key from the group's other key, named ``key_names[1]``) is
     tried once if DPS refuses ``device_key`` with 401, so the error can say whether it works.
+    ``governor`` (shared by a run) paces every request to the DPS quota: each attempt
+    waits for a slot, and a 429 slows the whole run instead of being retried blind;
+    ``stop`` ends that wait (raising :class:`~flasher.governor.Stopped`).
     Raises :class:`DpsError` (one-line message naming the id and host) or
     :class:`InputError` for bad arguments. Every SDK client is closed on every path.
     """
@@ -201,7 +207,7 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
     phase = on_phase or (lambda _p: None)
     deadline = time.monotonic() + timeout
     timings: dict[str, float] = {}
-    attempt = _Attempt(reg_id, scope, host, pem, timeout, throttle_retries, transport, payload)
+    attempt = _Attempt(reg_id, scope, host, pem, timeout, throttle_retries, transport, payload, governor, stop)
 
     t0 = time.monotonic()
     phase("register")
@@ -244,14 +250,66 @@ class _Attempt:
     throttle_retries: int
     transport: Transport
     payload: Any
+    governor: RateGovernor | None = None
+    stop: threading.Event | None = None
 
     @property
     def where(self) -> str:
         return f"registration {self.reg_id!r} at {self.host}"
 
     def provision(self, key: str, deadline: float, phase: Callable[[str], None]):
-        return _provision(self.reg_id, key, self.scope, self.host, self.pem, deadline, self.timeout, phase,
-                          self.throttle_retries, self.transport, self.payload)
+        if self.governor is None:   # the SDK retries 429s itself, honouring retry-after
+            return _provision(self.reg_id, key, self.scope, self.host, self.pem, deadline, self.timeout, phase,
+                              self.throttle_retries, self.transport, self.payload)
+        return self._paced(key, deadline, phase, self.governor)
+
+    def _paced(self, key: str, deadline: float, phase: Callable[[str], None], governor: RateGovernor):
+        """Each request in a slot of the run's quota; a 429 slows the run down, and this id waits its turn again."""
+        from flasher.governor import Stopped
+
+        retries = 0
+        while True:
+            try:
+                slot = governor.acquire(deadline, self.stop)
+            except Stopped as exc:
+                if self.stop is not None and self.stop.is_set():
+                    raise
+                raise DpsError("timeout", f"{self.where}: {exc}") from None
+
+            def answered(p: str, slot=slot) -> None:
+                if p == "assigning":   # DPS accepted the request: from now it counts against the quota
+                    slot.answered()
+                phase(p)
+
+            try:
+                result = _provision(self.reg_id, key, self.scope, self.host, self.pem, deadline, self.timeout,
+                                    answered, 0, self.transport, self.payload)
+            except DpsError as exc:
+                if exc.kind != "throttled" or exc.status is None:
+                    if exc.kind in ("unreachable", "tls", "proxy", "timeout"):
+                        slot.refused()   # never reached DPS, or no telling: do not hold a place for it
+                    else:
+                        slot.answered()
+                    raise
+                if exc.status == 429:
+                    slot.refused()
+                    governor.throttled(exc.retry_after)
+                else:   # 5xx: DPS counted it; wait as told, without slowing everyone
+                    slot.answered()
+                    time.sleep(max(0.0, min(exc.retry_after or 2, deadline - time.monotonic())))
+                retries += 1
+                if retries > self.throttle_retries:
+                    raise DpsError("throttled", f"{self.where}: DPS answered {exc.status} "
+                                                f"(retry-after {exc.retry_after} s); gave up after "
+                                                f"{retries - 1} retries", status=exc.status,
+                                   retry_after=exc.retry_after) from None
+                log.info("%s: DPS answered %s; waiting for the run's next slot (%d/%d)", self.where, exc.status,
+                         retries, self.throttle_retries)
+                phase("throttled")
+                continue
+            slot.answered()
+            governor.succeeded()
+            return result
 
     def check_other_key(self, refused: DpsError, other_key: str, deadline: float, names: tuple[str, str]) -> DpsError:
         """The first key got 401: try the other one once, and say what that tells the user."""
@@ -273,32 +331,69 @@ class _Attempt:
                                         f"the {used} key was probably rotated; rerun {rerun}")
 
 
-def register_many(keys: Mapping[str, str], *, concurrency: int = 8,
+def register_many(keys: Mapping[str, str] | Iterable[tuple[str, str, str | None]], *, concurrency: int = 8,
                   on_phase: Callable[[str, str], None] | None = None, other_keys: Mapping[str, str] | None = None,
+                  stop: threading.Event | None = None,
+                  record: Callable[[str, str, Registration | DpsError], None] | None = None,
                   **kwargs) -> Iterator[tuple[str, Registration | DpsError]]:
-    """Register every ``registration id -> device key`` at once, at most ``concurrency`` in flight.
+    """Register ids at once, at most ``concurrency`` in flight, each reported as it finishes.
 
-    Yields ``(registration_id, Registration or DpsError)`` as each finishes, so one refusal
-    never hides the others; ``other_keys`` (id -> the device key from the group's other
-    key) are for the 401 check; ``kwargs`` go to :func:`register_device`.
+    ``keys`` is ``registration id -> device key``, or a stream of ``(registration id, device
+    key, the device key from the group's other key or None)``, read only as fast as slots
+    free up, so a file of a million ids costs the memory of ``concurrency`` of them.
+    Yields ``(registration_id, Registration or DpsError)``, so one refusal never hides
+    the others; ``other_keys`` are for the 401 check. ``record(id, key, outcome)`` runs on
+    the worker before the outcome is yielded, so what finishes while the caller is gone
+    (Ctrl-C) is still recorded. Once ``stop`` is set, nothing new starts, what is in flight
+    finishes and is yielded, and ids waiting for the quota are dropped. ``kwargs`` go to
+    :func:`register_device` (``governor``: the run's pace).
     """
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-    def one(reg_id: str) -> Registration:
+    from flasher.governor import Stopped
+
+    if isinstance(keys, Mapping):
+        items: Iterator[tuple[str, str, str | None]] = (
+            (r, k, other_keys.get(r) if other_keys else None) for r, k in keys.items())
+    else:
+        items = iter(keys)
+
+    def one(reg_id: str, key: str, other: str | None) -> Registration | DpsError:
         phase = (lambda p: on_phase(reg_id, p)) if on_phase else None
-        other = other_keys.get(reg_id) if other_keys else None
-        return register_device(reg_id, keys[reg_id], on_phase=phase, other_key=other, **kwargs)
-
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(keys))), thread_name_prefix="flasher-register") as pool:
-        futures = {pool.submit(one, r): r for r in keys}
+        outcome: Registration | DpsError
         try:
-            for fut in as_completed(futures):
-                try:
-                    yield futures[fut], fut.result()
-                except DpsError as exc:
-                    yield futures[fut], exc
+            outcome = register_device(reg_id, key, on_phase=phase, other_key=other, stop=stop, **kwargs)
+        except DpsError as exc:
+            outcome = exc
+        if record is not None:
+            record(reg_id, key, outcome)
+        return outcome
+
+    stop = stop if stop is not None else threading.Event()
+    width = max(1, concurrency)
+    pending: dict[Future, str] = {}
+    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="flasher-register") as pool:
+        try:
+            while True:
+                while len(pending) < width and not stop.is_set():
+                    item = next(items, None)
+                    if item is None:
+                        break
+                    pending[pool.submit(one, *item)] = item[0]
+                if not pending:
+                    return
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    reg_id = pending.pop(fut)
+                    try:
+                        outcome = fut.result()
+                    except Stopped:
+                        continue
+                    yield reg_id, outcome
         finally:
-            for fut in futures:
+            if pending:   # the caller stopped reading (Ctrl-C, an error): wake every id waiting for the quota
+                stop.set()
+            for fut in pending:
                 fut.cancel()
 
 
@@ -578,7 +673,8 @@ def _classify(exc: BaseException, where: str, throttle_retries: int = 0, hub: bo
         if isinstance(e, _Throttled):
             ra = f" (retry-after {e.retry_after} s)" if e.retry_after is not None else ""
             what = "throttled by DPS (429)" if e.status == 429 else f"DPS answered {e.status} (server error)"
-            return DpsError("throttled", f"{where}: {what}{ra}; gave up after {e.retries} retries")
+            return DpsError("throttled", f"{where}: {what}{ra}; gave up after {e.retries} retries", status=e.status,
+                            retry_after=e.retry_after)
         if isinstance(e, DpsError):
             return e
     proxy_error = _classify_proxy(chain, where, transport, host)

@@ -105,6 +105,29 @@ ALTER TABLE boards ADD COLUMN dps_payload TEXT;
 ALTER TABLE boards ADD COLUMN registration_payload TEXT;
 """
 
+# Adds ids registered with DPS ahead of their boards (`flasher register --input`), so an interrupted bulk
+# run resumes without registering the done ones again. Keyed by the registration id as DPS compares it
+# (lower case), for the DPS instance (id scope + host) it was registered at.
+REGISTRATIONS = """
+CREATE TABLE registrations (
+    registration_key TEXT NOT NULL,       -- the registration id in lower case: DPS ids are case-insensitive
+    id_scope         TEXT NOT NULL,
+    dps_host         TEXT NOT NULL,
+    registration_id  TEXT NOT NULL,       -- as given
+    status           TEXT NOT NULL,       -- assigned | failed
+    device_key_check TEXT,
+    assigned_hub     TEXT,
+    device_id        TEXT,
+    message_sent     INTEGER NOT NULL DEFAULT 0,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    last_error       TEXT,
+    station          TEXT,
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL,
+    PRIMARY KEY (registration_key, id_scope, dps_host)
+);
+"""
+
 Migration = str | Callable[[Any], None]
 
 # MIGRATIONS[n] takes a ledger from schema n to n + 1 (0 is an empty file or database), inside the
@@ -118,8 +141,9 @@ MIGRATIONS: list[Migration] = [
     TTS,
     STATIONS,
     DPS_PAYLOADS,
+    REGISTRATIONS,
 ]
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 EXPORT_FIELDS = ("deveui", "registration_id", "status", "current_step", "join_eui", "band", "app_key_source",
@@ -537,6 +561,7 @@ class Ledger:
         except b.errors as exc:
             raise self._read_error(exc) from None
         self._select = _select_columns(version)
+        self._schema = version
         if version == SCHEMA_VERSION or self.readonly:
             return
         what = "cannot create" if version == 0 else f"cannot upgrade from schema {version} to {SCHEMA_VERSION}"
@@ -553,6 +578,7 @@ class Ledger:
         except b.errors as exc:
             raise LedgerError(f"{self._where}: {what} ({b.describe(exc)})") from None
         self._select = _select_columns(SCHEMA_VERSION)
+        self._schema = SCHEMA_VERSION
 
     def _version(self, db, create: bool) -> int:
         """The schema this ledger is at (0: empty), or refuse it; reads only."""
@@ -769,6 +795,50 @@ class Ledger:
             raise LedgerError(f"{self._where}: unknown field(s) {sorted(bad)}")
         cols = ", ".join(f"{k} = ?" for k in fields)
         db.execute(f"UPDATE boards SET {cols}, updated_at = ? WHERE deveui = ?", (*fields.values(), now, deveui))
+
+    # --- pre-registrations (flasher register --input) ---------------------------
+    def registered(self, registration_ids: Iterable[str], id_scope: str, dps_host: str) -> dict[str, tuple[str | None, bool]]:
+        """Which of these ids are assigned at this DPS already: ``lower-case id -> (device key check, message sent)``.
+
+        One query per call; the caller asks a page of ids at a time.
+        """
+        keys = list(dict.fromkeys(r.lower() for r in registration_ids))
+        if not keys or self._version_now() < 6:
+            return {}
+        marks = ", ".join("?" * len(keys))
+        with self._read() as db:
+            rows = db.execute(f"SELECT registration_key, device_key_check, message_sent FROM registrations "
+                              f"WHERE id_scope = ? AND dps_host = ? AND status = 'assigned' AND registration_key IN ({marks})",
+                              (id_scope, dps_host.lower(), *keys)).fetchall()
+        return {k: (check, bool(sent)) for k, check, sent in rows}
+
+    def record_registration(self, registration_id: str, *, id_scope: str, dps_host: str, status: str,
+                            device_key_check: str | None = None, assigned_hub: str | None = None,
+                            device_id: str | None = None, message_sent: bool = False, error: str | None = None) -> None:
+        """One id's outcome, in one transaction, before it is reported: what is reported done stays done."""
+        with self._tx() as db:
+            now = self._backend.now()
+            key, host = registration_id.lower(), dps_host.lower()
+            db.execute("INSERT INTO registrations (registration_key, id_scope, dps_host, registration_id, status, "
+                       "attempts, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?) "
+                       "ON CONFLICT (registration_key, id_scope, dps_host) DO NOTHING",
+                       (key, id_scope, host, registration_id, status, now, now))
+            if status == "assigned":
+                db.execute("UPDATE registrations SET registration_id = ?, status = ?, device_key_check = ?, "
+                           "assigned_hub = ?, device_id = ?, message_sent = ?, attempts = attempts + 1, "
+                           "last_error = NULL, station = ?, updated_at = ? "
+                           "WHERE registration_key = ? AND id_scope = ? AND dps_host = ?",
+                           (registration_id, status, device_key_check, assigned_hub, device_id, int(message_sent),
+                            self.station, now, key, id_scope, host))
+            else:   # a failure never undoes an earlier success at this DPS: it stays assigned, with the error noted
+                db.execute("UPDATE registrations SET attempts = attempts + 1, last_error = ?, station = ?, "
+                           "updated_at = ?, status = CASE WHEN status = 'assigned' THEN status ELSE ? END "
+                           "WHERE registration_key = ? AND id_scope = ? AND dps_host = ?",
+                           (error, self.station, now, status, key, id_scope, host))
+
+    def _version_now(self) -> int:
+        """The schema of the ledger as opened (a read-only one may be older than this flasher)."""
+        return self._schema
 
     # --- reads --------------------------------------------------------------------
     @contextmanager

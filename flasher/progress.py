@@ -626,28 +626,60 @@ def for_stream(stream: TextIO | None = None, *, quiet: bool = False, json: bool 
 
 class LiveLine:
     """One status line rewritten in place on a terminal (stderr); silent on a pipe. Cut to the terminal's width, since a
-    line that wraps can no longer be rewritten by a carriage return."""
+    line that wraps can no longer be rewritten by a carriage return.
 
-    def __init__(self, total: int, stream: TextIO | None = None):
+    It shows how far a run is: ``[done/total done, failed, rate/min, ETA] id: phase ...``; ``total`` is None when
+    the ids stream in (stdin), and ids the ledger had done already (:meth:`skipped`) count as done but not in the rate.
+    """
+
+    def __init__(self, total: int | None, stream: TextIO | None = None, clock=time.monotonic):
         self.stream = stream or sys.stderr
         self.on = self.stream.isatty()
-        self.total, self.done = total, 0
+        self.total, self.done, self.failed, self.skipped_count = total, 0, 0, 0
         self.phases: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._clock = clock
+        self._started = clock()
+        self._drawn = 0.0
 
     def phase(self, reg_id: str, name: str) -> None:
         with self._lock:
             self.phases[reg_id] = name
             self._draw()
 
-    def finished(self, reg_id: str, line: str | None = None, to_err: bool = False) -> None:
+    def skipped(self, count: int = 1) -> None:
+        """Ids done in an earlier run: counted, not timed."""
+        with self._lock:
+            self.done += count
+            self.skipped_count += count
+            self._draw(force=False)
+
+    def finished(self, reg_id: str, line: str | None = None, to_err: bool = False, failed: bool = False) -> None:
         with self._lock:
             self.phases.pop(reg_id, None)
             self.done += 1
+            self.failed += failed
             self._clear()
             if line is not None:
                 print(line, file=self.stream if to_err else sys.stdout, flush=True)
             self._draw()
+
+    def rate(self) -> float:
+        """Ids finished this run per minute."""
+        elapsed = self._clock() - self._started
+        worked = self.done - self.skipped_count
+        return worked * 60 / elapsed if elapsed > 0 and worked else 0.0
+
+    def counts(self) -> str:
+        total = "?" if self.total is None else self.total
+        text = f"{self.done}/{total} done, {self.failed} failed"
+        per_minute = self.rate()
+        if per_minute:
+            text += f", {per_minute:.0f}/min"
+            if self.total is not None:
+                left = max(0, self.total - self.done) / per_minute * 60
+                text += f", ETA {int(left) // 3600}:{int(left) % 3600 // 60:02d}:{int(left) % 60:02d}"
+        return text
 
     def close(self) -> None:
         with self._lock:
@@ -659,11 +691,15 @@ class LiveLine:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
 
-    def _draw(self) -> None:
-        if not self.on or not self.phases:
+    def _draw(self, force: bool = True) -> None:
+        if not self.on:
             return
+        now = self._clock()
+        if not force and now - self._drawn < 0.1:   # thousands of skipped ids: at most ten redraws a second
+            return
+        self._drawn = now
         shown = ", ".join(f"{r}: {p}" for r, p in list(self.phases.items())[:3])
         more = f" +{len(self.phases) - 3}" if len(self.phases) > 3 else ""
         width = max(1, _terminal_size(self.stream)[0] - 1)
-        self.stream.write("\r\x1b[K" + _fit(f"[{self.done}/{self.total}] {shown}{more}", width))
+        self.stream.write("\r\x1b[K" + _fit(f"[{self.counts()}] {shown}{more}".rstrip(), width))
         self.stream.flush()

@@ -57,6 +57,14 @@ def _count(low: int, high: int) -> Callable[[Any, str], int]:
     return parse
 
 
+def _quota(value: Any, where: str) -> str:
+    """A DPS quota such as ``1000/min``: checked here, turned into a governor where registrations start."""
+    from flasher.governor import parse_quota
+
+    parse_quota(value, where)
+    return " ".join(str(value).split())
+
+
 def _choice(*allowed: str) -> Callable[[Any, str], str]:
     def parse(value: Any, where: str) -> str:
         text = str(value).strip().lower()
@@ -271,6 +279,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("at_timeout", "seconds to wait for each AT answer", default=2.0, option="--timeout",
             parse=_seconds(0.05, 600.0), toml_type=(int, float)),
     Setting("concurrency", "boards (or registrations) at once", default=16, parse=_count(1, 256), toml_type=int),
+    Setting("dps_rate", "DPS registrations allowed per second, minute or hour (the quota of your DPS units); "
+            "a 429 slows the run, success speeds it back up", default="1000/min", env="FLASHER_DPS_RATE",
+            parse=_quota),
     Setting("test_message", "the proof message sent from the hub", default="TestMessage"),
     Setting("fqbn", "board FQBN for --upload", default="Seeeduino:samd:rolawan"),
     Setting("sketch", "sketch folder for --upload (default: the shipped flasher_otaa)", path=True),

@@ -112,7 +112,7 @@ def test_live_state_on_a_terminal(target):
             os.close(slave)
         os.close(master)
     assert p.returncode == 0
-    assert b"\r\x1b[K[0/1] " + INDIVIDUAL_ID.encode() + b": register" in seen
+    assert b"\r\x1b[K[0/1 done, 0 failed] " + INDIVIDUAL_ID.encode() + b": register" in seen
     assert p.stdout.startswith(INDIVIDUAL_ID.encode())  # results stay on stdout
 
 

@@ -264,7 +264,7 @@ def test_stations_opening_an_empty_database_at_once_create_it_once(pg_url):
         assert failures == [] and len(opened) == 4
         assert rows(opened[0], "SELECT version FROM flasher_schema") == [(SCHEMA_VERSION,)]
         with opened[0]._backend.transaction(write=False) as db:
-            assert sorted(opened[0]._backend.tables(db)) == ["boards", "claims", "steps"]
+            assert sorted(opened[0]._backend.tables(db)) == ["boards", "claims", "registrations", "steps"]
     finally:
         for led in opened:
             led.close()

@@ -82,7 +82,7 @@ def test_v1_ledger_is_migrated_keeping_every_board_field_and_step(tmp_path):
         assert export_csv(records) == golden("csv")
     after = raw(path)
     assert after["user_version"] == SCHEMA_VERSION
-    assert after["tables"] == ["boards", "claims", "steps"]
+    assert after["tables"] == ["boards", "claims", "registrations", "steps"]
     for table in ("boards", "steps"):  # every row as it was; the columns added since are empty
         width = len(before[table][0])
         assert [row[:width] for row in after[table]] == before[table]
@@ -191,7 +191,7 @@ def test_a_new_ledger_is_made_whole_at_the_current_schema(tmp_path):
     path = tmp_path / "ledger.sqlite3"
     Ledger(path).close()
     after = raw(path)
-    assert after["user_version"] == SCHEMA_VERSION and after["tables"] == ["boards", "claims", "steps"]
+    assert after["user_version"] == SCHEMA_VERSION and after["tables"] == ["boards", "claims", "registrations", "steps"]
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert path.stat().st_mode & 0o777 == 0o600
 

@@ -385,14 +385,31 @@ def test_a_reader_that_went_away_does_not_fail_the_board(make):
 def test_live_line_stays_on_one_line_of_a_narrow_terminal(terminal, monkeypatch):
     term = terminal(40, 5)
     monkeypatch.setattr(sys, "stderr", term.stream)
-    live = LiveLine(4)
+    clock = iter(range(100, 200))
+    live = LiveLine(4, clock=lambda: float(next(clock)))
     for reg_id in ("2cf7f1202490a1b2", "2cf7f1202490a1b3", "2cf7f1202490a1b4", "2cf7f1202490a1b5"):
         live.phase(reg_id, "assigning")
-    live.finished("2cf7f1202490a1b2", "error: 2cf7f1202490a1b2: unauthorized", to_err=True)
+    live.finished("2cf7f1202490a1b2", "error: 2cf7f1202490a1b2: unauthorized", to_err=True, failed=True)
     screen = term.screen()
     lines = [line.rstrip() for line in screen.display]
     assert lines[0] == "error: 2cf7f1202490a1b2: unauthorized"
-    assert lines[1].startswith("[1/4] 2cf7f1202490a1b3: assigning") and lines[1].endswith("…")
+    assert lines[1].startswith("[1/4 done, 1 failed") and lines[1].endswith("…")
     assert len(lines[1]) < 40 and lines[2:] == ["", "", ""] and screen.cursor.y == 1
     live.close()
     assert [line.rstrip() for line in term.screen().display][1] == ""
+
+
+def test_live_line_counts_rate_and_eta_and_not_skipped_ids_in_the_rate(terminal, monkeypatch):
+    term = terminal(120, 3)
+    monkeypatch.setattr(sys, "stderr", term.stream)
+    now = [0.0]
+    live = LiveLine(100, clock=lambda: now[0])
+    live.skipped(40)                       # done in an earlier run: not part of this run's pace
+    for i in range(10):
+        now[0] += 6.0
+        live.finished(f"id-{i}", failed=i == 3)
+    assert live.counts() == "50/100 done, 1 failed, 10/min, ETA 0:05:00"
+    assert [line.rstrip() for line in term.screen().display][0] == "[50/100 done, 1 failed, 10/min, ETA 0:05:00]"
+    live.close()
+    streaming = LiveLine(None, clock=lambda: now[0])
+    assert streaming.counts() == "0/? done, 0 failed"

@@ -8,56 +8,10 @@ import sys
 import click
 
 from flasher.commands.options import config_option, err, group_key_options, id_format_option
-from flasher.errors import EXIT_FAILURE, InputError
+from flasher.errors import EXIT_FAILURE
+from flasher.idlist import read_lines
 
-MAX_LINE = 4096                       # no id is longer than 128 characters; a longer line is not an id list
 _EUI_TYPO = re.compile(r"[0-9A-Fa-f]{12,20}")
-
-
-def _lines(stream, name: str):
-    """``(where, text)`` for each non-blank line of a binary stream: UTF-8 (a BOM is fine), bounded lines.
-
-    Read in 1 MiB chunks and decoded a chunk at a time (a newline never falls inside a
-    UTF-8 sequence), so 100,000 ids cost little more than the HMACs, and one endless
-    line costs at most MAX_LINE bytes before it is refused.
-    """
-    n, tail, first = 0, b"", True
-    read = getattr(stream, "read1", stream.read)   # what is there now: a pipe streams, it does not wait for 1 MiB
-    while True:
-        chunk = read(1 << 20)
-        data = tail + chunk
-        if first and data.startswith(b"\xef\xbb\xbf"):
-            data = data[3:]
-        first = False
-        if not chunk:
-            tail, lines = b"", ([data] if data else [])
-        else:
-            lines = data.split(b"\n")
-            tail = lines.pop()
-            if len(tail) > MAX_LINE:
-                raise InputError(f"--input {name}: line {n + len(lines) + 1} is longer than {MAX_LINE} bytes "
-                                 f"(not a list of ids)")
-        if not lines:
-            if not chunk:
-                return
-            continue
-        block = b"\n".join(lines)
-        if b"\0" in block:
-            line = n + block[:block.index(b"\0")].count(b"\n") + 1
-            raise InputError(f"--input {name}: line {line} holds a NUL byte (binary or UTF-16? expected UTF-8 text)")
-        try:
-            texts = block.decode("utf-8").split("\n")
-        except UnicodeDecodeError as exc:
-            line = n + block[:exc.start].count(b"\n") + 1
-            raise InputError(f"--input {name}: line {line} is not UTF-8 text") from None
-        for text in texts:
-            n += 1
-            if len(text) > MAX_LINE:
-                raise InputError(f"--input {name}: line {n} is longer than {MAX_LINE} bytes (not a list of ids)")
-            if text.strip():
-                yield f"line {n}", text
-        if not chunk:
-            return
 
 
 @click.command()
@@ -102,7 +56,7 @@ def keys(ids, input_file, fmt, on_error, **_options):
                     f"(used as a registration id)")
             yield f"argument {n}", a
         if input_file is not None:
-            yield from _lines(input_file, getattr(input_file, "name", "-"))
+            yield from read_lines(input_file, getattr(input_file, "name", "-"))
 
     # ids cannot contain ',', quotes or backslashes and keys are base64: no CSV quoting or JSON escaping needed
     if fmt == "csv":
