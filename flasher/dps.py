@@ -267,14 +267,14 @@ class _Attempt:
         """Each request in a slot of the run's quota; a 429 slows the run down, and this id waits its turn again."""
         from flasher.governor import Stopped
 
-        retries = 0
+        retries, throttled = 0, ""
         while True:
             try:
                 slot = governor.acquire(deadline, self.stop)
             except Stopped as exc:
                 if self.stop is not None and self.stop.is_set():
                     raise
-                raise DpsError("timeout", f"{self.where}: {exc}") from None
+                raise DpsError("timeout", f"{self.where}: {exc}{throttled}") from None
 
             def answered(p: str, slot=slot) -> None:
                 if p == "assigning":   # DPS accepted the request: from now it counts against the quota
@@ -290,6 +290,8 @@ class _Attempt:
                         slot.refused()   # never reached DPS, or no telling: do not hold a place for it
                     else:
                         slot.answered()
+                    if exc.kind == "timeout" and throttled:
+                        raise DpsError("timeout", f"{exc}{throttled}") from None
                     raise
                 if exc.status == 429:
                     slot.refused()
@@ -298,6 +300,8 @@ class _Attempt:
                     slot.answered()
                     time.sleep(max(0.0, min(exc.retry_after or 2, deadline - time.monotonic())))
                 retries += 1
+                throttled = (f" (DPS had answered {exc.status} {retries} time(s), retry-after "
+                             f"{exc.retry_after} s)")
                 if retries > self.throttle_retries:
                     raise DpsError("throttled", f"{self.where}: DPS answered {exc.status} "
                                                 f"(retry-after {exc.retry_after} s); gave up after "

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from flasher.dps import DIRECT, CaCert, Transport
 from flasher.errors import FlasherError
 from flasher.eui import EUI64
+from flasher.governor import RateGovernor
 from flasher.identity import RegistrationIdPolicy
 from flasher.keys import AppKeyPlan, AppKeySource
 from flasher.labels import LabelPlan
@@ -106,6 +107,7 @@ class Settings:
     model_id: str | None = None             # also announced to the hub (IoT Plug and Play)
     other_group_key: Secret | None = None   # the group's other key, tried once after a 401 (--check-other-key)
     key_names: tuple[str, str] = ("primary", "secondary")  # what group_key and other_group_key are
+    governor: RateGovernor | None = field(default=None, compare=False)  # the run's DPS pace (--dps-rate); shared
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_key, Secret):

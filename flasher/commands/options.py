@@ -137,7 +137,7 @@ def tts_options(f):
 
 # --- Azure: IoT Central model id, WebSockets, proxies, key rotation ------------------------------
 
-AZURE_SETTINGS = ["model_id", "payload_json", "websockets", "proxy", "use_secondary_key", "check_other_key"]
+AZURE_SETTINGS = ["model_id", "payload_json", "websockets", "proxy", "use_secondary_key", "check_other_key", "dps_rate"]
 
 
 def azure_options(f):
@@ -154,6 +154,7 @@ def azure_options(f):
                      help="File holding the proxy password (or $FLASHER_PROXY_PASSWORD)."),
         setting_option("--use-secondary-key", name="use_secondary_key", is_flag=True),
         setting_option("--check-other-key", name="check_other_key", is_flag=True),
+        setting_option("--dps-rate", name="dps_rate", metavar="N/min"),
     ]
     for decorate in reversed(decorators):
         f = decorate(f)

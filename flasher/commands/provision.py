@@ -73,6 +73,7 @@ def build_settings(s, *, upload: bool, no_test_message: bool, force: bool, extra
         tool = make_builder(s.builder, fqbn=s.fqbn, arduino_cli=s.arduino_cli, samd_core=s.samd_core, bossac=s.bossac)
         up = Upload(sketch=str(s.sketch or default_sketch()), fqbn=s.fqbn, arduino_cli=getattr(tool, "executable", None),
                     builder=s.builder, samd_core=str(getattr(tool, "kit", "")) or None, bossac=s.bossac)
+    from flasher.governor import RateGovernor
     from flasher.labels import LabelPlan
     from flasher.pipeline import Settings
 
@@ -82,7 +83,8 @@ def build_settings(s, *, upload: bool, no_test_message: bool, force: bool, extra
                     id_policy=s.registration_id_format, timeout=s.timeout, at_timeout=s.at_timeout,
                     test_message=None if no_test_message else s.test_message, upload=up, tts=tts, force=force,
                     extras=parse_sets(extras), labels=labels, transport=transport, dps_payload=payload,
-                    model_id=s.model_id, other_group_key=other_key, key_names=key_names)
+                    model_id=s.model_id, other_group_key=other_key, key_names=key_names,
+                    governor=RateGovernor.from_text(s.dps_rate, "--dps-rate"))
 
 
 class _Terminated(BaseException):

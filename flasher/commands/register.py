@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 @setting_option("--ca-cert", name="ca_cert", type=click.Path(dir_okay=False))
 @setting_option("--timeout", name="timeout", metavar="S", help="Seconds allowed per device, all phases")
 @click.option("--no-test-message", is_flag=True, help="Register only; do not connect to the hub and send 'TestMessage'.")
-@setting_option("--dps-rate", name="dps_rate", metavar="N/min")
 @setting_option("--concurrency", name="concurrency", metavar="N",
                 help="Registrations in flight at once [default: enough for --dps-rate, 8 to 256]")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per device on stdout.")
@@ -91,7 +90,7 @@ def register(ids, input_file, column, enrollment, no_test_message, as_json, **_o
     from flasher.settings import from_click
 
     s = from_click(["id_scope", "dps_host", "ca_cert", "timeout", "concurrency", "registration_id_format", "test_message",
-                    "dps_rate", "ledger", *AZURE_SETTINGS])
+                    "ledger", *AZURE_SETTINGS])
     if not ids and input_file is None:
         raise click.UsageError("give ids as arguments or --input FILE")
     if column is not None and input_file is None:

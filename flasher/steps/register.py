@@ -1,8 +1,9 @@
 """register: the identity in Azure DPS, through the azure-iot-device SDK; DPS assigns a hub.
 
 The registration payload (IoT Central's model id) goes with it, over the configured
-transport (8883 or 443, maybe through a proxy); what DPS hands back in
-``registrationState.payload`` is recorded.
+transport (8883 or 443, maybe through a proxy), paced by the run's governor (the DPS
+quota, shared by every board); what DPS hands back in ``registrationState.payload`` is
+recorded.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class Register(Step):
         reg = dps.register_device(board.registration_id, board.device_key.reveal(), id_scope=s.id_scope,
                                   dps_host=s.dps_host, ca_cert=s.ca_cert, timeout=s.timeout, test_message=None,
                                   on_phase=board.phase, transport=s.transport, payload=s.dps_payload,
-                                  model_id=s.model_id, other_key=other, key_names=s.key_names)
+                                  model_id=s.model_id, other_key=other, key_names=s.key_names,
+                                  governor=s.governor, stop=board.stop)
         board.assigned_hub, board.device_id = reg.assigned_hub, reg.device_id
         return Done(f"{reg.device_id}@{reg.assigned_hub}", {"assigned_hub": reg.assigned_hub, "device_id": reg.device_id,
                                                             "registration_payload": canonical(reg.payload)})
