@@ -454,10 +454,10 @@ class DpsEmulator(MqttApplication):
         return self
 
     def endpoints(self) -> str:
-        """Where it listens, for people: ``127.0.0.5:8883 (MQTT), 127.0.0.5:443 (WebSocket)``."""
+        """Where it listens, for people: ``127.0.0.5:8883 (MQTT), 127.0.0.5:443 (MQTT over WebSocket, HTTPS)``."""
         shown = [f"{self.host}:{self.port} (MQTT)"] if self.port is not None else []
         if self.websocket_port is not None:
-            shown.append(f"{self.host}:{self.websocket_port} (MQTT over WebSocket)")
+            shown.append(f"{self.host}:{self.websocket_port} (MQTT over WebSocket, HTTPS)")
         return ", ".join(shown)
 
     def _hold_8883_closed(self) -> None:
