@@ -185,6 +185,7 @@ class MqttClient:
 
     def __init__(self, emu, client_id: str, username: str, password: str | None):
         import queue
+        import ssl
 
         import paho.mqtt.client as mqtt
 
@@ -192,7 +193,7 @@ class MqttClient:
         self.connack: queue.Queue = queue.Queue()
         self.client = mqtt.Client(client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
         self.client.username_pw_set(username, password)
-        self.client.tls_set(ca_certs=str(emu.ca_cert_path))
+        self.client.tls_set_context(ssl.create_default_context(cafile=str(emu.ca_cert_path)))
         self.client.on_connect = lambda c, u, flags, rc: self.connack.put(rc)
         self.client.on_message = lambda c, u, msg: self.messages.put((msg.topic, msg.payload))
         self.host, self.port = emu.host, emu.port
