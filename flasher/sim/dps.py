@@ -34,10 +34,23 @@ port 8883 (the SDK's fixed port), with its own root of trust:
   keeps 8883 closed (bound, never listening, so no other server can open it there meanwhile),
   to prove a client really used 443. Each registration and hub device records
   the transport it came by.
+* Port 443 also serves DPS's HTTPS runtime API (``PUT /{idScope}/registrations/{id}/register``,
+  ``GET .../operations/{operationId}``, the SAS token in ``Authorization``, ``Retry-After``): the Node and C
+  SDKs' HTTP transports and curl. MQTT, WebSockets and HTTPS share one request core, so every check, knob and
+  record is the same whatever the transport.
+* Registration ids follow DPS's rules (:data:`REGISTRATION_ID`; an invalid one is answered 400 before any
+  key is checked) and are case-insensitive: two spellings are one registration and one device.
+* Knobs: ``throttle()`` (429/5xx with retry-after), ``registration_quota="1000/min"`` (DPS's quota: 429
+  beyond it, retry-after until the oldest accepted request leaves the sliding window), an enrollment's
+  ``allocation_error`` or ``fail_allocation()`` (registrations end ``failed``, e.g. 400209),
+  ``assign_delay``, ``refuse_hub()``, ``disable()``.
+* The hub answers a twin GET (an empty twin plus the reported properties) and reported-property PATCHes
+  (merged and recorded); direct-method, desired-property and cloud-to-device subscriptions are accepted but
+  nothing is ever sent on them.
 
-State (registration records, devices, messages; never a key) is available from
+State (registration records, devices, messages, twins, counters; never a key) is available from
 :meth:`DpsEmulator.state` and, if ``state_file`` is given, rewritten atomically on every
-change. Use in-process as a context manager (its event loop runs in a thread).
+change, before the answer that follows from it is sent. Use in-process as a context manager (its event loop runs in a thread).
 """
 
 from __future__ import annotations
