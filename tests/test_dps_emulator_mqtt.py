@@ -214,3 +214,26 @@ def test_state_file_is_current_when_the_answer_arrives(make_dps_emulator, tmp_pa
     assert status == 401 and json.loads(state_file.read_text())["stats"]["unauthorized"] == 1
     status, _, _ = _register_raw(emu, "a b", None, password="x")
     assert status == 400 and json.loads(state_file.read_text())["stats"]["invalid_registration_ids"] == 1
+
+
+def test_one_quota_for_every_transport(make_dps_emulator):
+    """A registration over WebSockets (the SDK) and one over MQTT (paho) fill the quota; HTTPS then gets 429."""
+    from fixtures_dps import DpsHttps
+
+    from flasher.dps import Transport
+
+    clock = StepClock()
+    emu = make_dps_emulator(websocket_port=443, registration_quota="2/h", clock=clock)
+    ws = "2cf7f1202490bb06"
+    reg = register_device(ws, group_device_key(ws), id_scope=ID_SCOPE, dps_host=emu.host, ca_cert=emu.ca_cert_path,
+                          transport=Transport(websockets=True), test_message=None, timeout=30)
+    assert reg.status == "assigned"
+    clock.now += 100.0
+    status, _, _ = _register_raw(emu, "2cf7f1202490bb07", group_device_key("2cf7f1202490bb07"))
+    assert status == 202
+    clock.now += 0.5
+    status, headers, body = DpsHttps(emu).register("2cf7f1202490bb08", group_device_key("2cf7f1202490bb08"))
+    assert status == 429 and headers["retry-after"] == "3500" and body["errorCode"] == 429001  # ceil(3600 - 100.5)
+    transports = {r["registrationId"]: r["transport"] for r in emu.state()["registrations"]}
+    assert transports == {ws: "websocket"}  # the paho client asked once and never polled
+    assert emu.state()["stats"]["quota_throttled"] == 1
