@@ -651,6 +651,7 @@ class DpsEmulator(MqttApplication):
         with self._lock:
             self._stats["websocket_connections"] += 1
             self._ws_streams.add(stream)
+        self._write_state()
         try:
             await self._server.serve(stream, stream, transport="websocket")
             await stream.finish()
@@ -684,6 +685,7 @@ class DpsEmulator(MqttApplication):
             self._stats["https_requests"] += 1
         wanted = "PUT" if kind == "register" else "GET"
         if request.method != wanted:
+            self._write_state()
             return HttpResponse.json(405, self._error(405000, f"The requested resource does not support http method "
                                                               f"'{request.method}'."), [("Allow", wanted)])
         token = request.headers.get("authorization")
