@@ -108,3 +108,133 @@ def dps_emulator(tmp_path_factory):
 def dps_target(dps_emulator):
     """Keyword arguments that point register_device at the session emulator."""
     return {"id_scope": ID_SCOPE, "dps_host": dps_emulator.host, "ca_cert": str(dps_emulator.ca_cert_path)}
+
+
+# --- plain clients: what a developer without the Python SDK points at the emulator -------
+
+def sas_token(resource: str, key_b64: str, ttl: int = 3600) -> str:
+    """A SAS token as the SDKs build it: ``sr`` URL-encoded, HMAC-SHA256 over ``sr + "\\n" + se``."""
+    import hmac
+    import time
+    import urllib.parse
+
+    expiry = int(time.time()) + ttl
+    sr = urllib.parse.quote(resource, safe="")
+    sig = base64.b64encode(hmac.new(base64.b64decode(key_b64), f"{sr}\n{expiry}".encode(), hashlib.sha256).digest())
+    return f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote(sig.decode(), safe='')}&se={expiry}"
+
+
+class DpsHttps:
+    """DPS's HTTPS runtime API with http.client, as curl would use it: one request a connection, the
+    emulator's CA, the host name checked."""
+
+    def __init__(self, emu, scope: str = ID_SCOPE):
+        import ssl
+
+        self.emu, self.scope = emu, scope
+        self.ctx = ssl.create_default_context(cafile=str(emu.ca_cert_path))
+
+    def request(self, method: str, path: str, token: str | None = None, body: object = None,
+                raw: bytes | None = None) -> tuple[int, dict[str, str], dict]:
+        import http.client
+        import json
+
+        conn = http.client.HTTPSConnection(self.emu.host, self.emu.websocket_port, context=self.ctx, timeout=30)
+        try:
+            headers = {"Accept": "application/json", "Content-Type": "application/json; charset=utf-8"}
+            if token is not None:
+                headers["Authorization"] = token
+            data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            text = resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, json.loads(text) if text else {}
+        finally:
+            conn.close()
+
+    def path(self, registration_id: str, tail: str) -> str:
+        import urllib.parse
+
+        return f"/{self.scope}/registrations/{urllib.parse.quote(registration_id, safe='/')}/{tail}?api-version=2019-03-31"
+
+    def register(self, registration_id: str, key: str | None, payload: object = None, body: object = None):
+        token = sas_token(f"{self.scope}/registrations/{registration_id}", key) if key else None
+        if body is None:
+            body = {"registrationId": registration_id, **({"payload": payload} if payload is not None else {})}
+        return self.request("PUT", self.path(registration_id, "register"), token, body)
+
+    def status(self, registration_id: str, key: str, operation_id: str):
+        token = sas_token(f"{self.scope}/registrations/{registration_id}", key)
+        return self.request("GET", self.path(registration_id, f"operations/{operation_id}"), token)
+
+    def register_and_wait(self, registration_id: str, key: str, payload: object = None, polls: int = 50):
+        """PUT, then GET the operation until it is no longer "assigning"; the last answer."""
+        import time
+
+        status, headers, body = self.register(registration_id, key, payload)
+        for _ in range(polls):
+            if status != 202:
+                return status, headers, body
+            time.sleep(0.1)
+            status, headers, body = self.status(registration_id, key, body["operationId"])
+        raise AssertionError(f"{registration_id}: still assigning after {polls} polls")
+
+
+class MqttClient:
+    """A plain paho-mqtt 1.x client over TLS on 8883 that collects what arrives (for DPS or the hub)."""
+
+    def __init__(self, emu, client_id: str, username: str, password: str | None):
+        import queue
+        import ssl
+
+        import paho.mqtt.client as mqtt
+
+        self.messages: queue.Queue = queue.Queue()
+        self.connack: queue.Queue = queue.Queue()
+        self.client = mqtt.Client(client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+        self.client.username_pw_set(username, password)
+        self.client.tls_set_context(ssl.create_default_context(cafile=str(emu.ca_cert_path)))
+        self.client.on_connect = lambda c, u, flags, rc: self.connack.put(rc)
+        self.client.on_message = lambda c, u, msg: self.messages.put((msg.topic, msg.payload))
+        self.host, self.port = emu.host, emu.port
+
+    def __enter__(self) -> MqttClient:
+        self.client.connect(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def wait_connack(self, timeout: float = 20) -> int:
+        return self.connack.get(timeout=timeout)
+
+    def subscribe(self, topic: str) -> None:
+        import queue
+
+        subscribed: queue.Queue = queue.Queue()
+        self.client.on_subscribe = lambda c, u, mid, granted: subscribed.put(granted)
+        self.client.subscribe(topic, qos=1)
+        assert subscribed.get(timeout=20) != (0x80,), f"subscription to {topic} refused"
+
+    def ask(self, topic: str, payload: bytes = b"", timeout: float = 20) -> tuple[str, bytes]:
+        self.client.publish(topic, payload, qos=1)
+        return self.messages.get(timeout=timeout)
+
+
+def dps_mqtt(emu, registration_id: str, key: str | None, password: str | None = None) -> MqttClient:
+    """A raw DPS client: the SDK's user name, client id and SAS token (or ``password``)."""
+    token = password if password is not None else sas_token(f"{ID_SCOPE}/registrations/{registration_id}", key or "")
+    return MqttClient(emu, registration_id, f"{ID_SCOPE}/registrations/{registration_id}/api-version=2019-03-31",
+                      token)
+
+
+def dps_answer(topic: str, payload: bytes) -> tuple[int, dict[str, str], dict]:
+    """``$dps/registrations/res/{status}/?$rid=..&retry-after=..`` and its JSON body."""
+    import json
+    import urllib.parse
+
+    head, _, query = topic.partition("/?")
+    params = {k: v[0] for k, v in urllib.parse.parse_qs(query).items()}
+    return int(head.rsplit("/", 1)[1]), params, json.loads(payload) if payload else {}

@@ -127,14 +127,17 @@ def simulate_unplug(state_dir, board):
 
 @simulate.command("dps")
 @click.option("--enrollments", "enrollments_file", required=True, type=click.Path(dir_okay=False),
-              help="JSON: {id_scope, groups: [{name, primary_key, secondary_key, enabled, return_payload}], "
-                   "individual: [...]}.")
+              help="JSON: {id_scope, groups: [{name, primary_key, secondary_key, enabled, return_payload, "
+                   "allocation_error}], individual: [...]}.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; also the assigned hub's host name.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8883, show_default=True, help="The SDK only dials 8883.")
 @click.option("--websockets", is_flag=True, help="Also serve MQTT over WebSockets (wss://HOST:443/$iothub/websocket).")
+@click.option("--https", "https_api", is_flag=True,
+              help="Also serve DPS's HTTPS registration API (https://HOST:443/{idScope}/registrations/...); "
+                   "the same port as --websockets, which serves it too.")
 @click.option("--websocket-port", type=click.IntRange(0, 65535), default=443, show_default=True,
-              help="Port for --websockets (the SDK only dials 443; another port is for other clients).")
-@click.option("--websockets-only", is_flag=True, help="Serve only MQTT over WebSockets: port 8883 stays closed.")
+              help="Port for --websockets and --https (the SDKs only dial 443; another port is for other clients).")
+@click.option("--websockets-only", is_flag=True, help="Serve only port 443 (WebSockets, HTTPS): port 8883 stays closed.")
 @click.option("--cert-dir", type=click.Path(file_okay=False),
               help="Where the CA and server certificate live [~/.cache/flasher/dps-emulator].")
 @click.option("--ca-cert-out", type=click.Path(dir_okay=False), help="Also copy the CA certificate (PEM) here, for --ca-cert.")
@@ -142,22 +145,42 @@ def simulate_unplug(state_dir, board):
               help="Keep registrations, devices and messages in this JSON file.")
 @click.option("--assign-delay", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Seconds DPS spends 'assigning'.")
-def simulate_dps(enrollments_file, host, port, websockets, websocket_port, websockets_only, cert_dir, ca_cert_out,
-                 state_file, assign_delay):
+@click.option("--hub-name", metavar="HOST",
+              help="Host name of the assigned hub (in the certificate too) [default: --host].")
+@click.option("--throttle", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Answer the next N register requests 429 (--throttle-status), with --throttle-retry-after.")
+@click.option("--throttle-status", type=click.Choice(["429", "500", "503"]), default="429", show_default=True,
+              help="The status --throttle answers.")
+@click.option("--throttle-retry-after", type=click.IntRange(min=0), default=1, show_default=True, metavar="S",
+              help="The retry-after --throttle sends, in seconds.")
+@click.option("--registration-quota", metavar="RATE",
+              help="At most this many register requests in any sliding window, like DPS's quota (e.g. 1000/min); "
+                   "beyond it, 429 with retry-after.")
+def simulate_dps(enrollments_file, host, port, websockets, https_api, websocket_port, websockets_only, cert_dir,
+                 ca_cert_out, state_file, assign_delay, hub_name, throttle, throttle_status, throttle_retry_after,
+                 registration_quota):
     """Run a local DPS + IoT Hub emulator (MQTT over TLS) until Ctrl-C or SIGTERM.
 
     Prints its CA certificate's path on stdout: pass it to `flasher register --ca-cert`.
     With --websockets it also serves MQTT over WebSockets on 443, what `flasher register
-    --websockets` dials (binding 443 may need privileges: CAP_NET_BIND_SERVICE, or root).
+    --websockets` dials, and with --https (or --websockets) DPS's HTTPS registration API
+    there, for the Node and C SDKs' HTTP transports and curl (binding 443 may need
+    privileges: CAP_NET_BIND_SERVICE, or root).
     """
     from pathlib import Path
 
     from flasher.files import atomic_write
     from flasher.sim.dps import DpsEmulator, default_cert_dir
 
+    if throttle_retry_after != 1 and not throttle:
+        raise click.UsageError("--throttle-retry-after: only with --throttle N")
+    open_443 = websockets or https_api or websockets_only
     emu = DpsEmulator(enrollments_file, host=host, port=None if websockets_only else port,
-                      websocket_port=websocket_port if websockets or websockets_only else None,
-                      cert_dir=cert_dir or default_cert_dir(), assign_delay=assign_delay, state_file=state_file)
+                      websocket_port=websocket_port if open_443 else None,
+                      cert_dir=cert_dir or default_cert_dir(), assign_delay=assign_delay, state_file=state_file,
+                      hub_name=hub_name, registration_quota=registration_quota)
+    if throttle:
+        emu.throttle(throttle, retry_after=throttle_retry_after, status=int(throttle_status))
     with until_signalled() as stop:
         with emu:
             ca = emu.ca_cert_path
@@ -166,7 +189,8 @@ def simulate_dps(enrollments_file, host, port, websockets, websocket_port, webso
                 ca = Path(ca_cert_out)
             click.echo(str(ca))
             sys.stdout.flush()
-            err(f"DPS + IoT Hub emulator on {emu.endpoints()}, ID scope {emu.id_scope}, hub {emu.hub_name}")
+            err(f"DPS + IoT Hub emulator on {emu.endpoints()}, ID scope {emu.id_scope}, hub {emu.hub_name}"
+                + (f", registration quota {registration_quota}" if registration_quota else ""))
             err(f"try: flasher register ID --id-scope {emu.id_scope} --dps-host {emu.host} --ca-cert {ca}"
                 + (" --websockets" if emu.port is None else ""))
             err("Ctrl-C to stop")

@@ -34,10 +34,23 @@ port 8883 (the SDK's fixed port), with its own root of trust:
   keeps 8883 closed (bound, never listening, so no other server can open it there meanwhile),
   to prove a client really used 443. Each registration and hub device records
   the transport it came by.
+* Port 443 also serves DPS's HTTPS runtime API (``PUT /{idScope}/registrations/{id}/register``,
+  ``GET .../operations/{operationId}``, the SAS token in ``Authorization``, ``Retry-After``): the Node and C
+  SDKs' HTTP transports and curl. MQTT, WebSockets and HTTPS share one request core, so every check, knob and
+  record is the same whatever the transport.
+* Registration ids follow DPS's rules (:data:`REGISTRATION_ID`; an invalid one is answered 400 before any
+  key is checked) and are case-insensitive: two spellings are one registration and one device.
+* Knobs: ``throttle()`` (429/5xx with retry-after), ``registration_quota="1000/min"`` (DPS's quota: 429
+  beyond it, retry-after until the oldest accepted request leaves the sliding window), an enrollment's
+  ``allocation_error`` or ``fail_allocation()`` (registrations end ``failed``, e.g. 400209),
+  ``assign_delay``, ``refuse_hub()``, ``disable()``.
+* The hub answers a twin GET (an empty twin plus the reported properties) and reported-property PATCHes
+  (merged and recorded); direct-method, desired-property and cloud-to-device subscriptions are accepted but
+  nothing is ever sent on them.
 
-State (registration records, devices, messages; never a key) is available from
+State (registration records, devices, messages, twins, counters; never a key) is available from
 :meth:`DpsEmulator.state` and, if ``state_file`` is given, rewritten atomically on every
-change. Use in-process as a context manager (its event loop runs in a thread).
+change, before the answer that follows from it is sent. Use in-process as a context manager (its event loop runs in a thread).
 """
 
 from __future__ import annotations
@@ -54,6 +67,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets as _secrets
 import socket
 import ssl
@@ -62,6 +76,8 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +108,19 @@ RES_PREFIX = "$dps/registrations/res/"
 REGISTER_PATH = "$dps/registrations/PUT/iotdps-register"
 STATUS_PATH = "$dps/registrations/GET/iotdps-get-operationstatus"
 REGISTER_RETRY_AFTER = 3  # what DPS sends with the first 202
+# DPS's registration id rules: case-insensitive, at most 128 characters, alphanumerics and - . _ :, the last one
+# alphanumeric or '-'. A request for any other id gets INVALID_ID_ERROR (HTTP 400), before any key is checked.
+REGISTRATION_ID = re.compile(r"[A-Za-z0-9._:-]{0,127}[A-Za-z0-9-]")
+INVALID_ID_ERROR = 400004  # DPS's "argument invalid": the request's registration id breaks the rules
+THROTTLED_MESSAGE = "Operations are being throttled for this tenant."
+FAILED_ALLOCATION = 400209  # custom allocation failed: what an enrollment's ``allocation_error`` defaults to
+ALLOCATION_MESSAGES = {400209: "Custom allocation failed.", 400208: "Allocation failed: no hub could be assigned."}
+API_VERSION = "2019-03-31"  # what the SDKs send; the emulator accepts any
+
+
+def valid_registration_id(registration_id: str) -> bool:
+    """True if DPS accepts ``registration_id`` (see :data:`REGISTRATION_ID`)."""
+    return REGISTRATION_ID.fullmatch(registration_id) is not None
 
 
 _loopback_next = itertools.count(os.getpid() % 250)  # processes started together try different addresses first
@@ -144,6 +173,8 @@ class Enrollment:
     secondary: bytes | None
     enabled: bool = True
     return_payload: object = None  # handed back in registrationState.payload, as a custom allocation would
+    allocation_error: int | None = None  # every registration ends "failed" with this errorCode (e.g. 400209)
+    allocation_message: str | None = None
 
     @property
     def label(self) -> str:
@@ -154,7 +185,7 @@ class Enrollment:
 class Enrollments:
     id_scope: str
     groups: list[Enrollment] = field(default_factory=list)
-    individual: dict[str, Enrollment] = field(default_factory=dict)
+    individual: dict[str, Enrollment] = field(default_factory=dict)  # by registration id in lower case
 
 
 def load_enrollments(source: dict | str | os.PathLike) -> Enrollments:
@@ -188,21 +219,38 @@ def load_enrollments(source: dict | str | os.PathLike) -> Enrollments:
     groups, individual = source.get("groups", []), source.get("individual", [])
     if not isinstance(groups, list) or not isinstance(individual, list):
         raise InputError(f"{where}: 'groups' and 'individual' must be lists")
+    def failure(entry: dict, what: str) -> tuple[int | None, str | None]:
+        code, message = entry.get("allocation_error"), entry.get("allocation_message")
+        if code is None:
+            if message is not None:
+                raise InputError(f"{where}: {what}: 'allocation_message' without 'allocation_error'")
+            return None, None
+        if isinstance(code, bool) or not isinstance(code, int) or not 400000 <= code <= 599999:
+            raise InputError(f"{where}: {what}: 'allocation_error' {code!r} is not a DPS errorCode (400000-599999)")
+        if message is not None and not isinstance(message, str):
+            raise InputError(f"{where}: {what}: 'allocation_message' must be a string")
+        return code, message
+
     for n, g in enumerate(groups, 1):
         if not isinstance(g, dict) or not isinstance(g.get("name"), str) or not g["name"]:
             raise InputError(f"{where}: group {n} needs a 'name'")
         if any(x.name == g["name"] for x in out.groups):
             raise InputError(f"{where}: group {g['name']!r} appears twice")
         p, s = keys(g, f"group {g['name']!r}")
-        out.groups.append(Enrollment("group", g["name"], p, s, bool(g.get("enabled", True)), g.get("return_payload")))
+        out.groups.append(Enrollment("group", g["name"], p, s, bool(g.get("enabled", True)), g.get("return_payload"),
+                                     *failure(g, f"group {g['name']!r}")))
     for n, e in enumerate(individual, 1):
         rid = e.get("registration_id") if isinstance(e, dict) else None
         if not isinstance(rid, str) or not rid:
             raise InputError(f"{where}: individual enrollment {n} needs a 'registration_id'")
-        if rid in out.individual:
+        if not valid_registration_id(rid):
+            raise InputError(f"{where}: individual enrollment {rid!r}: not a valid registration id (at most 128 "
+                             "alphanumerics and - . _ :, ending in an alphanumeric or -)")
+        if rid.lower() in out.individual:  # registration ids are case-insensitive
             raise InputError(f"{where}: individual enrollment {rid!r} appears twice")
         p, s = keys(e, f"individual enrollment {rid!r}")
-        out.individual[rid] = Enrollment("individual", rid, p, s, bool(e.get("enabled", True)), e.get("return_payload"))
+        out.individual[rid.lower()] = Enrollment("individual", rid, p, s, bool(e.get("enabled", True)),
+                                                 e.get("return_payload"), *failure(e, f"individual enrollment {rid!r}"))
     return out
 
 
@@ -289,8 +337,17 @@ class DpsEmulator(MqttApplication):
     def __init__(self, enrollments: dict | str | os.PathLike, host: str = "127.0.0.1", port: int | None = DEFAULT_PORT,
                  cert_dir: str | os.PathLike | None = None, assign_delay: float = 0.0,
                  state_file: str | os.PathLike | None = None, hub_name: str | None = None,
-                 websocket_port: int | None = None):
+                 websocket_port: int | None = None, registration_quota: str | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.enrollments = load_enrollments(enrollments)
+        self._quota: tuple[int, float] | None = None
+        if registration_quota is not None:
+            from flasher.governor import parse_quota
+
+            self._quota = parse_quota(registration_quota, "--registration-quota")
+        self.registration_quota = registration_quota
+        self._clock = clock  # for the quota's window only (a test may pass its own)
+        self._quota_accepted: deque[float] = deque()  # when each register request inside the window was accepted
         self.id_scope = self.enrollments.id_scope
         if port is None and websocket_port is None:
             raise InputError("DPS emulator: neither port 8883 nor a WebSocket port to listen on")
@@ -310,8 +367,10 @@ class DpsEmulator(MqttApplication):
         self._device_keys: dict[str, list[bytes]] = {}
         self._messages: list[dict] = []
         self._operations: dict[str, _Operation] = {}
-        self._stats = {"register_requests": 0, "status_requests": 0, "throttled": 0, "unauthorized": 0,
-                       "bad_requests": 0, "hub_connections": 0, "hub_refused": 0, "websocket_connections": 0}
+        self._stats = {"register_requests": 0, "status_requests": 0, "throttled": 0, "quota_throttled": 0,
+                       "unauthorized": 0, "bad_requests": 0, "invalid_registration_ids": 0, "hub_connections": 0,
+                       "hub_refused": 0, "websocket_connections": 0, "https_requests": 0, "twin_requests": 0}
+        self._twins: dict[str, dict] = {}  # device id -> {"reported": {...}, "version": n}
         self._throttle: dict[str | None, list[int]] = {}  # registration id (None: any) -> [remaining, retry_after, status]
         self._refused: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -408,10 +467,10 @@ class DpsEmulator(MqttApplication):
         return self
 
     def endpoints(self) -> str:
-        """Where it listens, for people: ``127.0.0.5:8883 (MQTT), 127.0.0.5:443 (WebSocket)``."""
+        """Where it listens, for people: ``127.0.0.5:8883 (MQTT), 127.0.0.5:443 (MQTT over WebSocket, HTTPS)``."""
         shown = [f"{self.host}:{self.port} (MQTT)"] if self.port is not None else []
         if self.websocket_port is not None:
-            shown.append(f"{self.host}:{self.websocket_port} (MQTT over WebSocket)")
+            shown.append(f"{self.host}:{self.websocket_port} (MQTT over WebSocket, HTTPS)")
         return ", ".join(shown)
 
     def _hold_8883_closed(self) -> None:
@@ -459,7 +518,8 @@ class DpsEmulator(MqttApplication):
         if status != 429 and not 500 <= status <= 599:
             raise ValueError(f"status {status}: throttling answers 429 or 5xx")
         with self._lock:
-            self._throttle[registration_id] = [int(count), int(retry_after), int(status)]
+            self._throttle[registration_id.lower() if registration_id else None] = [int(count), int(retry_after),
+                                                                                     int(status)]
 
     def refuse_hub(self, *device_ids: str) -> None:
         """Refuse hub connections (CONNACK 5) for these devices from now on."""
@@ -470,13 +530,28 @@ class DpsEmulator(MqttApplication):
         with self._lock:
             self._refused.difference_update(device_ids)
 
+    def _enrollment(self, name: str) -> Enrollment:
+        e = self.enrollments.individual.get(name.lower()) or next(
+            (g for g in self.enrollments.groups if g.name == name), None)
+        if e is None:
+            raise InputError(f"enrollment {name!r}: no such group or individual enrollment")
+        return e
+
     def set_enrollment_enabled(self, name: str, enabled: bool) -> None:
         """Enable or disable an individual enrollment (by registration id) or a group (by name)."""
         with self._lock:
-            e = self.enrollments.individual.get(name) or next((g for g in self.enrollments.groups if g.name == name), None)
-            if e is None:
-                raise InputError(f"enrollment {name!r}: no such group or individual enrollment")
-            e.enabled = bool(enabled)
+            self._enrollment(name).enabled = bool(enabled)
+        self._write_state()
+
+    def fail_allocation(self, name: str, error_code: int | None = FAILED_ALLOCATION, message: str | None = None) -> None:
+        """Make every registration through this enrollment end ``failed`` with ``error_code`` (400209, custom
+        allocation failed, by default), as DPS reports an allocation that went wrong; None: assign again."""
+        if error_code is not None and not 400000 <= int(error_code) <= 599999:
+            raise ValueError(f"error code {error_code}: not a DPS errorCode")
+        with self._lock:
+            e = self._enrollment(name)
+            e.allocation_error = None if error_code is None else int(error_code)
+            e.allocation_message = message
         self._write_state()
 
     def ping_websockets(self, payload: bytes = b"flasher") -> int:
@@ -543,12 +618,16 @@ class DpsEmulator(MqttApplication):
                 "websocket_endpoint": (f"wss://{self.host}:{self.websocket_port}{WEBSOCKET_PATH}"
                                        if self.websocket_port is not None else None),
                 "hub": self.hub_name,
-                "enrollments": {"groups": [{"name": g.name, "enabled": g.enabled} for g in self.enrollments.groups],
-                                "individual": [{"registration_id": e.name, "enabled": e.enabled}
+                "registration_quota": self.registration_quota,
+                "enrollments": {"groups": [{"name": g.name, "enabled": g.enabled, "allocation_error": g.allocation_error}
+                                           for g in self.enrollments.groups],
+                                "individual": [{"registration_id": e.name, "enabled": e.enabled,
+                                                "allocation_error": e.allocation_error}
                                                for e in self.enrollments.individual.values()]},
                 "registrations": list(self._registrations.values()),
                 "devices": list(self._devices.values()),
                 "messages": self._messages,
+                "twins": {d: {"reported": t["reported"], "version": t["version"]} for d, t in self._twins.items()},
                 "stats": self._stats,
             })
 
@@ -572,6 +651,7 @@ class DpsEmulator(MqttApplication):
         with self._lock:
             self._stats["websocket_connections"] += 1
             self._ws_streams.add(stream)
+        self._write_state()
         try:
             await self._server.serve(stream, stream, transport="websocket")
             await stream.finish()
@@ -580,17 +660,62 @@ class DpsEmulator(MqttApplication):
                 self._ws_streams.discard(stream)
                 _add_ws_stats(self._ws_totals, stream)
 
+    # --- 443: DPS's HTTPS registration API ----------------------------------------------
     async def _serve_http(self, request: HttpRequest) -> HttpResponse:
-        """Every other request on 443. DPS's HTTPS registration API (``PUT /{idScope}/registrations/
-        {registrationId}/register``, ``GET .../operations/{operationId}``) belongs here, sharing
-        :meth:`_authenticate`, the operations and the records with MQTT; until then, a 404."""
-        return await not_found(request)
+        """Every request on 443 that is not a WebSocket upgrade: DPS's HTTPS runtime API.
+
+        ``PUT /{idScope}/registrations/{registrationId}/register?api-version=...`` (body
+        ``{"registrationId", "payload"}``) and ``GET /{idScope}/registrations/{registrationId}/operations/
+        {operationId}?api-version=...``, each with the SAS token in ``Authorization``. The same checks, knobs,
+        operations and records as MQTT (:meth:`_register_request`, :meth:`_status_request`); ``Retry-After``
+        where MQTT has ``retry-after`` in the topic.
+        """
+        parts = request.path.split("/")
+        if len(parts) < 5 or parts[0] != "" or parts[2] != "registrations":
+            return await not_found(request)
+        scope = urllib.parse.unquote(parts[1])
+        if parts[-1] == "register":
+            kind, reg_id, op_id = "register", "/".join(parts[3:-1]), ""
+        elif len(parts) >= 6 and parts[-2] == "operations":
+            kind, reg_id, op_id = "status", "/".join(parts[3:-2]), urllib.parse.unquote(parts[-1])
+        else:
+            return await not_found(request)
+        reg_id = urllib.parse.unquote(reg_id)
+        with self._lock:
+            self._stats["https_requests"] += 1
+        wanted = "PUT" if kind == "register" else "GET"
+        if request.method != wanted:
+            self._write_state()
+            return HttpResponse.json(405, self._error(405000, f"The requested resource does not support http method "
+                                                              f"'{request.method}'."), [("Allow", wanted)])
+        token = request.headers.get("authorization")
+        if scope != self.id_scope:
+            log.info("DPS HTTPS %r: unknown ID scope %r; answering 401", reg_id, scope)
+            auth: _Auth = _Auth("unknown ID scope", None, None)
+        elif not valid_registration_id(reg_id):
+            auth = _Auth(None, None, None)  # refused as an invalid id first, like MQTT
+        else:
+            why, enrollment = self._authenticate(reg_id, token)
+            signed = _which_key(enrollment, reg_id, token, self.id_scope) if enrollment is not None else None
+            auth = _Auth(why, enrollment, signed)
+            if why:
+                log.info("DPS HTTPS %r: authentication failed (%s); answering 401", reg_id, why)
+        if kind == "register":
+            answer = self._register_request(reg_id, auth, "https", request.body)
+        else:
+            answer = self._status_request(reg_id, auth, op_id)
+        headers = [("Retry-After", str(answer.retry_after))] if answer.retry_after is not None else []
+        return HttpResponse.json(answer.status, answer.body, headers)
 
     # --- MQTT: CONNECT -------------------------------------------------------------
     async def on_connect(self, conn: Connection, req: ConnectRequest) -> int:
-        parts = (req.username or "").split("/")
-        if len(parts) >= 3 and parts[1] == "registrations":
-            return self._connect_dps(conn, req, parts[0], parts[2])
+        user = req.username or ""
+        scope, sep, rest = user.partition("/registrations/")
+        if sep and "/" not in scope:
+            # {idScope}/registrations/{registrationId}/api-version=...: the id itself may hold a '/' (refused later)
+            reg_id = rest.rpartition("/api-version=")[0] if "/api-version=" in rest else rest.partition("/")[0]
+            return self._connect_dps(conn, req, scope, reg_id)
+        parts = user.split("/")
         if len(parts) >= 2 and parts[0].lower() == self.hub_name.lower():
             query = urllib.parse.parse_qs("/".join(parts[2:]).partition("?")[2])
             model_ids = query.get("model-id") or []
@@ -606,11 +731,12 @@ class DpsEmulator(MqttApplication):
         conn.session_key = ("dps", req.client_id)
         reason: str | None = "client id differs from the registration id"
         enrollment = None
-        if req.client_id == reg_id:
+        if not valid_registration_id(reg_id):
+            reason = None  # every request is answered 400 (invalid id) before any key is looked at
+        elif req.client_id == reg_id:
             reason, enrollment = self._authenticate(reg_id, req.password)
-        conn.info["auth_error"], conn.info["enrollment"] = reason, enrollment
-        if enrollment is not None:
-            conn.info["signed_with"] = _which_key(enrollment, reg_id, req.password, self.id_scope)
+        signed = _which_key(enrollment, reg_id, req.password, self.id_scope) if enrollment is not None else None
+        conn.info["auth"] = _Auth(reason, enrollment, signed)
         if reason:
             log.info("DPS %r: authentication failed (%s); will answer 401", reg_id, reason)
         return ACCEPTED  # DPS answers a bad token with 401 on the response topic, not at CONNECT
@@ -618,7 +744,7 @@ class DpsEmulator(MqttApplication):
     def _authenticate(self, reg_id: str, password: str | None) -> tuple[str | None, Enrollment | None]:
         resource = f"{self.id_scope}/registrations/{reg_id}"
         with self._lock:
-            individual = self.enrollments.individual.get(reg_id)
+            individual = self.enrollments.individual.get(reg_id.lower())  # ids are case-insensitive
             if individual is not None:  # an individual enrollment wins over any group
                 why = check_sas(password, resource, _key_pair(individual, reg_id))
                 return (why, None) if why else (None, individual)
@@ -648,17 +774,17 @@ class DpsEmulator(MqttApplication):
             if why:
                 self._stats["hub_refused"] += 1
                 log.info("hub CONNECT %r refused: %s", device_id, why)
-                return REFUSED_NOT_AUTHORIZED
-            self._stats["hub_connections"] += 1
-            dev = self._devices[device_id]
-            dev["connected"] = True
-            dev["connection_count"] += 1
-            dev["last_activity_utc"] = _utc_now()
-            dev["transport"] = conn.transport
-            if model_id:
-                dev["model_id"] = model_id  # IoT Plug and Play: announced in the CONNECT user name
-        self._write_state()
-        return ACCEPTED
+            else:
+                self._stats["hub_connections"] += 1
+                dev = self._devices[device_id]
+                dev["connected"] = True
+                dev["connection_count"] += 1
+                dev["last_activity_utc"] = _utc_now()
+                dev["transport"] = conn.transport
+                if model_id:
+                    dev["model_id"] = model_id  # IoT Plug and Play: announced in the CONNECT user name
+        self._write_state()  # before the CONNACK: a test that reads the file after a refusal sees it
+        return REFUSED_NOT_AUTHORIZED if why else ACCEPTED
 
     def on_close(self, conn: Connection, reason: str) -> None:
         if conn.info.get("kind") == "hub":
@@ -672,6 +798,8 @@ class DpsEmulator(MqttApplication):
         if conn.info.get("kind") == "dps":
             return min(qos, 1) if topic_filter == RES_PREFIX + "#" else 0x80
         dev = conn.info.get("device_id")
+        # Twin GET and reported PATCH are answered; direct methods and cloud-to-device messages are accepted
+        # subscriptions on which nothing ever arrives (the emulator has no service-side API to send them).
         allowed = (f"devices/{dev}/messages/devicebound/#", "$iothub/twin/res/#", "$iothub/methods/POST/#",
                    "$iothub/twin/PATCH/properties/desired/#")
         return min(qos, 1) if topic_filter in allowed else 0x80
@@ -681,7 +809,7 @@ class DpsEmulator(MqttApplication):
         if conn.info.get("kind") == "dps":
             await self._dps_request(conn, topic, payload)
         else:
-            self._hub_publish(conn, topic, payload)
+            await self._hub_publish(conn, topic, payload)
 
     async def _respond(self, conn: Connection, status: int, rid: str, body: dict, retry_after: int | None = None) -> None:
         topic = f"{RES_PREFIX}{status}/?$rid={urllib.parse.quote(rid, safe='')}"
@@ -699,34 +827,44 @@ class DpsEmulator(MqttApplication):
         rid = params.get("$rid")
         if rid is None or path not in (REGISTER_PATH, STATUS_PATH):
             raise ProtocolError(f"DPS: unexpected publish to {topic!r}")
-        reg_id = conn.info["registration_id"]
-        with self._lock:
-            self._stats["register_requests" if path == REGISTER_PATH else "status_requests"] += 1
-            throttle = None
-            if path == REGISTER_PATH:
-                for key in (reg_id, None):
-                    t = self._throttle.get(key)
-                    if t and t[0] > 0:
-                        t[0] -= 1
-                        throttle, status = t[1], t[2]
-                        self._stats["throttled"] += 1
-                        break
-            if throttle is None and conn.info["auth_error"]:
-                self._stats["unauthorized"] += 1
-        if throttle is not None:
-            log.info("DPS %r: throttled (%d, retry-after %d)", reg_id, status, throttle)
-            message = "Operations are being throttled for this tenant." if status == 429 else "Internal server error."
-            return await self._respond(conn, status, rid, self._error(status * 1000 + 1, message), throttle)
-        if conn.info["auth_error"]:
-            return await self._respond(conn, 401, rid, self._error(
-                401002, "The specified SAS token has an invalid signature. "
-                        "It does not match either the primary or secondary key."))
+        reg_id, auth = conn.info["registration_id"], conn.info["auth"]
         if path == REGISTER_PATH:
-            await self._register(conn, rid, reg_id, payload)
+            answer = self._register_request(reg_id, auth, conn.transport, payload)
         else:
-            await self._status(conn, rid, reg_id, params.get("operationId", ""))
+            answer = self._status_request(reg_id, auth, params.get("operationId", ""))
+        await self._respond(conn, answer.status, rid, answer.body, answer.retry_after)
 
-    async def _register(self, conn: Connection, rid: str, reg_id: str, payload: bytes) -> None:
+    # --- the requests, whatever the transport ------------------------------------------
+    def _register_request(self, reg_id: str, auth: _Auth, transport: str, payload: bytes) -> _Answer:
+        """One register request, checked in DPS's order: the id, the throttling knob, the quota, the key, the
+        body, the enrollment. The state file is rewritten before the answer goes out."""
+        try:
+            with self._lock:
+                self._stats["register_requests"] += 1
+                return self._register_locked(reg_id, auth, transport, payload)
+        finally:
+            self._write_state()
+
+    def _register_locked(self, reg_id: str, auth: _Auth, transport: str, payload: bytes) -> _Answer:
+        if not valid_registration_id(reg_id):
+            return self._invalid_id(reg_id)
+        for key in (reg_id.lower(), None):
+            t = self._throttle.get(key)
+            if t and t[0] > 0:
+                t[0] -= 1
+                self._stats["throttled"] += 1
+                retry_after, status = t[1], t[2]
+                log.info("DPS %r: throttled (%d, retry-after %d)", reg_id, status, retry_after)
+                message = THROTTLED_MESSAGE if status == 429 else "Internal server error."
+                return _Answer(status, self._error(status * 1000 + 1, message), retry_after)
+        wait = self._quota_wait()
+        if wait is not None:
+            self._stats["quota_throttled"] += 1
+            log.info("DPS %r: over the registration quota %s (retry-after %d)", reg_id, self.registration_quota, wait)
+            return _Answer(429, self._error(429001, THROTTLED_MESSAGE), wait)
+        if auth.error:
+            self._stats["unauthorized"] += 1
+            return self._unauthorized()
         try:
             body = json.loads(payload.decode("utf-8") or "{}")
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -734,57 +872,75 @@ class DpsEmulator(MqttApplication):
         if not isinstance(body, dict) or not set(body) <= REGISTER_MEMBERS:
             # DPS deserializes the body strictly: a top-level "modelId" (IoT Central's model id belongs
             # inside "payload") gets exactly this answer (MicrosoftDocs/azure-docs#66740).
-            with self._lock:
-                self._stats["bad_requests"] += 1
+            self._stats["bad_requests"] += 1
             log.info("DPS %r: register body refused (400012): members %s", reg_id,
                      sorted(body) if isinstance(body, dict) else type(body).__name__)
-            return await self._respond(conn, 400, rid, self._error(400012, "Deserialization error."))
-        if body.get("registrationId") != reg_id:
-            with self._lock:
-                self._stats["bad_requests"] += 1
-            return await self._respond(conn, 400, rid, self._error(
-                400004, "The registration id in the request body does not match the token."))
-        enrollment: Enrollment = conn.info["enrollment"]
-        request = {"device_payload": body.get("payload"), "transport": conn.transport,
-                   "signed_with": conn.info.get("signed_with")}
-        now = _utc_now()
-        with self._lock:
-            if not enrollment.enabled:
-                record = self._record(reg_id, enrollment, status="disabled", now=now, request=request)
-                op_id = self._new_operation_id()
-                response = {"operationId": op_id, "status": "disabled",
-                            "registrationState": self._registration_state(record)}
-            else:
-                op_id = self._new_operation_id()
-                self._operations[op_id] = _Operation(op_id, reg_id, enrollment, time.monotonic() + self.assign_delay,
-                                                     _key_pair(enrollment, reg_id), request)
-                response = None
-        if response is not None:
+            return _Answer(400, self._error(400012, "Deserialization error."))
+        if str(body.get("registrationId", "")).lower() != reg_id.lower():
+            self._stats["bad_requests"] += 1
+            return _Answer(400, self._error(400004, "The registration id in the request body does not match the token."))
+        enrollment = auth.enrollment
+        assert enrollment is not None
+        request = {"device_payload": body.get("payload"), "transport": transport, "signed_with": auth.signed_with}
+        op_id = self._new_operation_id()
+        if not enrollment.enabled:
+            record = self._record(reg_id, enrollment, status="disabled", now=_utc_now(), request=request)
             log.info("DPS %r: enrollment %s is disabled", reg_id, enrollment.label)
-            self._write_state()
-            return await self._respond(conn, 200, rid, response)
-        log.info("DPS %r: assigning (operation %s, %s, over %s)", reg_id, op_id, enrollment.label, conn.transport)
-        await self._respond(conn, 202, rid, {"operationId": op_id, "status": "assigning"}, REGISTER_RETRY_AFTER)
+            return _Answer(200, {"operationId": op_id, "status": "disabled",
+                                 "registrationState": self._registration_state(record)})
+        self._operations[op_id] = _Operation(op_id, reg_id, enrollment, time.monotonic() + self.assign_delay,
+                                             _key_pair(enrollment, reg_id), request)
+        log.info("DPS %r: assigning (operation %s, %s, over %s)", reg_id, op_id, enrollment.label, transport)
+        return _Answer(202, {"operationId": op_id, "status": "assigning"}, REGISTER_RETRY_AFTER)
 
-    async def _status(self, conn: Connection, rid: str, reg_id: str, op_id: str) -> None:
-        changed = False
-        with self._lock:
-            op = self._operations.get(op_id)
-            if op is None or op.registration_id != reg_id:
-                op = None
-            elif op.result is None:
-                remaining = op.ready_at - time.monotonic()
-                if remaining <= 0:
-                    op.result = self._assign(op)
-                    changed = True
-        if op is None:
-            return await self._respond(conn, 404, rid, self._error(404201, "Operation not found."))
-        if changed:
-            self._write_state()
-        if op.result is None:
-            return await self._respond(conn, 202, rid, {"operationId": op_id, "status": "assigning"},
+    def _status_request(self, reg_id: str, auth: _Auth, op_id: str) -> _Answer:
+        """One operation status poll (not counted against the quota); state written before the answer."""
+        try:
+            with self._lock:
+                self._stats["status_requests"] += 1
+                if not valid_registration_id(reg_id):
+                    return self._invalid_id(reg_id)
+                if auth.error:
+                    self._stats["unauthorized"] += 1
+                    return self._unauthorized()
+                op = self._operations.get(op_id)
+                if op is None or op.registration_id.lower() != reg_id.lower():
+                    return _Answer(404, self._error(404201, "Operation not found."))
+                if op.result is None:
+                    remaining = op.ready_at - time.monotonic()
+                    if remaining > 0:
+                        return _Answer(202, {"operationId": op_id, "status": "assigning"},
                                        max(1, min(3, math.ceil(remaining))))
-        await self._respond(conn, 200, rid, op.result)
+                    op.result = self._assign(op)
+                return _Answer(200, op.result)
+        finally:
+            self._write_state()
+
+    def _invalid_id(self, reg_id: str) -> _Answer:
+        self._stats["invalid_registration_ids"] += 1
+        log.info("DPS: registration id %r refused: not a valid registration id", reg_id[:140])
+        return _Answer(400, self._error(INVALID_ID_ERROR, "The registration id is invalid: at most 128 characters, "
+                                                          "alphanumerics and '-', '.', '_', ':', the last one "
+                                                          "alphanumeric or '-'."))
+
+    def _unauthorized(self) -> _Answer:
+        return _Answer(401, self._error(401002, "The specified SAS token has an invalid signature. "
+                                                "It does not match either the primary or secondary key."))
+
+    def _quota_wait(self) -> int | None:
+        """None if the registration quota takes one more request now (and counts it); else the whole seconds
+        (at least 1) until the oldest accepted request leaves the window. Lock held."""
+        if self._quota is None:
+            return None
+        count, window = self._quota
+        now = self._clock()
+        accepted = self._quota_accepted
+        while accepted and accepted[0] <= now - window:
+            accepted.popleft()
+        if len(accepted) >= count:
+            return max(1, math.ceil(accepted[0] + window - now))
+        accepted.append(now)
+        return None
 
     def _new_operation_id(self) -> str:
         return f"5.{_secrets.token_hex(8)}.{uuid.uuid4()}"
@@ -792,17 +948,22 @@ class DpsEmulator(MqttApplication):
     def _record(self, reg_id: str, e: Enrollment, *, status: str, now: str, request: dict,
                 substatus: str | None = None) -> dict:
         """The registration record, shaped like DPS's DeviceRegistrationState, plus the emulator's own
-        extras (:data:`_EXTRAS`: the enrollment, attempts, and what the device sent and how)."""
-        rec = self._registrations.get(reg_id)
+        extras (:data:`_EXTRAS`: the enrollment, attempts, and what the device sent and how). Registration
+        ids are case-insensitive: one record per id whatever its spelling, named as first registered."""
+        rec = self._registrations.get(reg_id.lower())
         if rec is None:
-            rec = self._registrations[reg_id] = {"registrationId": reg_id, "createdDateTimeUtc": now, "attempts": 0}
+            rec = self._registrations[reg_id.lower()] = {"registrationId": reg_id, "createdDateTimeUtc": now,
+                                                         "attempts": 0}
         device_payload = request.get("device_payload")
         model_id = device_payload.get("modelId") if isinstance(device_payload, dict) else None
         rec.update(enrollment=e.label, status=status, lastUpdatedDateTimeUtc=now, attempts=rec["attempts"] + 1,
                    etag=f'"{uuid.uuid4()}"', device_payload=device_payload, model_id=model_id,
                    transport=request.get("transport"), signed_with=request.get("signed_with"))
+        for k in ("errorCode", "errorMessage"):
+            rec.pop(k, None)
         if status == "assigned":
-            rec.update(deviceId=reg_id, assignedHub=self.hub_name, substatus=substatus)
+            rec.update(deviceId=rec.get("deviceId") or rec["registrationId"], assignedHub=self.hub_name,
+                       substatus=substatus)
             if e.return_payload is not None:
                 rec["payload"] = copy.deepcopy(e.return_payload)
             else:
@@ -815,28 +976,39 @@ class DpsEmulator(MqttApplication):
         return {k: v for k, v in rec.items() if k not in _EXTRAS}
 
     def _assign(self, op: _Operation) -> dict:
-        """Complete an operation (lock held): create or update the device in the hub."""
-        now, reg_id = _utc_now(), op.registration_id
-        if not op.enrollment.enabled:
-            rec = self._record(reg_id, op.enrollment, status="disabled", now=now, request=op.request)
+        """Complete an operation (lock held): create or update the device in the hub, or fail as configured."""
+        now, reg_id, e = _utc_now(), op.registration_id, op.enrollment
+        if not e.enabled:
+            rec = self._record(reg_id, e, status="disabled", now=now, request=op.request)
             return {"operationId": op.operation_id, "status": "disabled", "registrationState": self._registration_state(rec)}
-        rec = self._record(reg_id, op.enrollment, status="assigned", now=now, request=op.request,
-                           substatus="initialAssignment")
-        dev = self._devices.get(reg_id)
+        if e.allocation_error is not None:
+            rec = self._record(reg_id, e, status="failed", now=now, request=op.request)
+            message = e.allocation_message or ALLOCATION_MESSAGES.get(e.allocation_error, "Allocation failed.")
+            rec.update(errorCode=e.allocation_error, errorMessage=message)
+            state = {k: v for k, v in self._registration_state(rec).items()
+                     if k not in ("assignedHub", "deviceId", "substatus", "payload")}  # nothing was assigned
+            log.info("DPS %r: allocation failed (%d, the enrollment's knob)", reg_id, e.allocation_error)
+            return {"operationId": op.operation_id, "status": "failed", "registrationState": state}
+        rec = self._record(reg_id, e, status="assigned", now=now, request=op.request, substatus="initialAssignment")
+        device_id = rec["deviceId"]
+        dev = self._devices.get(device_id)
         if dev is None:
-            dev = self._devices[reg_id] = {"device_id": reg_id, "hub": self.hub_name, "created_utc": now,
-                                           "connected": False, "connection_count": 0, "message_count": 0}
-        dev.update(registration_id=reg_id, enrollment=op.enrollment.label, status="enabled", last_activity_utc=now)
-        self._device_keys[reg_id] = op.keys
-        log.info("DPS %r: assigned to %s", reg_id, self.hub_name)
+            dev = self._devices[device_id] = {"device_id": device_id, "hub": self.hub_name, "created_utc": now,
+                                              "connected": False, "connection_count": 0, "message_count": 0}
+        dev.update(registration_id=rec["registrationId"], enrollment=e.label, status="enabled", last_activity_utc=now)
+        self._device_keys[device_id] = op.keys
+        log.info("DPS %r: assigned to %s as %r", reg_id, self.hub_name, device_id)
         return {"operationId": op.operation_id, "status": "assigned", "registrationState": self._registration_state(rec)}
 
-    def _hub_publish(self, conn: Connection, topic: str, payload: bytes) -> None:
+    # --- the hub: telemetry and the twin -----------------------------------------------
+    async def _hub_publish(self, conn: Connection, topic: str, payload: bytes) -> None:
         device_id = conn.info["device_id"]
         prefix = f"devices/{device_id}/messages/events/"
+        if topic.startswith("$iothub/twin/"):
+            return await self._twin_request(conn, device_id, topic, payload)
         if not topic.startswith(prefix):
-            if topic.startswith("$iothub/"):
-                log.debug("hub %r: %s ignored (twin and methods are not emulated)", device_id, topic)
+            if topic.startswith("$iothub/"):  # e.g. a method response: no method is ever called here
+                log.debug("hub %r: %s ignored (no direct method was invoked)", device_id, topic)
                 return
             raise ProtocolError(f"device {device_id!r} published to {topic!r}")  # IoT Hub disconnects too
         props = {}
@@ -856,3 +1028,61 @@ class DpsEmulator(MqttApplication):
                 dev["last_activity_utc"] = _utc_now()
         log.info("hub %r: telemetry (%d bytes)", device_id, len(payload))
         self._write_state()
+
+    async def _twin_request(self, conn: Connection, device_id: str, topic: str, payload: bytes) -> None:
+        """``$iothub/twin/GET/?$rid=n`` -> ``res/200`` with the twin (no desired properties; the reported ones
+        the device patched); ``$iothub/twin/PATCH/properties/reported/?$rid=n`` -> ``res/204`` with the new
+        ``$version``, or ``res/400`` for a body that is not a JSON object."""
+        path, _, query = topic.partition("/?")
+        rid = urllib.parse.parse_qs(query, keep_blank_values=True).get("$rid", [""])[0]
+        extra = ""
+        with self._lock:
+            self._stats["twin_requests"] += 1
+            twin = self._twins.setdefault(device_id, {"reported": {}, "version": 1})
+            if path == "$iothub/twin/GET":
+                status, body = 200, {"desired": {"$version": 1}, "reported": {**twin["reported"],
+                                                                               "$version": twin["version"]}}
+            elif path == "$iothub/twin/PATCH/properties/reported":
+                try:
+                    patch = json.loads(payload.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    patch = None
+                if isinstance(patch, dict):
+                    _merge_patch(twin["reported"], patch)
+                    twin["version"] += 1
+                    status, body, extra = 204, None, f"&$version={twin['version']}"
+                else:
+                    status, body = 400, self._error(400004, "The reported properties must be a JSON object.")
+            else:
+                status, body = 400, self._error(400004, f"Unsupported twin operation {path!r}.")
+        log.info("hub %r: twin %s -> %d", device_id, path, status)
+        self._write_state()
+        topic_out = f"$iothub/twin/res/{status}/?$rid={urllib.parse.quote(rid, safe='')}{extra}"
+        await conn.publish(topic_out, b"" if body is None else json.dumps(body).encode("utf-8"), qos=0)
+
+
+@dataclass
+class _Auth:
+    """What the emulator concluded about a request's credentials (at CONNECT over MQTT, per request over HTTPS)."""
+
+    error: str | None  # why the token is refused; None if accepted (or the id is invalid, refused first)
+    enrollment: Enrollment | None
+    signed_with: str | None  # "primary" | "secondary"
+
+
+@dataclass
+class _Answer:
+    status: int
+    body: dict
+    retry_after: int | None = None
+
+
+def _merge_patch(target: dict, patch: dict) -> None:
+    """JSON merge patch (RFC 7396), what a twin's reported properties PATCH does: null removes a member."""
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict) and isinstance(target.get(k), dict):
+            _merge_patch(target[k], v)
+        else:
+            target[k] = copy.deepcopy(v)
