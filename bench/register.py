@@ -1,6 +1,6 @@
 """Benchmark bulk pre-registration against a DPS quota, and a killed run that resumes.
 
-    python bench/register.py [--ids 2000] [--quota 1000/min] [--resume 10000]
+    python bench/register.py [--ids 2000] [--quota 1000/min] [--resume 10000] [--independent]
 
 The DPS emulator runs in this process and enforces ``--quota`` (at most that many
 registrations in any window of the unit's length, 429 with retry-after beyond it, as
@@ -18,6 +18,10 @@ side by side with the run's wall time:
 
 Also printed: 429s the emulator sent (the governor should cause few, never a storm),
 and the child's CPU time per id.
+
+``--independent`` runs the same against a DPS that shares no code with flasher's
+emulator: Debian's mosquitto broker and a DPS responder written from Microsoft's MQTT
+documentation (bench/independent/dps.py; it does not check keys).
 
 Resume (``--resume N``, 0 to skip): N ids at a quota that does not bind (to keep the
 run short), stopped when half are in the ledger, then run again to the end. Once with
@@ -45,8 +49,11 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from flasher.governor import parse_quota
-from flasher.sim.dps import DpsEmulator, free_loopback
+sys.path.insert(0, str(Path(__file__).parent / "independent"))
+from dps import IndependentDps  # noqa: E402
+
+from flasher.governor import parse_quota  # noqa: E402
+from flasher.sim.dps import DpsEmulator, free_loopback  # noqa: E402
 
 ID_SCOPE = "0ne0000BE4C"
 FLASHER = [sys.executable, "-m", "flasher"]
@@ -76,14 +83,41 @@ def recorded(ledger: Path) -> int:
         return 0
 
 
-def throughput(args, emu: DpsEmulator, work: Path, env: dict) -> bool:
+class Flashers:
+    """flasher's own emulator, seen the way the benchmark needs it."""
+
+    name = "flasher's emulator"
+
+    def __init__(self, emu: DpsEmulator):
+        self.emu, self.host, self.ca_cert_path = emu, emu.host, emu.ca_cert_path
+
+    def throttled(self) -> int:
+        return self.emu.state()["stats"].get("quota_throttled", 0)
+
+    def attempts(self, ids: set[str]) -> list[int]:
+        return [r["attempts"] for r in self.emu.state()["registrations"] if r["registrationId"] in ids]
+
+
+class Independent:
+    name = "the independent DPS (mosquitto)"
+
+    def __init__(self, dps: IndependentDps):
+        self.dps, self.host, self.ca_cert_path = dps, dps.host, dps.ca_cert_path
+
+    def throttled(self) -> int:
+        return self.dps.throttled
+
+    def attempts(self, ids: set[str]) -> list[int]:
+        return [n for reg_id, n in self.dps.registered.items() if reg_id in ids]
+
+
+def throughput(args, emu, work: Path, env: dict) -> bool:
     count, window = parse_quota(args.quota, "--quota")
     ids = ids_file(work, "2CF7F1202B", args.ids)
-    run_dir = work / "throughput"
-    run_dir.mkdir()
+    run_dir = Path(tempfile.mkdtemp(dir=work, prefix="throughput-"))
     cmd = FLASHER + ["register", "--input", str(ids), "--id-scope", ID_SCOPE, "--dps-host", emu.host,
                      "--ca-cert", str(emu.ca_cert_path), "--no-test-message", "--dps-rate", args.quota, "--json"]
-    before = dict(emu.state()["stats"])
+    before = emu.throttled()
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=run_dir, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -91,15 +125,14 @@ def throughput(args, emu: DpsEmulator, work: Path, env: dict) -> bool:
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     rows = [json.loads(line) for line in p.stdout.splitlines()]
     failed = [r for r in rows if not r.get("ok")]
-    stats = emu.state()["stats"]
-    throttled = stats.get("quota_throttled", 0) - before.get("quota_throttled", 0)
+    throttled = emu.throttled() - before
     latency = statistics.median(r["timings"]["register"] for r in rows if r.get("ok")) if rows else 0.0
     quota_floor = args.ids / count * window
     window_floor = (math.ceil(args.ids / count) - 1) * window + latency
     cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     ratio = wall / quota_floor
     ok = p.returncode == 0 and not failed and len(rows) == args.ids and ratio <= 1.15
-    print(f"register {args.ids} ids at a quota of {args.quota}: {wall:.1f} s, {len(rows) - len(failed)} assigned, "
+    print(f"register {args.ids} ids at a quota of {args.quota}, {emu.name}: {wall:.1f} s, {len(rows) - len(failed)} assigned, "
           f"{len(failed)} failed, {throttled} answered 429 by the quota; median registration {latency:.2f} s; "
           f"client CPU {cpu * 1000 / max(1, args.ids):.1f} ms per id")
     print(f"register vs the quota floor ({args.ids}/{count} per {window:g} s = {quota_floor:.1f} s): {ratio:.2f}x "
@@ -111,12 +144,11 @@ def throughput(args, emu: DpsEmulator, work: Path, env: dict) -> bool:
     return ok
 
 
-def resume(args, emu: DpsEmulator, work: Path, env: dict, how: signal.Signals) -> bool:
+def resume(args, emu, work: Path, env: dict, how: signal.Signals) -> bool:
     n = args.resume
     prefix = "2CF7F1202C" if how == signal.SIGTERM else "2CF7F1202D"
     ids = ids_file(work, prefix, n)
-    run_dir = work / f"resume-{how.name}"
-    run_dir.mkdir()
+    run_dir = Path(tempfile.mkdtemp(dir=work, prefix=f"resume-{how.name}-"))
     ledger = run_dir / "flasher-ledger.sqlite3"
     cmd = FLASHER + ["register", "--input", str(ids), "--id-scope", ID_SCOPE, "--dps-host", emu.host,
                      "--ca-cert", str(emu.ca_cert_path), "--no-test-message", "--dps-rate", "100000/min",
@@ -138,10 +170,10 @@ def resume(args, emu: DpsEmulator, work: Path, env: dict, how: signal.Signals) -
     second = subprocess.run(cmd, cwd=run_dir, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     want = {f"{prefix}{i:06X}".lower() for i in range(n)}
-    counts = [r["attempts"] for r in emu.state()["registrations"] if r["registrationId"] in want]
+    counts = emu.attempts(want)
     twice = sum(1 for c in counts if c > 1)
     summary = second.stderr.strip().splitlines()[-1:] or ["(no summary)"]
-    print(f"resume {n} ids, {how.name} at {at_kill} recorded (exit {proc.returncode}), {first} recorded after it; "
+    print(f"resume {n} ids, {emu.name}, {how.name} at {at_kill} recorded (exit {proc.returncode}), {first} recorded after it; "
           f"rerun exit {second.returncode}: {summary[0]}; total {wall:.1f} s")
     ok = second.returncode == 0 and len(counts) == n and recorded(ledger) == n
     if how == signal.SIGTERM:
@@ -163,7 +195,9 @@ def main() -> int:
     ap.add_argument("--quota", default="1000/min", help="the emulator's quota and the client's --dps-rate")
     ap.add_argument("--resume", type=int, default=10000, help="ids for the resume runs (0 to skip)")
     ap.add_argument("--concurrency", type=int, default=128, help="in flight during the resume runs")
+    ap.add_argument("--independent", action="store_true", help="against mosquitto + an independent DPS responder")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # stop what was started, like Ctrl-C
     group_key = os.urandom(64)
     enrollments = {"id_scope": ID_SCOPE, "individual": [],
                    "groups": [{"name": "bench", "primary_key": base64.b64encode(group_key).decode(), "enabled": True}]}
@@ -171,12 +205,18 @@ def main() -> int:
     ok = True
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-register-")))
+        def target(quota: str | None):
+            if args.independent:
+                return Independent(stack.enter_context(IndependentDps(
+                    free_loopback(), quota=parse_quota(quota, "--quota") if quota else None)))
+            return Flashers(stack.enter_context(DpsEmulator(enrollments, host=free_loopback(),
+                                                            cert_dir=tempfile.mkdtemp(dir=work),
+                                                            registration_quota=quota)))
+
         if args.ids:
-            emu = stack.enter_context(DpsEmulator(enrollments, host=free_loopback(), cert_dir=work / "certs",
-                                                  registration_quota=args.quota))
-            ok &= throughput(args, emu, work, env)
+            ok &= throughput(args, target(args.quota), work, env)
         if args.resume:
-            emu = stack.enter_context(DpsEmulator(enrollments, host=free_loopback(), cert_dir=work / "certs2"))
+            emu = target(None)
             ok &= resume(args, emu, work, env, signal.SIGTERM)
             ok &= resume(args, emu, work, env, signal.SIGKILL)
     return 0 if ok else 1

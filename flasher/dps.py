@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from flasher.errors import FlasherError, InputError
-from flasher.governor import RateGovernor
+from flasher.governor import RateGovernor, Slot
 from flasher.identity import validate_host, validate_id_scope
 from flasher.proxy import Proxy
 
@@ -205,6 +205,7 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
         raise InputError(f"timeout {timeout}: must be a positive number of seconds")
     pem = _pem(ca_cert)
     phase = on_phase or (lambda _p: None)
+    first_slot = governor.acquire(None, stop) if governor is not None else None   # the queue is not the device's time
     deadline = time.monotonic() + timeout
     timings: dict[str, float] = {}
     attempt = _Attempt(reg_id, scope, host, pem, timeout, throttle_retries, transport, payload, governor, stop)
@@ -212,7 +213,7 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
     t0 = time.monotonic()
     phase("register")
     try:
-        result = attempt.provision(device_key, deadline, phase)
+        result = attempt.provision(device_key, deadline, phase, first_slot)
     except DpsError as exc:
         if exc.kind != "unauthorized" or other_key is None:
             raise
@@ -257,33 +258,34 @@ class _Attempt:
     def where(self) -> str:
         return f"registration {self.reg_id!r} at {self.host}"
 
-    def provision(self, key: str, deadline: float, phase: Callable[[str], None]):
+    def provision(self, key: str, deadline: float, phase: Callable[[str], None], slot: Slot | None = None):
         if self.governor is None:   # the SDK retries 429s itself, honouring retry-after
             return _provision(self.reg_id, key, self.scope, self.host, self.pem, deadline, self.timeout, phase,
                               self.throttle_retries, self.transport, self.payload)
-        return self._paced(key, deadline, phase, self.governor)
+        return self._paced(key, deadline, phase, self.governor, slot)
 
-    def _paced(self, key: str, deadline: float, phase: Callable[[str], None], governor: RateGovernor):
+    def _paced(self, key: str, deadline: float, phase: Callable[[str], None], governor: RateGovernor,
+               slot: Slot | None):
         """Each request in a slot of the run's quota; a 429 slows the run down, and this id waits its turn again."""
         from flasher.governor import Stopped
 
         retries, throttled = 0, ""
         while True:
-            try:
-                slot = governor.acquire(deadline, self.stop)
-            except Stopped as exc:
-                if self.stop is not None and self.stop.is_set():
-                    raise
-                raise DpsError("timeout", f"{self.where}: {exc}{throttled}") from None
+            if slot is None:
+                try:
+                    slot = governor.acquire(deadline, self.stop)
+                except Stopped as exc:
+                    if self.stop is not None and self.stop.is_set():
+                        raise
+                    raise DpsError("timeout", f"{self.where}: {exc}{throttled}") from None
 
-            def answered(p: str, slot=slot) -> None:
-                if p == "assigning":   # DPS accepted the request: from now it counts against the quota
+            def answered(status: int, slot=slot) -> None:
+                if status != 429:   # DPS took the request: from when it answered, it counts against the quota
                     slot.answered()
-                phase(p)
 
             try:
                 result = _provision(self.reg_id, key, self.scope, self.host, self.pem, deadline, self.timeout,
-                                    answered, 0, self.transport, self.payload)
+                                    phase, 0, self.transport, self.payload, answered)
             except DpsError as exc:
                 if exc.kind != "throttled" or exc.status is None:
                     if exc.kind in ("unreachable", "tls", "proxy", "timeout"):
@@ -310,6 +312,7 @@ class _Attempt:
                 log.info("%s: DPS answered %s; waiting for the run's next slot (%d/%d)", self.where, exc.status,
                          retries, self.throttle_retries)
                 phase("throttled")
+                slot = None
                 continue
             slot.answered()
             governor.succeeded()
@@ -421,7 +424,7 @@ def _stages(root):
 
 
 def _provision(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle_retries, transport=DIRECT,
-               payload=None):
+               payload=None, on_answer: Callable[[int], None] | None = None):
     from azure.iot.device import ProvisioningDeviceClient
     from azure.iot.device.common.pipeline import pipeline_ops_base as ops_base
     from azure.iot.device.provisioning.pipeline import pipeline_ops_provisioning as ops_provisioning
@@ -469,6 +472,8 @@ def _provision(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle
             if isinstance(op, ops_base.RequestAndResponseOperation):
                 op.add_callback(_integral_retry_after)  # runs before the stage's own response handler
                 op.add_callback(lambda op, error: _keep_service_error(op, service_errors))
+                if on_answer is not None and op.request_type == "register":
+                    op.add_callback(lambda op, error: on_answer(op.status_code) if op.status_code else None)
             return send_op_down(op)
 
         send_op_down = stage.send_op_down
