@@ -1062,20 +1062,21 @@ class _CsvSelect:
     select: str
     line: Callable[[tuple], str]
     commas: int
-    suspect: re.Pattern
+    suspect: tuple[str, ...]
 
     def page(self, rows: list[tuple], raw: Callable[[int], tuple]) -> str:
         """A page of rows as CSV text; rows the database could not render go through csv.writer."""
         lines = list(map(self.line, rows))
         text = "".join(lines)
-        if (text.count("\n") == len(rows) and text.count(",") == self.commas * len(rows)
-                and not self.suspect.search(text)):
+        if self._rendered(text, len(rows)):
             return text
-        return "".join(line if row[-2] == "" and self._rendered(line) else _csv_text([raw(row[-1])])
+        return "".join(line if row[-2] == "" and self._rendered(line, 1) else _csv_text([raw(row[-1])])
                        for row, line in zip(rows, lines, strict=True))
 
-    def _rendered(self, line: str) -> bool:
-        return line.count("\n") == 1 and line.count(",") == self.commas and not self.suspect.search(line)
+    def _rendered(self, text: str, rows: int) -> bool:
+        # one `in` per character: str's own search, several times faster than a regex character class
+        return (text.count("\n") == rows and text.count(",") == self.commas * rows
+                and not any(c in text for c in self.suspect))
 
 
 _FLOAT_FIELDS = ("created_at", "updated_at")
@@ -1110,7 +1111,7 @@ def _csv_select(select: str) -> _CsvSelect:
     flag = f"CASE WHEN {' AND '.join(checks) or 1} THEN '' ELSE char(1) END"
     suspect = _csv_quoting() - {",", "\n"} | {"\x01", "\x00", "'"}
     return _CsvSelect(select=", ".join([*parts, flag]), line=(",".join(fmt) + "%s\n%.0s").__mod__,
-                      commas=len(EXPORT_FIELDS) - 1, suspect=re.compile(f"[{re.escape(''.join(sorted(suspect)))}]"))
+                      commas=len(EXPORT_FIELDS) - 1, suspect=tuple(sorted(suspect)))
 
 
 def export_json(records: Iterable[BoardRecord]) -> str:
