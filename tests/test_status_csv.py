@@ -180,6 +180,8 @@ def test_postgres_streams_status_csv_through_a_server_side_cursor(pg_url, boards
                     "SELECT query FROM pg_stat_activity WHERE application_name = 'flasher bench-1' "
                     "AND query LIKE 'FETCH%'")]
         assert "".join(pages) == slow(led)
+        assert "".join(led.iter_csv(station="bench-1")) == slow(led, station="bench-1") == "".join(pages)
+        assert "".join(led.iter_csv(station="elsewhere")) == pages[0]
     assert len(pages) == 1 + math.ceil(boards / 2) and (seen if boards else True)
     assert all('"flasher_stream"' in q for q in seen)
     code, out, err = cli("status", "--csv", "--ledger", pg_url)
