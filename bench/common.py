@@ -46,3 +46,19 @@ def report(name: str, cand: float, base: float, goal: float, what: str) -> bool:
     print(f"{name}: {ratio:.2f}x ({what}: {cand * 1000:.0f} ms vs {base * 1000:.0f} ms) — goal <= {goal}x: {verdict}")
     sys.stdout.flush()
     return ratio <= goal
+
+
+def interleaved(runs: dict, repeat: int) -> dict:
+    """Like :func:`side_by_side` for any number of commands: one untimed warm-up each, then rounds in turn;
+    the median of each."""
+    for run in runs.values():
+        run()
+    times: dict = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            times[name].append(run())
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def load_average() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -5,6 +5,8 @@
 1. `flasher keys --input FILE --format csv` vs a bare-Python hmac+base64 loop over the
    same file, both as fresh processes (start-up included). Goal <= 1.5x.
 2. One `flasher keys ID` process vs `python -c pass`. Goal <= 3x (no SDK/Jinja2 import).
+   Beside it, the same process vs `python -c "import click"`: the floor any click CLI pays,
+   so the two ratios together say how much is click's and how much is flasher's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import bench_env, report, side_by_side, time_command  # noqa: E402
+from common import bench_env, interleaved, load_average, report, side_by_side, time_command  # noqa: E402
 
 BARE = r"""
 import base64, hashlib, hmac, os, sys
@@ -51,10 +53,15 @@ def main() -> int:
             lambda: time_command([py, "-m", "flasher", "keys", "--input", str(ids), "--format", "csv"], env=env),
             lambda: time_command([py, "-c", BARE, str(ids)], env=env), args.repeat)
         ok1 = report(f"keys throughput ({args.ids} ids)", cand, base, 1.5, "flasher keys vs bare hmac loop")
-        cand, base = side_by_side(
-            lambda: time_command([py, "-m", "flasher", "keys", "2CF7F12024900138"], env=env),
-            lambda: time_command([py, "-c", "pass"], env=env), max(5, args.repeat * 3))
-        ok2 = report("keys start-up", cand, base, 3.0, "flasher keys ID vs python -c pass")
+        median = interleaved({
+            "flasher": lambda: time_command([py, "-m", "flasher", "keys", "2CF7F12024900138"], env=env),
+            "pass": lambda: time_command([py, "-c", "pass"], env=env),
+            "click": lambda: time_command([py, "-c", "import click"], env=env),
+        }, max(5, args.repeat * 3))
+        ok2 = report("keys start-up", median["flasher"], median["pass"], 3.0, "flasher keys ID vs python -c pass")
+        print(f"keys start-up vs the click floor: {median['flasher'] / median['click']:.2f}x "
+              f"({median['flasher'] * 1000:.0f} ms vs {median['click'] * 1000:.0f} ms for python -c 'import click'; "
+              f"click alone is {median['click'] / median['pass']:.2f}x python -c pass) ({load_average()})")
     return 0 if ok1 and ok2 else 1
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import importlib
-import logging
+import importlib.machinery
 import os
 import sys
 
@@ -57,6 +57,61 @@ class LazyGroup(click.Group):
 
 
 def _setup_logging(verbose: int) -> None:
+    """Log to stderr through the Redactor: now if logging is loaded (or -v asks for it), else as it loads.
+
+    Importing logging costs a fifth of a quick command's start-up (``flasher keys ID``), and
+    nothing can log without importing it first, so a command that never logs need not pay for it.
+    """
+    if verbose or "logging" in sys.modules:
+        _configure_logging(verbose)
+    else:
+        _ConfigureOnImport.install(verbose)
+
+
+class _ConfigureOnImport:
+    """A meta path finder that lets ``logging`` load as usual, then configures it before the importer gets it."""
+
+    def __init__(self, verbose: int):
+        self.verbose = verbose
+
+    @classmethod
+    def install(cls, verbose: int) -> None:
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, cls)]
+        sys.meta_path.insert(0, cls(verbose))
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "logging":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            _configure_logging(self.verbose)   # an unusual interpreter: load and configure it here and now
+            return None
+        spec.loader = _ThenConfigure(spec.loader, self.verbose)  # type: ignore[assignment]  # a loader by its methods
+        return spec
+
+
+class _ThenConfigure:
+    """A module loader that runs the real one, then configures logging."""
+
+    def __init__(self, loader, verbose: int):
+        self._loader, self._verbose = loader, verbose
+
+    def __getattr__(self, name):   # get_source, is_package, ...: the real loader's
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        _configure_logging(self._verbose)
+
+
+def _configure_logging(verbose: int) -> None:
+    import logging
+
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(Redactor())
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

@@ -9,8 +9,6 @@ the file can be shared or committed; an inline secret is refused, not used.
 from __future__ import annotations
 
 import os
-import tomllib
-from pathlib import Path
 from typing import Any
 
 from flasher.errors import InputError
@@ -41,10 +39,13 @@ def load_file(path: str | os.PathLike | None = None, *,
     from flasher.settings import Setting, toml_keys
 
     if path is None:
-        candidate = Path(cwd or os.getcwd()) / DEFAULT_NAME
-        if not candidate.is_file():
+        candidate = os.path.join(cwd or os.getcwd(), DEFAULT_NAME)
+        if not os.path.isfile(candidate):
             return {}, None
         path = candidate
+    import tomllib  # only once there is a file to read: most commands have none
+    from pathlib import Path
+
     p = Path(path)
     name = str(p)
     try:

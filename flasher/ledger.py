@@ -324,6 +324,12 @@ class Backend:
         """Let go of the ledger; ``failed``: the open failed, undo what it made."""
         raise NotImplementedError
 
+    def stream(self, db, sql: str, args: tuple, batch: int) -> Iterator[list[tuple]]:
+        """The rows of one query, ``batch`` at a time as the database gives them, never all at once."""
+        cursor = db.execute(sql, args)
+        while rows := cursor.fetchmany(batch):
+            yield rows
+
 
 def open_backend(target: str | os.PathLike, password=None, application: str = "flasher") -> Backend:
     """The back end for a --ledger value: a path is a SQLite file, ``postgresql://…`` a server."""
@@ -890,6 +896,34 @@ class Ledger:
         for rows, _ in self._pages(batch, station, self._select, None):
             yield rows
 
+    def iter_csv(self, batch: int = 5000, station: str | None = None) -> Iterator[str]:
+        """``status --csv``: the header, then the CSV text of ``batch`` boards at a time, in the order of :meth:`all`.
+
+        Byte for byte what :func:`write_csv` prints, from one query read as it goes (one
+        read transaction: a consistent snapshot in constant memory). On SQLite the database
+        renders each row's text itself (see :func:`_csv_select`); anything that text could
+        get wrong (quotes, commas or newlines in a value, NUL, an unexpected type) is caught
+        per page and those rows go through Python's csv writer. PostgreSQL streams the rows
+        through a server-side cursor into the csv writer.
+        """
+        if batch < 1:
+            raise InputError(f"{self._where}: batch must be at least 1, not {batch}")
+        yield _csv_text([EXPORT_FIELDS])
+        where, args = (" WHERE station = ?", (station,)) if station is not None else ("", ())
+        order = " ORDER BY created_at, deveui"
+        with self._read() as db:
+            if not isinstance(self._backend, SQLiteBackend):
+                for rows in self._backend.stream(db, f"SELECT {self._select} FROM boards{where}{order}", args, batch):
+                    yield _csv_text(rows)
+                return
+            shape = _csv_select(self._select)
+            for rows in self._backend.stream(db, f"SELECT {shape.select}, rowid FROM boards{where}{order}", args, batch):
+                yield shape.page(rows, self._raw_by_rowid(db))
+
+    def _raw_by_rowid(self, db) -> Callable[[int], tuple]:
+        """One SQLite board row (EXPORT_FIELDS), raw, by rowid: for the rows the database cannot render."""
+        return lambda rowid: tuple(db.execute(f"SELECT {self._select} FROM boards WHERE rowid = ?", (rowid,)).fetchone())
+
     def _pages(self, batch: int, station: str | None, columns: str, step_columns: str | None):
         """(board rows, {deveui: step rows}) ``batch`` boards at a time, oldest first; each row starts with deveui."""
         if batch < 1:
@@ -1061,6 +1095,93 @@ def write_csv_rows(pages: Iterable[list[tuple]], stream: TextIO) -> None:
     w.writerow(EXPORT_FIELDS)
     for rows in pages:
         w.writerows(rows)
+
+
+def _csv_text(rows: Iterable[tuple]) -> str:
+    """Rows (EXPORT_FIELDS order) as :func:`write_csv` writes them, in one string."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def _csv_quoting() -> frozenset[str]:
+    """The characters that make this csv writer quote a field (asked of csv itself: it has changed across Pythons)."""
+    probe = ',"\n\r\t\x00\x01 ;\'\\'
+    return frozenset(c for c in probe if _csv_text([(f"a{c}b", "x")]) != f"a{c}b,x\n")
+
+
+@dataclass(frozen=True)
+class _CsvSelect:
+    """How SQLite renders ``status --csv`` rows, and the checks that say when it rendered one as csv.writer would.
+
+    Each row comes back as (text, float, float, text, flag, rowid): the fields before
+    created_at joined by commas, the two timestamps as numbers (csv prints Python's repr of
+    a float, the shortest text that reads back as the same number; SQLite's printf shows 15
+    digits), the fields after them, and a flag that is empty unless attempts is not an
+    integer or last_error holds a NUL (printf would print a real with 15 digits, and stop a
+    text at its NUL). A page is taken as rendered when its text has exactly one line and
+    len(EXPORT_FIELDS) - 1 commas per row and none of the characters csv would quote, nor
+    the flag, nor a quote mark (a timestamp that is not a number would show as '...').
+
+    Checking every column's type and every text for NUL costs SQLite more than the whole
+    export (a function call per column per row), so only the columns where flasher can write
+    them are checked: last_error is free text from errors and devices; the others are ids,
+    names, paths and JSON (escaped) that cannot hold a NUL, and flasher writes no blobs.
+    """
+
+    select: str
+    line: Callable[[tuple], str]
+    commas: int
+    suspect: tuple[str, ...]
+
+    def page(self, rows: list[tuple], raw: Callable[[int], tuple]) -> str:
+        """A page of rows as CSV text; rows the database could not render go through csv.writer."""
+        lines = list(map(self.line, rows))
+        text = "".join(lines)
+        if self._rendered(text, len(rows)):
+            return text
+        return "".join(line if row[-2] == "" and self._rendered(line, 1) else _csv_text([raw(row[-1])])
+                       for row, line in zip(rows, lines, strict=True))
+
+    def _rendered(self, text: str, rows: int) -> bool:
+        # one `in` per character: str's own search, several times faster than a regex character class
+        return (text.count("\n") == rows and text.count(",") == self.commas * rows
+                and not any(c in text for c in self.suspect))
+
+
+_FLOAT_FIELDS = ("created_at", "updated_at")
+
+
+def _csv_select(select: str) -> _CsvSelect:
+    """The SELECT list that makes SQLite render rows of ``select`` (a ledger's EXPORT_FIELDS list) as CSV text."""
+    exprs = [item.split(" AS ")[0] for item in select.split(", ")]   # a column, or NULL for one an old ledger lacks
+    parts: list[str] = []
+    fmt: list[str] = []
+    run: list[str] = []
+    checks: list[str] = []
+    for field, expr in zip(EXPORT_FIELDS, exprs, strict=True):
+        if field in _FLOAT_FIELDS:
+            if run:
+                parts.append(f"printf('{','.join(['%s'] * len(run))}', {', '.join(run)})")
+                fmt.append("%s")
+                run = []
+            parts.append(expr)
+            fmt.append("%r")
+            continue
+        run.append(expr)
+        if expr == "NULL":
+            continue
+        if field == "attempts":
+            checks.append(f"typeof({expr}) = 'integer'")
+        elif field == "last_error":
+            checks.append(f"({expr} IS NULL OR NOT instr({expr}, char(0)))")
+    if run:
+        parts.append(f"printf('{','.join(['%s'] * len(run))}', {', '.join(run)})")
+        fmt.append("%s")
+    flag = f"CASE WHEN {' AND '.join(checks) or 1} THEN '' ELSE char(1) END"
+    suspect = _csv_quoting() - {",", "\n"} | {"\x01", "\x00", "'"}
+    return _CsvSelect(select=", ".join([*parts, flag]), line=(",".join(fmt) + "%s\n%.0s").__mod__,
+                      commas=len(EXPORT_FIELDS) - 1, suspect=tuple(sorted(suspect)))
 
 
 def export_json(records: Iterable[BoardRecord]) -> str:

@@ -154,6 +154,13 @@ class PostgresBackend(Backend):
                 if not conn.broken:
                     conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
 
+    def stream(self, db, sql: str, args: tuple, batch: int):
+        """A server-side cursor: the server holds the result and sends ``batch`` rows a fetch (constant memory here)."""
+        with db.conn.cursor(name="flasher_stream") as cursor:
+            cursor.execute(_placeholders(sql) if args else sql, tuple(args) or None)
+            while rows := cursor.fetchmany(batch):
+                yield rows
+
     def user_version(self, db) -> int:
         if not db.execute(f"SELECT to_regclass('{VERSION_TABLE}') IS NOT NULL").fetchone()[0]:
             return 0

@@ -8,14 +8,15 @@ masks it in any log record, whatever the logger.
 
 from __future__ import annotations
 
-import getpass
-import logging
 import os
 import re
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flasher.errors import SecretError
+
+if TYPE_CHECKING:
+    import logging
 
 MASK = "********"
 # user:password@ in any URL (a proxy's, most likely): masked in every log record, whatever its length
@@ -72,9 +73,13 @@ class Secret:
         raise TypeError("a Secret is not pickled")
 
 
-class Redactor(logging.Filter):
+class Redactor:
     """Replace every known secret (and its derived keys) in a log record with a mask, and the
-    password of any ``scheme://user:password@`` URL (a proxy's), however short it is."""
+    password of any ``scheme://user:password@`` URL (a proxy's), however short it is.
+
+    A log filter (logging takes any object with a ``filter(record)`` method), not a
+    subclass of ``logging.Filter``: commands that never log do not import logging for it.
+    """
 
     _secrets: set[str] = set()
 
@@ -113,7 +118,8 @@ class Redactor(logging.Filter):
 
 def read_secret_file(path: str | os.PathLike, what: str) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8").strip()
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
     except FileNotFoundError:
         raise SecretError(f"{what} file {str(path)!r}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -145,6 +151,8 @@ def resolve_secret(
     elif env_var and os.environ.get(env_var, "").strip():
         value = os.environ[env_var].strip()
     elif prompt and sys.stdin is not None and sys.stdin.isatty():
+        import getpass
+
         value = getpass.getpass(f"{what}: ").strip() or None
     if value is None and required:
         hint = f"set {env_var}" if env_var else "give it"

@@ -16,8 +16,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from flasher.errors import InputError
 
@@ -214,9 +213,12 @@ def _proxy(value: Any, where: str):
     return parse_proxy(value, where)
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One setting. ``name`` is also the keyword a command's option stores into."""
+class Setting(NamedTuple):
+    """One setting. ``name`` is also the keyword a command's option stores into.
+
+    The declarations are NamedTuples rather than frozen dataclasses: as immutable, and every
+    command imports them at start-up, where making a dataclass's methods costs milliseconds.
+    """
 
     name: str
     help: str
@@ -241,8 +243,7 @@ class Setting:
         return self.option or "--" + self.name.replace("_", "-")
 
 
-@dataclass(frozen=True)
-class SecretSetting:
+class SecretSetting(NamedTuple):
     """Where a secret may come from. ``flasher.toml`` may only *reference* it: ``<key>_env`` or ``<key>_file``."""
 
     name: str
@@ -364,8 +365,7 @@ def toml_keys() -> dict[str, Setting | SecretSetting]:
     return keys
 
 
-@dataclass(frozen=True)
-class SecretOrigin:
+class SecretOrigin(NamedTuple):
     kind: str            # option | file | env
     label: str           # what `flasher config` and messages show
     ref: str | None      # the file's path or the variable's name

@@ -43,3 +43,32 @@ def test_header_needs_jinja2_but_not_the_sdk(tmp_path):
     argvs = [["header", "2CF7F12024900138", "--random-app-key", "--id-scope", "0ne00000001", "-o",
               str(tmp_path / "h.h")]]
     assert loaded_after(argvs) == {"jinja2"}
+
+
+def test_keys_starts_without_logging_toml_json_or_getpass():
+    """What `flasher keys ID` needs beyond click is hashing: the rest is loaded only by the commands that use it.
+    (Not pathlib: click does not need it, nor does flasher for this, but an editable install's import hook does.)"""
+    code = ("import sys\n"
+            "from flasher.cli import cli\n"
+            "cli.main(args=['keys', '2CF7F12024900138'], standalone_mode=False)\n"
+            "print(sorted({'logging', 'tomllib', 'json', 'getpass'} & set(sys.modules)))\n")
+    env = {**os.environ, "FLASHER_GROUP_PRIMARY_KEY": GROUP_PRIMARY}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, cwd="/")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1] == "[]"
+
+
+def test_logging_loaded_after_the_command_started_is_configured_and_masks_secrets():
+    """Logging is set up as it is first imported: the format, the level and the Redactor are the same as ever."""
+    code = ("import sys\n"
+            "from flasher.cli import cli\n"
+            "cli.main(args=['keys', '2CF7F12024900138'], standalone_mode=False)\n"
+            "assert 'logging' not in sys.modules\n"
+            "import logging\n"
+            f"logging.getLogger('flasher.later').warning('key %s', {GROUP_PRIMARY!r})\n"
+            "logging.getLogger('flasher.later').info('not shown')\n"
+            "logging.getLogger('azure.x').error('quiet unless -vv')\n")
+    env = {**os.environ, "FLASHER_GROUP_PRIMARY_KEY": GROUP_PRIMARY}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, cwd="/")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == "WARNING flasher.later: key ********\n"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 
 import click
 
@@ -16,6 +15,8 @@ def err(msg: str) -> None:
 
 
 def json_line(obj) -> None:
+    import json
+
     click.echo(json.dumps(obj))
 
 

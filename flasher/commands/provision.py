@@ -218,7 +218,7 @@ def status(station, as_json, as_csv, **_options):
     last worked on each. --json and --csv add tts_app, tts_device_id, tts_servers and station
     (and --json each step's outcome).
     """
-    from flasher.ledger import write_csv_rows, write_json
+    from flasher.ledger import write_json
     from flasher.settings import from_click
 
     if as_json and as_csv:
@@ -230,7 +230,8 @@ def status(station, as_json, as_csv, **_options):
         if as_json:
             write_json(records, out)
         elif as_csv:
-            write_csv_rows(ledger.iter_rows(station=station), out)   # no steps in CSV: one query a page
+            for text in ledger.iter_csv(station=station):            # one query, a page of text per write
+                out.write(text)
         else:
             out.write(f"{'DEVEUI':<16}  {'STATUS':<12} {'STEP':<9} {'HUB':<28} {'DEVICE':<18} {'NETWORK':<16} "
                       f"{'TTS DEVICE':<22} ATTEMPTS  {'STATION':<16} LAST ERROR\n")
