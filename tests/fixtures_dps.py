@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import socket
 import threading
+import time
 
 import pytest
 
@@ -238,3 +239,13 @@ def dps_answer(topic: str, payload: bytes) -> tuple[int, dict[str, str], dict]:
     head, _, query = topic.partition("/?")
     params = {k: v[0] for k, v in urllib.parse.parse_qs(query).items()}
     return int(head.rsplit("/", 1)[1]), params, json.loads(payload) if payload else {}
+
+
+def wait_for(pred, timeout: float = 10.0) -> bool:
+    """Poll until pred() is true (a hang guard, not a timing assertion)."""
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True

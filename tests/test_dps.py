@@ -19,22 +19,13 @@ from fixtures_dps import (
     INDIVIDUAL_SECONDARY,
     group_device_key,
     leftover_threads,
+    wait_for,
 )
 
 from flasher.dps import DpsError, Registration, register_device, validate_id_scope
 from flasher.errors import InputError
 from flasher.sim import certs
 from flasher.sim.dps import check_sas, load_enrollments
-
-
-def wait_for(pred, timeout=10.0):
-    """Poll until pred() is true (a hang guard, not a timing assertion)."""
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _messages(emu, device_id):

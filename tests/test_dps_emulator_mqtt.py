@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 from fixtures_dps import (
@@ -22,23 +21,16 @@ from fixtures_dps import (
     dps_mqtt,
     group_device_key,
     sas_token,
+    wait_for,
 )
 
 from flasher.dps import DpsError, register_device
 from flasher.sim.dps import INVALID_ID_ERROR
 
+
 REGISTER = "$dps/registrations/PUT/iotdps-register/?$rid={}"
 STATUS = "$dps/registrations/GET/iotdps-get-operationstatus/?$rid={}&operationId={}"
 
-
-def wait_for(pred, timeout=30.0):
-    """Poll until pred() is true (a hang guard, not a timing assertion)."""
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 class StepClock:
@@ -150,7 +142,7 @@ def test_the_sdk_waits_out_the_quota(make_dps_emulator):
     t.start()
     try:
         # the clock stands still: the second registration is refused until the test moves it on
-        assert wait_for(lambda: emu.state()["stats"]["quota_throttled"] >= 1)
+        assert wait_for(lambda: emu.state()["stats"]["quota_throttled"] >= 1, timeout=30.0)
     finally:
         clock.now += 1.0  # the first one leaves the window: the SDK's retry after retry-after=1 is accepted
         t.join(90)

@@ -11,11 +11,10 @@ import base64
 import json
 import logging
 import threading
-import time
 import urllib.parse
 
 import pytest
-from fixtures_dps import GROUP_PRIMARY, ID_SCOPE, free_loopback, group_device_key, leftover_threads
+from fixtures_dps import GROUP_PRIMARY, ID_SCOPE, free_loopback, group_device_key, leftover_threads, wait_for
 from proxies import HttpConnectProxy, Socks5Proxy
 
 from flasher.childenv import child_env
@@ -54,14 +53,6 @@ def http_proxy(named):
     for p in proxies:
         p.stop()
 
-
-def wait_for(pred, timeout=10.0):
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def register(emu, rid, transport, **kwargs):

@@ -19,7 +19,7 @@ import threading
 import time
 
 import pytest
-from fixtures_dps import ID_SCOPE, free_loopback, group_device_key, leftover_threads
+from fixtures_dps import ID_SCOPE, free_loopback, group_device_key, leftover_threads, wait_for
 
 from flasher.dps import DpsError, Transport, _dispose_hub, register_device, send_test_message
 from flasher.sim.web import accept_key
@@ -297,11 +297,3 @@ def test_a_separate_hub_message_goes_the_same_way(make_dps_emulator):
     assert next(r for r in state["registrations"] if r["registrationId"] == rid)["transport"] == "mqtt"
     assert next(d for d in state["devices"] if d["device_id"] == rid)["transport"] == "websocket"
 
-
-def wait_for(pred, timeout=10.0):
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
