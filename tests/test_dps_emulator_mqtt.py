@@ -27,7 +27,6 @@ from fixtures_dps import (
 from flasher.dps import DpsError, register_device
 from flasher.sim.dps import INVALID_ID_ERROR
 
-
 REGISTER = "$dps/registrations/PUT/iotdps-register/?$rid={}"
 STATUS = "$dps/registrations/GET/iotdps-get-operationstatus/?$rid={}&operationId={}"
 
