@@ -8,8 +8,9 @@ module is the recorder: it commits every step to the ledger as it starts and end
 so a board interrupted anywhere (unplug, crash, kill, DPS refusal) resumes where it
 stopped. Steps never talk to the ledger or the display themselves.
 
-Many boards run concurrently, each in its own thread: the AT phases are short, the
-DPS registrations take seconds each and overlap.
+Many boards run concurrently, each in its own thread, by default every board given
+(up to :data:`DEFAULT_CONCURRENCY`): the AT phases are short, the DPS registrations
+take seconds each and overlap.
 """
 
 from __future__ import annotations
@@ -388,9 +389,44 @@ def provision_board(port: str, settings: Settings, ledger: Ledger, reporter: Rep
     return _Recorder(board, ledger).run()
 
 
+# Boards at once unless --concurrency says fewer: every attached board's AT phase runs at once (a board
+# mostly waits: on its serial port, on DPS), and how fast DPS is asked is the rate governor's business.
+# flasher.settings' "concurrency" default is the same number (a test checks).
+DEFAULT_CONCURRENCY = 256
+# What one board holds open at worst: its serial port; the DPS and the hub connections, each a TLS socket
+# and paho's wake-up socket pair; an HTTPS connection to The Things Stack; a header or label being written.
+FDS_PER_BOARD = 9
+FDS_SPARE = 64  # the ledger, its -wal/-shm, stdio, the SDK's and Python's own
+
+
+def fds_needed(boards: int) -> int:
+    return boards * FDS_PER_BOARD + FDS_SPARE
+
+
+def ensure_fd_limit(boards: int) -> None:
+    """Raise this process's soft limit on open files (up to its hard limit) so ``boards`` can run at once.
+
+    Many systems start processes with a soft limit of 1024, which 256 boards outgrow;
+    the hard limit is usually far higher and needs no privilege to reach. If even
+    that is too low, say so in one line before any board is touched."""
+    import resource
+
+    need = fds_needed(boards)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        most = max(1, (hard - FDS_SPARE) // FDS_PER_BOARD)
+        raise FlasherError(f"{boards} boards at once need about {need} open files, and this process may open at "
+                           f"most {hard} (ulimit -Hn): raise that limit, or pass --concurrency {most}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    log.info("open files limit raised from %d to %d for %d boards at once", soft, need, boards)
+
+
 def provision_boards(ports: list[str], settings: Settings, ledger: Ledger, reporter: Reporter | None = None,
-                     *, concurrency: int = 16, stop: threading.Event | None = None) -> Iterator[BoardResult]:
-    """Provision ``ports`` concurrently; yields each board's result as it finishes.
+                     *, concurrency: int = DEFAULT_CONCURRENCY,
+                     stop: threading.Event | None = None) -> Iterator[BoardResult]:
+    """Provision ``ports`` concurrently, at most ``concurrency`` at once; yields each board's result as it finishes.
 
     Closing the generator early (Ctrl-C in the caller) sets ``stop``: boards finish
     their current step, record where they are, and the rest never start.
@@ -399,7 +435,9 @@ def provision_boards(ports: list[str], settings: Settings, ledger: Ledger, repor
     reporter = reporter or NullReporter()
     if not ports:
         return
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(ports))), thread_name_prefix="board") as pool:
+    workers = max(1, min(concurrency, len(ports)))
+    ensure_fd_limit(workers)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="board") as pool:
         futures = [pool.submit(provision_board, p, settings, ledger, reporter, stop) for p in ports]
         try:
             for fut in as_completed(futures):
