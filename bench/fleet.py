@@ -97,12 +97,14 @@ def serve() -> int:
         run = json.loads(line)
         s = Settings(**{**settings.__dict__, "out_dir": Path(run["dir"]) / "headers"})
         clock = StepClock()
-        wall0, cpu0 = time.perf_counter(), time.process_time()
+        wall0, t0 = time.perf_counter(), os.times()
         with Ledger(run["ledger"] or Path(run["dir"]) / "ledger.sqlite3") as ledger:
             results = list(provision_boards(run["ports"], s, ledger, clock))
-        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        wall, t1 = time.perf_counter() - wall0, os.times()
+        user, system = t1.user - t0.user, t1.system - t0.system
         bad = [f"{r.port}: {r.failed_step}: {r.error}" for r in results if r.status != "provisioned"]
-        print(json.dumps({"wall": wall, "cpu": cpu, "bad": bad, "steps": clock.summary()}), flush=True)
+        print(json.dumps({"wall": wall, "cpu": user + system, "user": user, "system": system, "bad": bad,
+                          "steps": clock.summary()}), flush=True)
     return 0
 
 
@@ -120,15 +122,18 @@ class Worker:
         self.proc.stdin.flush()
 
     def run(self, ports: list[str], run_dir: Path, ledger: str | None = None) -> dict:
+        """One run in the child; ``sims`` in the answer is what this process (the simulators) spent meanwhile."""
         self._send({"ports": ports, "dir": str(run_dir), "ledger": ledger})
         assert self.proc.stdout is not None
+        sims = time.process_time()
         line = self.proc.stdout.readline()
+        sims = time.process_time() - sims
         if not line:
             raise SystemExit(f"fleet: the worker ended (exit {self.proc.wait()})")
         answer = json.loads(line)
         if answer["bad"]:
             raise SystemExit(f"fleet: {len(answer['bad'])} board(s) failed, e.g. {answer['bad'][0]}")
-        return answer
+        return {**answer, "sims": sims}
 
     def __enter__(self) -> Worker:
         return self
@@ -250,8 +255,9 @@ def main() -> int:
         for _ in range(args.repeat):
             for n in sizes:
                 runs[n].append(worker.run(ports[:n], fresh(work, f"con{n}")))
-                print(f"  {n:>4} boards: {runs[n][-1]['wall']:6.2f} s wall, {runs[n][-1]['cpu']:6.2f} s CPU "
-                      f"({load()})", flush=True)
+                r = runs[n][-1]
+                print(f"  {n:>4} boards: {r['wall']:6.2f} s wall, {r['cpu']:6.2f} s CPU ({r['user']:.2f} user, "
+                      f"{r['system']:.2f} system; simulators {r['sims']:.2f} s) ({load()})", flush=True)
         stats = emu.state()["stats"]
     wall = {n: statistics.median(r["wall"] for r in v) for n, v in runs.items()}
     cpu = {n: statistics.median(r["cpu"] for r in v) for n, v in runs.items()}

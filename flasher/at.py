@@ -54,14 +54,24 @@ except ImportError:  # Windows
 
 
 if sys.platform.startswith("linux"):  # elsewhere (macOS) poll() may not take a tty
+    import fcntl
+
     class _PolledSerial(serial.Serial):  # type: ignore[misc,valid-type]
         """pyserial's POSIX port, waiting with poll() instead of select().
 
         select() refuses a descriptor numbered 1024 or more, and each open port is five
         (the tty and two abort pipes): a run with a few hundred boards has such numbers.
+        Since this port does not need select(), its descriptors move above 1024 where
+        the limit on open files allows, leaving the numbers below to the sockets of the
+        Azure SDK, whose MQTT client (paho) does wait with select().
         Reads also take their deadline as an argument, so a line reader need not reset
         the port's timeout (a termios round trip) before every read.
         """
+
+        def open(self) -> None:
+            super().open()
+            for name in ("fd", "pipe_abort_read_r", "pipe_abort_read_w", "pipe_abort_write_r", "pipe_abort_write_w"):
+                setattr(self, name, _above_select(getattr(self, name)))
 
         def read(self, size: int = 1) -> bytes:
             if not self.is_open:
@@ -122,6 +132,17 @@ if sys.platform.startswith("linux"):  # elsewhere (macOS) poll() may not take a 
             return total - len(view)
 
     _RETRY = (errno.EAGAIN, errno.EALREADY, errno.EWOULDBLOCK, errno.EINPROGRESS, errno.EINTR)
+
+    SELECT_LIMIT = 1024  # FD_SETSIZE: select() takes descriptors below this
+
+    def _above_select(fd: int) -> int:
+        """``fd`` renumbered to 1024 or above (and closed where it was), or as it is if the open files limit is lower."""
+        try:
+            moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, SELECT_LIMIT)
+        except OSError:  # EINVAL/EMFILE: no room up there; below is fine for a small run
+            return fd
+        os.close(fd)
+        return moved
 
     def _ms(deadline: float | None) -> int | None:
         return None if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))

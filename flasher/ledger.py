@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from flasher.errors import FlasherError, InputError
@@ -137,6 +137,29 @@ POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 class LedgerError(FlasherError):
     pass
+
+
+T = TypeVar("T")
+
+
+class _Write:
+    """One queued write (see :meth:`Ledger._write`): the function, then its result or error."""
+
+    __slots__ = ("fn", "result", "error", "done", "wake")
+
+    def __init__(self, fn: Callable[[Any], Any]):
+        self.fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.wake = threading.Event()    # set when it is done, or when its writer is to commit the queue
+
+    def outcome(self, ledger: Ledger) -> Any:
+        if self.error is None:
+            return self.result
+        if isinstance(self.error, ledger._backend.errors):  # one LedgerError per writer: they may share the cause
+            raise LedgerError(f"{ledger._where}: cannot write ({ledger._backend.describe(self.error)})") from None
+        raise self.error
 
 
 class BoardClaimed(LedgerError):
@@ -516,6 +539,9 @@ class Ledger:
         self._claims: set[str] = set()
         self._heartbeat: threading.Thread | None = None
         self._stop = threading.Event()
+        self._queue_lock = threading.Lock()  # the writes waiting for the next commit (see _write)
+        self._queue: list[_Write] = []
+        self._committing = False
         self._backend.open(create, readonly)
         try:
             self._open(create)
@@ -590,8 +616,7 @@ class Ledger:
         if self._heartbeat is not None:
             self._heartbeat.join()
             try:
-                with self._tx() as db:
-                    db.execute("DELETE FROM claims WHERE run_id = ?", (self.run_id,))
+                self._write(lambda db: db.execute("DELETE FROM claims WHERE run_id = ?", (self.run_id,)))
                 with self._lock:
                     self._claims.clear()
             except LedgerError as exc:  # not fatal: they lapse with this process (or its heartbeat)
@@ -614,7 +639,7 @@ class Ledger:
         stations racing for a board exactly one wins. Claiming a board this run holds
         again is fine. The first claim starts the heartbeat.
         """
-        with self._tx() as db:
+        def claim(db) -> None:
             now = self._backend.now()
             mine = (deveui, self.run_id, self._pid, self._host, now, now, self.station)
             for _ in range(3):  # a claim released between the INSERT and the SELECT: try again
@@ -639,6 +664,8 @@ class Ledger:
                 break
             else:
                 raise LedgerError(f"{self._where}: {deveui}: the claim kept changing hands; try again")
+
+        self._write(claim)
         with self._lock:
             self._claims.add(deveui)
             if self._heartbeat is None:
@@ -647,8 +674,7 @@ class Ledger:
 
     def release(self, deveui: str) -> None:
         """Give the board back (only if this run holds it)."""
-        with self._tx() as db:
-            db.execute("DELETE FROM claims WHERE deveui = ? AND run_id = ?", (deveui, self.run_id))
+        self._write(lambda db: db.execute("DELETE FROM claims WHERE deveui = ? AND run_id = ?", (deveui, self.run_id)))
         with self._lock:
             self._claims.discard(deveui)
 
@@ -673,9 +699,7 @@ class Ledger:
         """Refresh this run's claims every stale_after/4 seconds until close(), so others see it alive."""
         while not self._stop.wait(self.stale_after / 4):
             try:
-                with self._tx() as db:
-                    db.execute("UPDATE claims SET heartbeat_at = ? WHERE run_id = ?", (self._backend.now(), self.run_id))
-                    held = {r[0] for r in db.execute("SELECT deveui FROM claims WHERE run_id = ?", (self.run_id,))}
+                held = self._write(self._beat_once)
                 with self._lock:
                     lost, self._claims = self._claims - held, self._claims & held
             except LedgerError as exc:  # a busy disk, a server away: try again next beat; the claims may lapse meanwhile
@@ -685,9 +709,80 @@ class Ledger:
                 log.warning("%s: another run took over %s after this run's heartbeat lapsed", self._where,
                             ", ".join(sorted(lost)))
 
+    def _beat_once(self, db) -> set[str]:
+        db.execute("UPDATE claims SET heartbeat_at = ? WHERE run_id = ?", (self._backend.now(), self.run_id))
+        return {r[0] for r in db.execute("SELECT deveui FROM claims WHERE run_id = ?", (self.run_id,))}
+
+    def _write(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(db)`` in a write transaction; return its result once that is committed.
+
+        Group commit: while one transaction commits, other threads' writes queue up, and
+        the next transaction takes all of them, so 256 boards wait for a few commits (and
+        fsyncs) rather than queue for one each. The first queued writer runs it for all,
+        so no thread is kept for it. Every call still returns only after its own write is
+        committed: a board's claim is held before its work starts, a step is recorded
+        before the next begins, and "done" is on disk before it is reported. A write that
+        raises (a claim another run holds, a driver error in its SQL) is rolled back alone:
+        the others in its transaction run again without it. A failed commit fails them all.
+        """
+        if self.readonly:
+            raise LedgerError(f"{self._where}: opened read-only")
+        if self._closed:
+            raise LedgerError(f"{self._where}: already closed")
+        mine = _Write(fn)
+        with self._queue_lock:
+            self._queue.append(mine)
+            lead, self._committing = not self._committing, True
+        if not lead:
+            mine.wake.wait()
+            if mine.done:  # another writer committed it
+                return mine.outcome(self)
+        # this thread commits the queue, its own write with it (it was queued first and no one else takes it)
+        try:
+            with self._queue_lock:
+                batch, self._queue = self._queue, []
+            self._commit(batch, mine)
+        finally:
+            with self._queue_lock:  # hand the queue to its first writer, or stop committing
+                if self._queue:
+                    self._queue[0].wake.set()
+                else:
+                    self._committing = False
+        return mine.outcome(self)
+
+    def _commit(self, batch: list[_Write], mine: _Write) -> None:
+        """One transaction for ``batch``; each write ends with a result or an error, and its writer is woken."""
+        pending = list(batch)
+        try:
+            while pending:
+                at: int | None = None
+                try:
+                    with self._backend.transaction(write=True) as db:
+                        for i, w in enumerate(pending):
+                            at = i
+                            w.result = w.fn(db)
+                        at = None
+                    pending = []
+                except Exception as exc:
+                    if at is None:  # BEGIN or COMMIT itself: none of it was written
+                        for w in pending:
+                            w.error = exc
+                        pending = []
+                    else:  # that write alone fails; the others were rolled back with it and run again
+                        pending.pop(at).error = exc
+        except BaseException as exc:  # Ctrl-C in the committing thread: the rest were not written either
+            for w in pending:
+                w.error = exc if w is mine else LedgerError(f"{self._where}: cannot write (interrupted)")
+            raise
+        finally:
+            for w in batch:
+                w.done = True
+                w.wake.set()
+
     @contextmanager
     def _tx(self):
-        """One write transaction; a driver failure (full disk, lock timeout, server gone) becomes one line naming the ledger."""
+        """One write transaction of its own (a copy, a test); a driver failure (full disk, lock timeout, server gone)
+        becomes one line naming the ledger. The provisioning writes go through :meth:`_write`."""
         if self.readonly:
             raise LedgerError(f"{self._where}: opened read-only")
         if self._closed:
@@ -701,7 +796,7 @@ class Ledger:
     # --- writes -------------------------------------------------------------------
     def begin(self, deveui: str, registration_id: str, **fields) -> BoardRecord:
         """Open (or reopen) a board's record for an attempt; counts attempts."""
-        with self._tx() as db:
+        def begin(db) -> BoardRecord | None:
             now = self._backend.now()
             db.execute("INSERT INTO boards (deveui, registration_id, status, attempts, created_at, updated_at) "
                        "VALUES (?, ?, 'in_progress', 0, ?, ?) ON CONFLICT (deveui) DO NOTHING",
@@ -709,23 +804,26 @@ class Ledger:
             db.execute("UPDATE boards SET attempts = attempts + 1, status = 'in_progress', registration_id = ?, "
                        "station = ?, updated_at = ? WHERE deveui = ?", (registration_id, self.station, now, deveui))
             self._set(db, deveui, fields, now)
-            record = self._get(db, deveui)
+            return self._get(db, deveui)
+
+        record = self._write(begin)
         assert record is not None
         return record
 
     def reset(self, deveui: str) -> None:
         """--force: forget the steps of a board so every one runs again."""
-        with self._tx() as db:
-            db.execute("DELETE FROM steps WHERE deveui = ?", (deveui,))
+        self._write(lambda db: db.execute("DELETE FROM steps WHERE deveui = ?", (deveui,)))
 
     def step_started(self, deveui: str, step: str) -> None:
-        with self._tx() as db:
+        def started(db) -> None:
             now = self._backend.now()
             db.execute("INSERT INTO steps (deveui, step, outcome, started_at, finished_at, detail, station) "
                        "VALUES (?, ?, 'started', ?, NULL, NULL, ?) ON CONFLICT (deveui, step) DO UPDATE SET "
                        "outcome = excluded.outcome, started_at = excluded.started_at, finished_at = NULL, detail = NULL, "
                        "station = excluded.station", (deveui, step, now, self.station))
             db.execute("UPDATE boards SET current_step = ?, updated_at = ? WHERE deveui = ?", (step, now, deveui))
+
+        self._write(started)
 
     def step_finished(self, deveui: str, step: str, outcome: str = "ok", detail: str | None = None, *,
                       keep_status: bool = False, **fields) -> None:
@@ -734,32 +832,33 @@ class Ledger:
         A failure marks the board failed, unless ``keep_status`` (a step run on its own,
         such as ``flasher tts register``, which leaves the board's provisioning status alone).
         """
-        with self._tx() as db:
+        def finished(db) -> None:
             now = self._backend.now()
             cur = db.execute("UPDATE steps SET outcome = ?, finished_at = ?, detail = ?, station = ? "
                              "WHERE deveui = ? AND step = ?", (outcome, now, detail, self.station, deveui, step))
             if cur.rowcount == 0:
                 db.execute("INSERT INTO steps (deveui, step, outcome, started_at, finished_at, detail, station) "
                            "VALUES (?, ?, ?, ?, ?, ?, ?)", (deveui, step, outcome, now, now, detail, self.station))
-            if outcome == "failed" and not keep_status:
-                fields = {**fields, "status": "failed", "last_error": detail}
-            self._set(db, deveui, fields, now)
+            changes = {**fields, "status": "failed", "last_error": detail} if outcome == "failed" and not keep_status \
+                else fields
+            self._set(db, deveui, changes, now)
+
+        self._write(finished)
 
     def note(self, deveui: str, **fields) -> None:
         """Record what a running step has done so far (the servers that hold an end device), before it ends."""
-        with self._tx() as db:
-            self._set(db, deveui, fields, self._backend.now())
+        self._write(lambda db: self._set(db, deveui, fields, self._backend.now()))
 
     def finish(self, deveui: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE boards SET status = 'provisioned', current_step = NULL, last_error = NULL, "
-                       "station = ?, updated_at = ? WHERE deveui = ?", (self.station, self._backend.now(), deveui))
+        self._write(lambda db: db.execute("UPDATE boards SET status = 'provisioned', current_step = NULL, "
+                                          "last_error = NULL, station = ?, updated_at = ? WHERE deveui = ?",
+                                          (self.station, self._backend.now(), deveui)))
 
     def mark(self, deveui: str, status: str, message: str | None) -> None:
         """Set a board's status and last error without touching its steps (a conflict leaves the work as it was)."""
-        with self._tx() as db:
-            db.execute("UPDATE boards SET status = ?, last_error = ?, station = ?, updated_at = ? WHERE deveui = ?",
-                       (status, message, self.station, self._backend.now(), deveui))
+        self._write(lambda db: db.execute("UPDATE boards SET status = ?, last_error = ?, station = ?, updated_at = ? "
+                                          "WHERE deveui = ?", (status, message, self.station, self._backend.now(),
+                                                               deveui)))
 
     def _set(self, db, deveui: str, fields: dict, now: float) -> None:
         if not fields:

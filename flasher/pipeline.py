@@ -393,14 +393,18 @@ def provision_board(port: str, settings: Settings, ledger: Ledger, reporter: Rep
 # mostly waits: on its serial port, on DPS), and how fast DPS is asked is the rate governor's business.
 # flasher.settings' "concurrency" default is the same number (a test checks).
 DEFAULT_CONCURRENCY = 256
-# What one board holds open at worst: its serial port; the DPS and the hub connections, each a TLS socket
-# and paho's wake-up socket pair; an HTTPS connection to The Things Stack; a header or label being written.
-FDS_PER_BOARD = 9
+# What one board holds open at worst: its serial port (the tty and pyserial's two abort pipes); a DPS or hub
+# connection (a TLS socket and paho's wake-up socket pair); an HTTPS connection to The Things Stack; a file.
+FDS_PER_BOARD = 10
 FDS_SPARE = 64  # the ledger, its -wal/-shm, stdio, the SDK's and Python's own
+SELECT_LIMIT = 1024  # paho waits with select(), which takes descriptors below this only
 
 
 def fds_needed(boards: int) -> int:
-    return boards * FDS_PER_BOARD + FDS_SPARE
+    """The open files ``boards`` at once need. Past select()'s range, the serial ports move above it
+    (see flasher.at) so the SDK's sockets keep the numbers below: the limit must leave room up there."""
+    need = boards * FDS_PER_BOARD + FDS_SPARE
+    return need if need <= SELECT_LIMIT else SELECT_LIMIT + need
 
 
 def ensure_fd_limit(boards: int) -> None:
