@@ -277,6 +277,7 @@ class Backend:
     path: Any                               # Ledger.path: the file's Path, or the masked URL
     errors: tuple[type[BaseException], ...] = ()
     lock_clause = ""                        # appended to the claim's SELECT to lock the row, where rows lock
+    group_commit = False                    # concurrent writes share one transaction (see Ledger._write)
 
     def open(self, create: bool, readonly: bool) -> None:
         raise NotImplementedError
@@ -335,9 +336,14 @@ def open_backend(target: str | os.PathLike, password=None, application: str = "f
 
 
 class SQLiteBackend(Backend):
-    """A ledger file on this machine: one connection, one writer at a time (``BEGIN IMMEDIATE``), WAL."""
+    """A ledger file on this machine: one connection, one writer at a time (``BEGIN IMMEDIATE``), WAL.
+
+    Writers take turns anyway, so each transaction takes every write waiting for it:
+    one commit (one fsync) for many boards' steps.
+    """
 
     errors = (sqlite3.Error,)
+    group_commit = True
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -503,7 +509,7 @@ class SQLiteBackend(Backend):
 
 
 class Ledger:
-    """Thread-safe: boards are provisioned concurrently, each write is one transaction.
+    """Thread-safe: boards are provisioned concurrently; each write returns once committed (see :meth:`_write`).
 
     ``path`` is a SQLite file, or ``postgresql://user@host/db`` for a ledger that several
     stations share (``password`` from the caller; else libpq's PGPASSWORD or ~/.pgpass).
@@ -716,20 +722,26 @@ class Ledger:
     def _write(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(db)`` in a write transaction; return its result once that is committed.
 
-        Group commit: while one transaction commits, other threads' writes queue up, and
-        the next transaction takes all of them, so 256 boards wait for a few commits (and
-        fsyncs) rather than queue for one each. The first queued writer runs it for all,
-        so no thread is kept for it. Every call still returns only after its own write is
-        committed: a board's claim is held before its work starts, a step is recorded
-        before the next begins, and "done" is on disk before it is reported. A write that
-        raises (a claim another run holds, a driver error in its SQL) is rolled back alone:
-        the others in its transaction run again without it. A failed commit fails them all.
+        Group commit, on a back end whose writers take turns (SQLite): while one transaction
+        commits, other threads' writes queue up, and the next transaction takes all of them,
+        so 256 boards wait for a few commits (and fsyncs) rather than queue for one each.
+        PostgreSQL runs each write in its own transaction on a pooled connection: writers
+        do not wait for each other there, and the server flushes concurrent commits together.
+        The first queued writer commits for all, so no thread is kept for it. Every call
+        still returns only after its own write is committed: a board's claim is held before
+        its work starts, a step is recorded before the next begins, and "done" is on disk
+        before it is reported. A write that raises (a claim another run holds, a driver
+        error in its SQL) is rolled back alone: the others in its transaction run again
+        without it. A failed commit fails them all.
         """
         if self.readonly:
             raise LedgerError(f"{self._where}: opened read-only")
         if self._closed:
             raise LedgerError(f"{self._where}: already closed")
         mine = _Write(fn)
+        if not self._backend.group_commit:  # transactions run side by side, and the server joins their commits
+            self._commit([mine], mine)
+            return mine.outcome(self)
         with self._queue_lock:
             self._queue.append(mine)
             lead, self._committing = not self._committing, True

@@ -270,8 +270,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             parse=_seconds(1.0), toml_type=(int, float)),
     Setting("at_timeout", "seconds to wait for each AT answer", default=2.0, option="--timeout",
             parse=_seconds(0.05, 600.0), toml_type=(int, float)),
-    Setting("concurrency", "boards (or registrations) at once, at most", default=256, parse=_count(1, 1024),
-            toml_type=int),  # = pipeline.DEFAULT_CONCURRENCY: every attached board at once
+    # Every attached board at once (= pipeline.DEFAULT_CONCURRENCY). No more: the SDK's MQTT client (paho) waits
+    # with select(), which takes descriptors below 1024 only, and each board in DPS holds three of them.
+    Setting("concurrency", "boards (or registrations) at once, at most", default=256, parse=_count(1, 256),
+            toml_type=int),
     Setting("test_message", "the proof message sent from the hub", default="TestMessage"),
     Setting("fqbn", "board FQBN for --upload", default="Seeeduino:samd:rolawan"),
     Setting("sketch", "sketch folder for --upload (default: the shipped flasher_otaa)", path=True),
