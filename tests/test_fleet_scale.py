@@ -19,6 +19,7 @@ import time
 import pytest
 from fixtures_dps import GROUP_PRIMARY, ID_SCOPE
 
+from flasher import sandbox
 from flasher.at import ATClient
 from flasher.eui import EUI64
 from flasher.ledger import BoardClaimed, Ledger, LedgerError
@@ -265,7 +266,7 @@ def test_a_serial_port_works_above_descriptor_1024_and_leaves_the_numbers_below_
 
 def test_every_board_given_starts_at_once_by_default(sim_boards, make_dps_emulator, tmp_path):
     """20 boards, more than the old default of 16: with one board per thread, every board has started
-    before any has finished (a board takes over two seconds at DPS)."""
+    before any has finished (a board takes over two seconds at DPS); and they share one compiled template."""
     emu = make_dps_emulator(assign_delay=0.5)
     sim = sim_boards(20, seed=2020)
     settings = Settings(id_scope=ID_SCOPE, group_key=base64.b64decode(GROUP_PRIMARY), dps_host=emu.host,
@@ -280,9 +281,12 @@ def test_every_board_given_starts_at_once_by_default(sim_boards, make_dps_emulat
         def close(self) -> None:
             pass
 
+    compiled = sandbox.compile_count()
     with Ledger(tmp_path / "l.sqlite3") as led:
         results = list(provision_boards(sim.ports, settings, led, Log()))
     assert [r.status for r in results] == ["provisioned"] * 20, [r.error for r in results]
+    # seeed-lorawan and the two templates it includes, each compiled once for all 20 boards (or 0: already cached)
+    assert sandbox.compile_count() - compiled <= 3
     first_done = next(i for i, e in enumerate(events) if e[1] == "done")
     started = {port for port, step, state in events[:first_done] if step == "identify" and state == "running"}
     assert started == set(sim.ports)
