@@ -9,8 +9,10 @@ concurrency (no ``--concurrency``), as ``flasher provision --all`` runs it. Ever
 starts from a fresh ledger and header folder, and the sizes are interleaved in each
 round so the machine's noise hits them alike; medians are reported.
 
-Provisioning runs in a child process (``--worker``) and the board simulator and the
-emulator stay in this one, so the child's CPU time is flasher's alone. The child
+Provisioning runs in a child process (``--worker``), the board simulator in another
+(``--boards``) and the emulator in this one, so the worker's CPU time is flasher's
+alone, and neither simulator waits for the other's turn at a GIL (real boards and a
+real DPS do not share one with flasher either). The child
 imports everything and provisions one board untimed first (the SDK import, the first
 TLS handshake), then times each run from opening its ledger to closing it.
 
@@ -128,6 +130,53 @@ def sdk_only(settings: Settings, n: int) -> dict:
             "system": t1.system - t0.system, "bad": bad, "steps": {}}
 
 
+def serve_boards(count: int, state_dir: str) -> int:
+    """The board simulator in a process of its own: print the ports (one JSON line), run until stdin closes,
+    then print this process's CPU seconds."""
+    from flasher.sim.board import BoardSimulator
+
+    with BoardSimulator(count=count, state_dir=state_dir, seed=5) as sim:
+        print(json.dumps(sim.ports), flush=True)
+        sys.stdin.read()
+    print(json.dumps(time.process_time()), flush=True)
+    return 0
+
+
+class Boards:
+    """``count`` simulated boards served by a child process (so its pty loop does not share a GIL with the
+    emulator); stopped, by its pid if need be, on every path out of the ``with``."""
+
+    def __init__(self, count: int, state_dir: Path):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--boards", str(count), str(state_dir)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=bench_env())
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.__exit__()
+            raise SystemExit(f"fleet: the board simulator ended (exit {self.proc.returncode})")
+        self.ports: list[str] = json.loads(line)
+        self.cpu: float | None = None
+
+    def __enter__(self) -> Boards:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.close()
+            line = self.proc.stdout.readline()
+            self.cpu = json.loads(line) if line else None
+            self.proc.wait(timeout=30)
+        except (subprocess.TimeoutExpired, OSError, ValueError):
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc.stdout.close()
+
+
 class Worker:
     """The provisioning child process; stopped (by its pid) on every path out of the ``with``."""
 
@@ -142,7 +191,7 @@ class Worker:
         self.proc.stdin.flush()
 
     def run(self, ports: list[str], run_dir: Path, ledger: str | None = None) -> dict:
-        """One run in the child; ``sims`` in the answer is what this process (the simulators) spent meanwhile."""
+        """One run in the child; ``sims`` in the answer is what this process (the emulator) spent meanwhile."""
         return self._ask({"ports": ports, "dir": str(run_dir), "ledger": ledger})
 
     def sdk(self, n: int) -> dict:
@@ -249,10 +298,12 @@ def main() -> int:
     ap.add_argument("--postgres", action="store_true", help="PostgreSQL ledger vs SQLite, 16 boards (see above)")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="board counts (1 and 256 give the goals)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--boards", nargs=2, metavar=("COUNT", "STATE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return serve()
-    from flasher.sim.board import BoardSimulator
+    if args.boards:
+        return serve_boards(int(args.boards[0]), args.boards[1])
     from flasher.sim.dps import DpsEmulator, free_loopback
 
     sizes = sorted({int(n) for n in args.sizes.split(",")} | {1})
@@ -265,8 +316,12 @@ def main() -> int:
         emu = stack.enter_context(DpsEmulator(enrollments, host=free_loopback(), cert_dir=work / "certs",
                                               assign_delay=args.assign_delay))
         count = max(sizes + ([16] if args.postgres else []))
-        sim = stack.enter_context(BoardSimulator(count=count, state_dir=work / "boards", seed=5))
-        ports = list(sim.ports)
+        # The simulated boards' EEPROM files go to RAM where there is some: each AT+KEY/MODE/DR/ID= set rewrites
+        # one (write, rename), about 1 ms on this ext4 disk and serial in the simulator's one loop; a real
+        # module's flash costs the host nothing. The ledger and the headers stay on disk, as in real use.
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
+        eeproms = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-fleet-boards-", dir=shm)))
+        ports = stack.enter_context(Boards(count, eeproms)).ports
         conf = {"id_scope": ID_SCOPE, "group_key": base64.b64encode(group_key).decode(), "dps_host": emu.host,
                 "ca_cert": str(emu.ca_cert_path), "join_eui": "70B3D57ED003F06A"}
         pg = None
@@ -290,7 +345,7 @@ def main() -> int:
                 runs[n].append(worker.run(ports[:n], fresh(work, f"con{n}")))
                 r = runs[n][-1]
                 print(f"  {n:>4} boards: {r['wall']:6.2f} s wall, {r['cpu']:6.2f} s CPU ({r['user']:.2f} user, "
-                      f"{r['system']:.2f} system; simulators {r['sims']:.2f} s) ({load()})", flush=True)
+                      f"{r['system']:.2f} system; emulator {r['sims']:.2f} s) ({load()})", flush=True)
         stats = emu.state()["stats"]
     wall = {n: statistics.median(r["wall"] for r in v) for n, v in runs.items()}
     cpu = {n: statistics.median(r["cpu"] for r in v) for n, v in runs.items()}
