@@ -48,6 +48,7 @@ from flasher.steps.render import Render
 from flasher.steps.upload import Upload as UploadStep
 
 if TYPE_CHECKING:
+    from flasher.governor import RateGovernor
     from flasher.tts import TtsTarget
 
 log = logging.getLogger("flasher.pipeline")
@@ -107,6 +108,7 @@ class Settings:
     model_id: str | None = None             # also announced to the hub (IoT Plug and Play)
     other_group_key: Secret | None = None   # the group's other key, tried once after a 401 (--check-other-key)
     key_names: tuple[str, str] = ("primary", "secondary")  # what group_key and other_group_key are
+    governor: RateGovernor | None = None    # paces the run's DPS registrations (one, shared by every board)
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_key, Secret):
