@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -89,8 +90,30 @@ class StepClock:
 
 # --- the child: provisions, and measures only itself ------------------------------------
 
+class Warnings(logging.Handler):
+    """Counts the warnings a run logs (the CLI would print them), instead of printing hundreds."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append(record.getMessage())
+
+    def take(self) -> list[str]:
+        seen, self.seen = self.seen, []
+        return seen
+
+
 def serve() -> int:
-    """Read a settings line, then one run per line ({"ports", "dir", "ledger"}); answer one JSON line each."""
+    """Read a settings line, then one run per line ({"ports", "dir", "ledger"}); answer one JSON line each.
+
+    Logging as ``flasher provision`` sets it up: flasher's warnings, the SDK's and paho's own only if critical."""
+    warnings = Warnings()
+    logging.getLogger().addHandler(warnings)
+    logging.getLogger().setLevel(logging.WARNING)
+    for noisy in ("azure", "paho"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     conf = json.loads(sys.stdin.readline())
     settings = Settings(id_scope=conf["id_scope"], group_key=base64.b64decode(conf["group_key"]),
                         dps_host=conf["dps_host"], ca_cert=conf["ca_cert"], join_eui=EUI64.parse(conf["join_eui"]),
@@ -98,7 +121,7 @@ def serve() -> int:
     for line in sys.stdin:
         run = json.loads(line)
         if "sdk" in run:
-            print(json.dumps(sdk_only(settings, run["sdk"])), flush=True)
+            print(json.dumps({**sdk_only(settings, run["sdk"]), "warnings": warnings.take()}), flush=True)
             continue
         s = Settings(**{**settings.__dict__, "out_dir": Path(run["dir"]) / "headers"})
         clock = StepClock()
@@ -109,7 +132,7 @@ def serve() -> int:
         user, system = t1.user - t0.user, t1.system - t0.system
         bad = [f"{r.port}: {r.failed_step}: {r.error}" for r in results if r.status != "provisioned"]
         print(json.dumps({"wall": wall, "cpu": user + system, "user": user, "system": system, "bad": bad,
-                          "steps": clock.summary()}), flush=True)
+                          "steps": clock.summary(), "warnings": warnings.take()}), flush=True)
     return 0
 
 
@@ -346,6 +369,8 @@ def main() -> int:
                 r = runs[n][-1]
                 print(f"  {n:>4} boards: {r['wall']:6.2f} s wall, {r['cpu']:6.2f} s CPU ({r['user']:.2f} user, "
                       f"{r['system']:.2f} system; emulator {r['sims']:.2f} s) ({load()})", flush=True)
+                if r["warnings"]:
+                    print(f"        {len(r['warnings'])} warning(s) logged, e.g. {r['warnings'][0]}", flush=True)
         stats = emu.state()["stats"]
     wall = {n: statistics.median(r["wall"] for r in v) for n, v in runs.items()}
     cpu = {n: statistics.median(r["cpu"] for r in v) for n, v in runs.items()}
