@@ -422,7 +422,7 @@ def ensure_fd_limit(boards: int) -> None:
     if soft == resource.RLIM_INFINITY or soft >= need:
         return
     if hard != resource.RLIM_INFINITY and hard < need:
-        most = max(1, (hard - FDS_SPARE) // FDS_PER_BOARD)
+        most = max((n for n in range(1, boards) if fds_needed(n) <= hard), default=1)
         raise FlasherError(f"{boards} boards at once need about {need} open files, and this process may open at "
                            f"most {hard} (ulimit -Hn): raise that limit, or pass --concurrency {most}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))

@@ -243,6 +243,8 @@ def test_the_open_files_limit_is_raised_to_fit_the_boards_and_a_limit_too_low_is
     low = limits(256, 200, 300)
     assert low[1] == "200 300" and low[0].startswith("error: 256 boards at once need about ")
     assert "this process may open at most 300 (ulimit -Hn)" in low[0] and low[0].endswith("--concurrency 23")
+    between = limits(256, 200, 2000)  # 193 boards' files would fit in 2000, but not with the ports above 1024
+    assert between[0].endswith("--concurrency 96") and fds_needed(96) <= 2000 < fds_needed(97)
 
 
 def test_a_serial_port_works_above_descriptor_1024_and_leaves_the_numbers_below_to_sockets(sim_boards):
