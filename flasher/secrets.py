@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 
 from flasher.errors import SecretError
@@ -76,16 +77,23 @@ class Redactor(logging.Filter):
     """Replace every known secret (and its derived keys) in a log record with a mask, and the
     password of any ``scheme://user:password@`` URL (a proxy's), however short it is."""
 
-    _secrets: set[str] = set()
+    # Replaced, never changed in place: boards add their keys while other boards' threads scrub (iterating a set
+    # that another thread grows raises "Set changed size during iteration").
+    _secrets: frozenset[str] = frozenset()
+    _adding = threading.Lock()
 
     @classmethod
     def add(cls, *values: str | bytes | None) -> None:
+        new: set[str] = set()
         for v in values:
             if isinstance(v, bytes):
                 v = v.hex()
-                cls._secrets.update({v, v.upper()})
+                new.update({v, v.upper()})
             elif v and len(v) >= 8:
-                cls._secrets.add(v)
+                new.add(v)
+        if not new <= cls._secrets:
+            with cls._adding:
+                cls._secrets = cls._secrets | new
 
     @classmethod
     def known(cls) -> frozenset[str]:

@@ -297,3 +297,40 @@ def test_every_board_given_starts_at_once_by_default(sim_boards, make_dps_emulat
 def test_the_fd_budget_leaves_the_sdk_sockets_below_1024_and_puts_the_ports_above():
     assert fds_needed(1) < 1024     # a small run fits in select()'s range as it is
     assert fds_needed(256) >= 1024 + 256 * 5  # a big one: each port's five descriptors above 1024
+
+
+def test_secrets_are_added_and_scrubbed_by_many_boards_at_once():
+    """Every board adds its keys to the log masker while other boards' threads mask AT lines and errors."""
+    from flasher.secrets import MASK, Redactor
+
+    before, interval = Redactor._secrets, sys.getswitchinterval()
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def add(n: int) -> None:
+        for i in range(300):
+            Redactor.add(f"board-{n}-secret-{i:06d}")
+
+    def scrub() -> None:
+        try:
+            while not done.is_set():
+                Redactor.scrub("AT+KEY=APPKEY,\"board-0-secret-000000\"")
+        except BaseException as exc:  # recorded for the test to judge
+            failures.append(exc)
+
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        scrubbers = [threading.Thread(target=scrub) for _ in range(4)]
+        adders = [threading.Thread(target=add, args=(n,)) for n in range(4)]
+        for t in scrubbers + adders:
+            t.start()
+        for t in adders:
+            t.join(timeout=60)
+        done.set()
+        for t in scrubbers:
+            t.join(timeout=60)
+        assert failures == []
+        assert Redactor.scrub("x board-3-secret-000299 y") == f"x {MASK} y"
+    finally:
+        sys.setswitchinterval(interval)
+        Redactor._secrets = before
