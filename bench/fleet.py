@@ -218,9 +218,14 @@ class Worker:
         return self._ask({"ports": ports, "dir": str(run_dir), "ledger": ledger})
 
     def sdk(self, n: int) -> dict:
-        return self._ask({"sdk": n})
+        """The SDK alone; its failures are reported, not fatal (register_many does not collect what paho leaves,
+        see flasher.pipeline._SdkGarbage, so at 256 a few can hang)."""
+        answer = self._ask({"sdk": n}, fatal=False)
+        if answer["bad"]:
+            print(f"        the SDK alone, {n} at once: {len(answer['bad'])} failed, e.g. {answer['bad'][0]}")
+        return answer
 
-    def _ask(self, request: dict) -> dict:
+    def _ask(self, request: dict, fatal: bool = True) -> dict:
         self._send(request)
         assert self.proc.stdout is not None
         sims = time.process_time()
@@ -229,7 +234,7 @@ class Worker:
         if not line:
             raise SystemExit(f"fleet: the worker ended (exit {self.proc.wait()})")
         answer = json.loads(line)
-        if answer["bad"]:
+        if answer["bad"] and fatal:
             raise SystemExit(f"fleet: {len(answer['bad'])} board(s) failed, e.g. {answer['bad'][0]}")
         return {**answer, "sims": sims}
 

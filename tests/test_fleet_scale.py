@@ -334,3 +334,44 @@ def test_secrets_are_added_and_scrubbed_by_many_boards_at_once():
     finally:
         sys.setswitchinterval(interval)
         Redactor._secrets = before
+
+
+def test_what_sdk_clients_leave_to_the_cycle_collector_is_collected_every_so_many_clients():
+    """paho leaves each client's wake-up socket pair in a reference cycle; a big run must not wait for Python's
+    own full collection to get those descriptors back (paho's select() needs them below 1024)."""
+    import gc
+    import socket
+
+    from flasher.pipeline import _SdkGarbage
+
+    class Client:  # what paho leaves behind: a socket pair, reachable only through a cycle
+        def __init__(self):
+            self.pair = socket.socketpair()
+            self.me = self
+
+    def open_sockets() -> int:
+        kinds = []
+        for f in os.listdir("/proc/self/fd"):
+            try:
+                kinds.append(os.readlink(f"/proc/self/fd/{f}"))
+            except FileNotFoundError:  # the listing's own descriptor, closed by now
+                continue
+        return sum(1 for k in kinds if k.startswith("socket:"))
+
+    garbage = _SdkGarbage(every=3)
+    enabled = gc.isenabled()
+    gc.disable()  # only the collector under test collects
+    try:
+        gc.collect()
+        before = open_sockets()
+        for _ in range(3):
+            Client()
+        assert open_sockets() == before + 6
+        garbage.client_ended()
+        garbage.client_ended()
+        assert open_sockets() == before + 6   # not yet: a full collection costs tens of milliseconds
+        garbage.client_ended()
+        assert open_sockets() == before       # the third client: all three pairs closed
+    finally:
+        if enabled:
+            gc.enable()

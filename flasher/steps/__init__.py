@@ -37,6 +37,7 @@ class Step:
     needs_module: ClassVar[bool] = False   # talks to the LoRaWAN module over the open serial port
     needs_port: ClassVar[bool] = False     # needs the serial port to itself (the module connection is closed first)
     before_claim: ClassVar[bool] = False   # only reads: runs every time, before the board is claimed in the ledger
+    sdk_client: ClassVar[bool] = False     # makes an Azure SDK client (see flasher.pipeline's _SdkGarbage)
 
     def skip_reason(self, board: Board) -> str | None:
         return None

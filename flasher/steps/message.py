@@ -7,6 +7,7 @@ from flasher.steps import Done, Step
 
 class Message(Step):
     name = "message"
+    sdk_client = True
 
     def skip_reason(self, board) -> str | None:
         return None if board.settings.test_message is not None else "--no-test-message"

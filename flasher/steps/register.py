@@ -12,6 +12,7 @@ from flasher.steps import Done, Step
 
 class Register(Step):
     name = "register"
+    sdk_client = True
 
     def resume(self, board) -> None:
         board.assigned_hub, board.device_id = board.record.assigned_hub, board.record.device_id
