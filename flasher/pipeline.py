@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -218,13 +219,13 @@ class _SdkGarbage:
     Each client leaves paho's wake-up socket pair (two descriptors) in a reference cycle,
     freed only by a full collection, which a big run may not get for minutes. paho waits
     with select(), which takes descriptors below 1024 only: 256 boards' leftovers push
-    the next connections above it, and those hang until their deadline. A full collection
-    after every ``every`` clients (about 60 ms of CPU, shared by them) keeps the leftovers
-    under 2 x ``every`` descriptors, beside the 3 each live client holds.
+    the next connections above it, and those hang until their deadline. So after every
+    ``every`` clients, if fewer than ``room`` descriptors below 1024 are free, collect
+    (about 60 ms of CPU with 256 boards' objects, so only when it is needed).
     """
 
-    def __init__(self, every: int = 32):
-        self.every = every
+    def __init__(self, every: int = 32, room: int = 256):
+        self.every, self.room = every, room
         self._lock = threading.Lock()
         self._ended = 0
 
@@ -234,7 +235,17 @@ class _SdkGarbage:
             if self._ended < self.every:
                 return
             self._ended = 0
-        gc.collect()
+        if _free_below_select() < self.room:
+            gc.collect()
+
+
+def _free_below_select() -> int:
+    """How many descriptor numbers below 1024 are free (0 where /proc cannot tell: then always collect)."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return 0
+    return SELECT_LIMIT - sum(1 for n in names if n.isdigit() and int(n) < SELECT_LIMIT)
 
 
 _SDK_GARBAGE = _SdkGarbage()
@@ -405,8 +416,6 @@ def _describe(changed: dict[str, tuple[Any, Any]]) -> str:
 
 def preflight(settings: Settings, ports: list[str]) -> None:
     """Refuse, before any board or file is touched, whatever would fail every board the same way."""
-    import os
-
     for port in ports:
         if "://" not in port and not os.path.exists(port):
             raise FlasherError(f"port {port!r}: no such device (unplugged? see 'flasher ports')")
