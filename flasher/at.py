@@ -31,7 +31,10 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 import re
+import select
+import sys
 import time
 from collections.abc import Callable
 
@@ -48,6 +51,103 @@ try:  # pyserial lets termios.error through from tcflush on a hung-up tty
     _PORT_ERRORS: tuple[type[BaseException], ...] = (serial.SerialException, OSError, termios.error)
 except ImportError:  # Windows
     _PORT_ERRORS = (serial.SerialException, OSError)
+
+
+if sys.platform.startswith("linux"):  # elsewhere (macOS) poll() may not take a tty
+    import fcntl
+
+    class _PolledSerial(serial.Serial):  # type: ignore[misc,valid-type]
+        """pyserial's POSIX port, waiting with poll() instead of select().
+
+        select() refuses a descriptor numbered 1024 or more, and each open port is five
+        (the tty and two abort pipes): a run with a few hundred boards has such numbers.
+        Since this port does not need select(), its descriptors move above 1024 where
+        the limit on open files allows, leaving the numbers below to the sockets of the
+        Azure SDK, whose MQTT client (paho) does wait with select().
+        Reads also take their deadline as an argument, so a line reader need not reset
+        the port's timeout (a termios round trip) before every read.
+        """
+
+        def open(self) -> None:
+            super().open()
+            for name in ("fd", "pipe_abort_read_r", "pipe_abort_read_w", "pipe_abort_write_r", "pipe_abort_write_w"):
+                setattr(self, name, _above_select(getattr(self, name)))
+
+        def read(self, size: int = 1) -> bytes:
+            if not self.is_open:
+                raise serial.PortNotOpenError()
+            return self.read_within(size, self._timeout)
+
+        def read_within(self, size: int, timeout: float | None) -> bytes:
+            """Up to ``size`` bytes, returning early with what came within ``timeout`` seconds (None: wait)."""
+            deadline = None if timeout is None else time.monotonic() + timeout
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+            poller.register(self.pipe_abort_read_r, select.POLLIN)
+            out = bytearray()
+            while len(out) < size:
+                ready = dict(poller.poll(_ms(deadline)))
+                if self.pipe_abort_read_r in ready:  # cancel_read()
+                    os.read(self.pipe_abort_read_r, 1000)
+                    break
+                if not ready:
+                    break
+                try:
+                    chunk = os.read(self.fd, size - len(out))
+                except OSError as exc:
+                    if exc.errno in _RETRY:
+                        continue
+                    raise serial.SerialException(f"read failed: {exc}") from None
+                if not chunk:  # as pyserial says it: Linux shows a disconnected device as readable and empty
+                    raise serial.SerialException("device reports readiness to read but returned no data "
+                                                 "(device disconnected or multiple access on port?)")
+                out += chunk
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+            return bytes(out)
+
+        def write(self, data) -> int:  # type: ignore[override]
+            if not self.is_open:
+                raise serial.PortNotOpenError()
+            view = memoryview(serial.to_bytes(data))
+            total, timeout = len(view), self._write_timeout
+            deadline = None if timeout is None else time.monotonic() + timeout
+            poller = select.poll()
+            poller.register(self.fd, select.POLLOUT)
+            poller.register(self.pipe_abort_write_r, select.POLLIN)
+            while view:
+                try:
+                    view = view[os.write(self.fd, view):]
+                except OSError as exc:
+                    if exc.errno not in _RETRY:
+                        raise serial.SerialException(f"write failed: {exc}") from None
+                if not view or timeout == 0:
+                    break
+                ready = dict(poller.poll(_ms(deadline)))
+                if self.pipe_abort_write_r in ready:  # cancel_write()
+                    os.read(self.pipe_abort_write_r, 1000)
+                    break
+                if not ready:
+                    raise serial.SerialTimeoutException("Write timeout")
+            return total - len(view)
+
+    _RETRY = (errno.EAGAIN, errno.EALREADY, errno.EWOULDBLOCK, errno.EINPROGRESS, errno.EINTR)
+
+    SELECT_LIMIT = 1024  # FD_SETSIZE: select() takes descriptors below this
+
+    def _above_select(fd: int) -> int:
+        """``fd`` renumbered to 1024 or above (and closed where it was), or as it is if the open files limit is lower."""
+        try:
+            moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, SELECT_LIMIT)
+        except OSError:  # EINVAL/EMFILE: no room up there; below is fine for a small run
+            return fd
+        os.close(fd)
+        return moved
+
+    def _ms(deadline: float | None) -> int | None:
+        return None if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+else:  # pyserial's own
+    _PolledSerial = serial.Serial  # type: ignore[misc,assignment]
 
 DEFAULT_TIMEOUT = 2.0
 BAUDRATE = 9600  # Serial1 to the module; the SAMD21's USB CDC side ignores it
@@ -280,8 +380,12 @@ class ATClient:
         """
         timeout = check_timeout(timeout, "AT timeout")
         try:
-            ser = serial.serial_for_url(port, baudrate=baudrate, timeout=timeout, write_timeout=timeout,
-                                        do_not_open=True)
+            if "://" in port:
+                ser = serial.serial_for_url(port, baudrate=baudrate, timeout=timeout, write_timeout=timeout,
+                                            do_not_open=True)
+            else:  # a device: what serial_for_url would make, waiting with poll() (see _PolledSerial)
+                ser = _PolledSerial(None, baudrate=baudrate, timeout=timeout, write_timeout=timeout)
+                ser.port = port
             if isinstance(ser, serial.Serial):  # a device (also behind hwgrep://, spy://): lock it
                 ser.exclusive = True
             ser.open()
@@ -323,14 +427,17 @@ class ATClient:
         try:
             self._ser.reset_input_buffer()  # stale lines of an earlier, abandoned command
             self._buf.clear()
-            log.debug("%s > %s", self.port, shown)
+            debug = log.isEnabledFor(logging.DEBUG)  # masking every line costs more than the line itself
+            if debug:
+                log.debug("%s > %s", self.port, shown)
             self._ser.write(data)
             while True:
                 line = self._read_line(deadline)
                 if line is None:
                     break
                 heard += len(line) + 1
-                log.debug("%s < %s", self.port, mask(line.decode("utf-8", "replace").rstrip("\r")))
+                if debug:
+                    log.debug("%s < %s", self.port, mask(line.decode("utf-8", "replace").rstrip("\r")))
                 if collector.feed(line):
                     return collector.lines
         except serial.SerialTimeoutException:
@@ -366,8 +473,12 @@ class ATClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            self._ser.timeout = remaining
-            chunk = self._ser.read(max(1, self._ser.in_waiting))
+            want = max(1, self._ser.in_waiting)
+            if hasattr(self._ser, "read_within"):
+                chunk = self._ser.read_within(want, remaining)
+            else:
+                self._ser.timeout = remaining
+                chunk = self._ser.read(want)
             self._buf += chunk
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from flasher.errors import FlasherError, InputError
@@ -163,6 +163,29 @@ class LedgerError(FlasherError):
     pass
 
 
+T = TypeVar("T")
+
+
+class _Write:
+    """One queued write (see :meth:`Ledger._write`): the function, then its result or error."""
+
+    __slots__ = ("fn", "result", "error", "done", "wake")
+
+    def __init__(self, fn: Callable[[Any], Any]):
+        self.fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.wake = threading.Event()    # set when it is done, or when its writer is to commit the queue
+
+    def outcome(self, ledger: Ledger) -> Any:
+        if self.error is None:
+            return self.result
+        if isinstance(self.error, ledger._backend.errors):  # one LedgerError per writer: they may share the cause
+            raise LedgerError(f"{ledger._where}: cannot write ({ledger._backend.describe(self.error)})") from None
+        raise self.error
+
+
 class BoardClaimed(LedgerError):
     """Another live run is working on this board: leave it alone (exit 1).
 
@@ -278,6 +301,7 @@ class Backend:
     path: Any                               # Ledger.path: the file's Path, or the masked URL
     errors: tuple[type[BaseException], ...] = ()
     lock_clause = ""                        # appended to the claim's SELECT to lock the row, where rows lock
+    group_commit = False                    # concurrent writes share one transaction (see Ledger._write)
 
     def open(self, create: bool, readonly: bool) -> None:
         raise NotImplementedError
@@ -342,9 +366,14 @@ def open_backend(target: str | os.PathLike, password=None, application: str = "f
 
 
 class SQLiteBackend(Backend):
-    """A ledger file on this machine: one connection, one writer at a time (``BEGIN IMMEDIATE``), WAL."""
+    """A ledger file on this machine: one connection, one writer at a time (``BEGIN IMMEDIATE``), WAL.
+
+    Writers take turns anyway, so each transaction takes every write waiting for it:
+    one commit (one fsync) for many boards' steps.
+    """
 
     errors = (sqlite3.Error,)
+    group_commit = True
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -510,7 +539,7 @@ class SQLiteBackend(Backend):
 
 
 class Ledger:
-    """Thread-safe: boards are provisioned concurrently, each write is one transaction.
+    """Thread-safe: boards are provisioned concurrently; each write returns once committed (see :meth:`_write`).
 
     ``path`` is a SQLite file, or ``postgresql://user@host/db`` for a ledger that several
     stations share (``password`` from the caller; else libpq's PGPASSWORD or ~/.pgpass).
@@ -546,6 +575,9 @@ class Ledger:
         self._claims: set[str] = set()
         self._heartbeat: threading.Thread | None = None
         self._stop = threading.Event()
+        self._queue_lock = threading.Lock()  # the writes waiting for the next commit (see _write)
+        self._queue: list[_Write] = []
+        self._committing = False
         self._backend.open(create, readonly)
         try:
             self._open(create)
@@ -622,8 +654,7 @@ class Ledger:
         if self._heartbeat is not None:
             self._heartbeat.join()
             try:
-                with self._tx() as db:
-                    db.execute("DELETE FROM claims WHERE run_id = ?", (self.run_id,))
+                self._write(lambda db: db.execute("DELETE FROM claims WHERE run_id = ?", (self.run_id,)))
                 with self._lock:
                     self._claims.clear()
             except LedgerError as exc:  # not fatal: they lapse with this process (or its heartbeat)
@@ -646,7 +677,7 @@ class Ledger:
         stations racing for a board exactly one wins. Claiming a board this run holds
         again is fine. The first claim starts the heartbeat.
         """
-        with self._tx() as db:
+        def claim(db) -> None:
             now = self._backend.now()
             mine = (deveui, self.run_id, self._pid, self._host, now, now, self.station)
             for _ in range(3):  # a claim released between the INSERT and the SELECT: try again
@@ -671,6 +702,8 @@ class Ledger:
                 break
             else:
                 raise LedgerError(f"{self._where}: {deveui}: the claim kept changing hands; try again")
+
+        self._write(claim)
         with self._lock:
             self._claims.add(deveui)
             if self._heartbeat is None:
@@ -679,8 +712,7 @@ class Ledger:
 
     def release(self, deveui: str) -> None:
         """Give the board back (only if this run holds it)."""
-        with self._tx() as db:
-            db.execute("DELETE FROM claims WHERE deveui = ? AND run_id = ?", (deveui, self.run_id))
+        self._write(lambda db: db.execute("DELETE FROM claims WHERE deveui = ? AND run_id = ?", (deveui, self.run_id)))
         with self._lock:
             self._claims.discard(deveui)
 
@@ -705,9 +737,7 @@ class Ledger:
         """Refresh this run's claims every stale_after/4 seconds until close(), so others see it alive."""
         while not self._stop.wait(self.stale_after / 4):
             try:
-                with self._tx() as db:
-                    db.execute("UPDATE claims SET heartbeat_at = ? WHERE run_id = ?", (self._backend.now(), self.run_id))
-                    held = {r[0] for r in db.execute("SELECT deveui FROM claims WHERE run_id = ?", (self.run_id,))}
+                held = self._write(self._beat_once)
                 with self._lock:
                     lost, self._claims = self._claims - held, self._claims & held
             except LedgerError as exc:  # a busy disk, a server away: try again next beat; the claims may lapse meanwhile
@@ -717,9 +747,86 @@ class Ledger:
                 log.warning("%s: another run took over %s after this run's heartbeat lapsed", self._where,
                             ", ".join(sorted(lost)))
 
+    def _beat_once(self, db) -> set[str]:
+        db.execute("UPDATE claims SET heartbeat_at = ? WHERE run_id = ?", (self._backend.now(), self.run_id))
+        return {r[0] for r in db.execute("SELECT deveui FROM claims WHERE run_id = ?", (self.run_id,))}
+
+    def _write(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(db)`` in a write transaction; return its result once that is committed.
+
+        Group commit, on a back end whose writers take turns (SQLite): while one transaction
+        commits, other threads' writes queue up, and the next transaction takes all of them,
+        so 256 boards wait for a few commits (and fsyncs) rather than queue for one each.
+        PostgreSQL runs each write in its own transaction on a pooled connection: writers
+        do not wait for each other there, and the server flushes concurrent commits together.
+        The first queued writer commits for all, so no thread is kept for it. Every call
+        still returns only after its own write is committed: a board's claim is held before
+        its work starts, a step is recorded before the next begins, and "done" is on disk
+        before it is reported. A write that raises (a claim another run holds, a driver
+        error in its SQL) is rolled back alone: the others in its transaction run again
+        without it. A failed commit fails them all.
+        """
+        if self.readonly:
+            raise LedgerError(f"{self._where}: opened read-only")
+        if self._closed:
+            raise LedgerError(f"{self._where}: already closed")
+        mine = _Write(fn)
+        if not self._backend.group_commit:  # transactions run side by side, and the server joins their commits
+            self._commit([mine], mine)
+            return mine.outcome(self)
+        with self._queue_lock:
+            self._queue.append(mine)
+            lead, self._committing = not self._committing, True
+        if not lead:
+            mine.wake.wait()
+            if mine.done:  # another writer committed it
+                return mine.outcome(self)
+        # this thread commits the queue, its own write with it (it was queued first and no one else takes it)
+        try:
+            with self._queue_lock:
+                batch, self._queue = self._queue, []
+            self._commit(batch, mine)
+        finally:
+            with self._queue_lock:  # hand the queue to its first writer, or stop committing
+                if self._queue:
+                    self._queue[0].wake.set()
+                else:
+                    self._committing = False
+        return mine.outcome(self)
+
+    def _commit(self, batch: list[_Write], mine: _Write) -> None:
+        """One transaction for ``batch``; each write ends with a result or an error, and its writer is woken."""
+        pending = list(batch)
+        try:
+            while pending:
+                at: int | None = None
+                try:
+                    with self._backend.transaction(write=True) as db:
+                        for i, w in enumerate(pending):
+                            at = i
+                            w.result = w.fn(db)
+                        at = None
+                    pending = []
+                except Exception as exc:
+                    if at is None:  # BEGIN or COMMIT itself: none of it was written
+                        for w in pending:
+                            w.error = exc
+                        pending = []
+                    else:  # that write alone fails; the others were rolled back with it and run again
+                        pending.pop(at).error = exc
+        except BaseException as exc:  # Ctrl-C in the committing thread: the rest were not written either
+            for w in pending:
+                w.error = exc if w is mine else LedgerError(f"{self._where}: cannot write (interrupted)")
+            raise
+        finally:
+            for w in batch:
+                w.done = True
+                w.wake.set()
+
     @contextmanager
     def _tx(self):
-        """One write transaction; a driver failure (full disk, lock timeout, server gone) becomes one line naming the ledger."""
+        """One write transaction of its own (a copy, a test); a driver failure (full disk, lock timeout, server gone)
+        becomes one line naming the ledger. The provisioning writes go through :meth:`_write`."""
         if self.readonly:
             raise LedgerError(f"{self._where}: opened read-only")
         if self._closed:
@@ -733,7 +840,7 @@ class Ledger:
     # --- writes -------------------------------------------------------------------
     def begin(self, deveui: str, registration_id: str, **fields) -> BoardRecord:
         """Open (or reopen) a board's record for an attempt; counts attempts."""
-        with self._tx() as db:
+        def begin(db) -> BoardRecord | None:
             now = self._backend.now()
             db.execute("INSERT INTO boards (deveui, registration_id, status, attempts, created_at, updated_at) "
                        "VALUES (?, ?, 'in_progress', 0, ?, ?) ON CONFLICT (deveui) DO NOTHING",
@@ -741,23 +848,26 @@ class Ledger:
             db.execute("UPDATE boards SET attempts = attempts + 1, status = 'in_progress', registration_id = ?, "
                        "station = ?, updated_at = ? WHERE deveui = ?", (registration_id, self.station, now, deveui))
             self._set(db, deveui, fields, now)
-            record = self._get(db, deveui)
+            return self._get(db, deveui)
+
+        record = self._write(begin)
         assert record is not None
         return record
 
     def reset(self, deveui: str) -> None:
         """--force: forget the steps of a board so every one runs again."""
-        with self._tx() as db:
-            db.execute("DELETE FROM steps WHERE deveui = ?", (deveui,))
+        self._write(lambda db: db.execute("DELETE FROM steps WHERE deveui = ?", (deveui,)))
 
     def step_started(self, deveui: str, step: str) -> None:
-        with self._tx() as db:
+        def started(db) -> None:
             now = self._backend.now()
             db.execute("INSERT INTO steps (deveui, step, outcome, started_at, finished_at, detail, station) "
                        "VALUES (?, ?, 'started', ?, NULL, NULL, ?) ON CONFLICT (deveui, step) DO UPDATE SET "
                        "outcome = excluded.outcome, started_at = excluded.started_at, finished_at = NULL, detail = NULL, "
                        "station = excluded.station", (deveui, step, now, self.station))
             db.execute("UPDATE boards SET current_step = ?, updated_at = ? WHERE deveui = ?", (step, now, deveui))
+
+        self._write(started)
 
     def step_finished(self, deveui: str, step: str, outcome: str = "ok", detail: str | None = None, *,
                       keep_status: bool = False, **fields) -> None:
@@ -766,32 +876,33 @@ class Ledger:
         A failure marks the board failed, unless ``keep_status`` (a step run on its own,
         such as ``flasher tts register``, which leaves the board's provisioning status alone).
         """
-        with self._tx() as db:
+        def finished(db) -> None:
             now = self._backend.now()
             cur = db.execute("UPDATE steps SET outcome = ?, finished_at = ?, detail = ?, station = ? "
                              "WHERE deveui = ? AND step = ?", (outcome, now, detail, self.station, deveui, step))
             if cur.rowcount == 0:
                 db.execute("INSERT INTO steps (deveui, step, outcome, started_at, finished_at, detail, station) "
                            "VALUES (?, ?, ?, ?, ?, ?, ?)", (deveui, step, outcome, now, now, detail, self.station))
-            if outcome == "failed" and not keep_status:
-                fields = {**fields, "status": "failed", "last_error": detail}
-            self._set(db, deveui, fields, now)
+            changes = {**fields, "status": "failed", "last_error": detail} if outcome == "failed" and not keep_status \
+                else fields
+            self._set(db, deveui, changes, now)
+
+        self._write(finished)
 
     def note(self, deveui: str, **fields) -> None:
         """Record what a running step has done so far (the servers that hold an end device), before it ends."""
-        with self._tx() as db:
-            self._set(db, deveui, fields, self._backend.now())
+        self._write(lambda db: self._set(db, deveui, fields, self._backend.now()))
 
     def finish(self, deveui: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE boards SET status = 'provisioned', current_step = NULL, last_error = NULL, "
-                       "station = ?, updated_at = ? WHERE deveui = ?", (self.station, self._backend.now(), deveui))
+        self._write(lambda db: db.execute("UPDATE boards SET status = 'provisioned', current_step = NULL, "
+                                          "last_error = NULL, station = ?, updated_at = ? WHERE deveui = ?",
+                                          (self.station, self._backend.now(), deveui)))
 
     def mark(self, deveui: str, status: str, message: str | None) -> None:
         """Set a board's status and last error without touching its steps (a conflict leaves the work as it was)."""
-        with self._tx() as db:
-            db.execute("UPDATE boards SET status = ?, last_error = ?, station = ?, updated_at = ? WHERE deveui = ?",
-                       (status, message, self.station, self._backend.now(), deveui))
+        self._write(lambda db: db.execute("UPDATE boards SET status = ?, last_error = ?, station = ?, updated_at = ? "
+                                          "WHERE deveui = ?", (status, message, self.station, self._backend.now(),
+                                                               deveui)))
 
     def _set(self, db, deveui: str, fields: dict, now: float) -> None:
         if not fields:
@@ -821,8 +932,8 @@ class Ledger:
     def record_registration(self, registration_id: str, *, id_scope: str, dps_host: str, status: str,
                             device_key_check: str | None = None, assigned_hub: str | None = None,
                             device_id: str | None = None, message_sent: bool = False, error: str | None = None) -> None:
-        """One id's outcome, in one transaction, before it is reported: what is reported done stays done."""
-        with self._tx() as db:
+        """One id's outcome, committed before it is reported: what is reported done stays done."""
+        def record(db) -> None:
             now = self._backend.now()
             key, host = registration_id.lower(), dps_host.lower()
             db.execute("INSERT INTO registrations (registration_key, id_scope, dps_host, registration_id, status, "
@@ -841,6 +952,8 @@ class Ledger:
                            "updated_at = ?, status = CASE WHEN status = 'assigned' THEN status ELSE ? END "
                            "WHERE registration_key = ? AND id_scope = ? AND dps_host = ?",
                            (error, self.station, now, status, key, id_scope, host))
+
+        self._write(record)
 
     def _version_now(self) -> int:
         """The schema of the ledger as opened (a read-only one may be older than this flasher)."""

@@ -8,14 +8,16 @@ module is the recorder: it commits every step to the ledger as it starts and end
 so a board interrupted anywhere (unplug, crash, kill, DPS refusal) resumes where it
 stopped. Steps never talk to the ledger or the display themselves.
 
-Many boards run concurrently, each in its own thread: the AT phases are short, the
-DPS registrations take seconds each and overlap.
+Many boards run concurrently, each in its own thread, by default every board given
+(up to :data:`DEFAULT_CONCURRENCY`): the AT phases are short, the DPS registrations
+take seconds each and overlap.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +50,7 @@ from flasher.steps.render import Render
 from flasher.steps.upload import Upload as UploadStep
 
 if TYPE_CHECKING:
+    from flasher.governor import RateGovernor
     from flasher.tts import TtsTarget
 
 log = logging.getLogger("flasher.pipeline")
@@ -371,8 +374,6 @@ def _describe(changed: dict[str, tuple[Any, Any]]) -> str:
 
 def preflight(settings: Settings, ports: list[str]) -> None:
     """Refuse, before any board or file is touched, whatever would fail every board the same way."""
-    import os
-
     for port in ports:
         if "://" not in port and not os.path.exists(port):
             raise FlasherError(f"port {port!r}: no such device (unplugged? see 'flasher ports')")
@@ -390,9 +391,48 @@ def provision_board(port: str, settings: Settings, ledger: Ledger, reporter: Rep
     return _Recorder(board, ledger).run()
 
 
+# Boards at once unless --concurrency says fewer: every attached board's AT phase runs at once (a board
+# mostly waits: on its serial port, on DPS), and how fast DPS is asked is the rate governor's business.
+# flasher.settings' "concurrency" default is the same number (a test checks).
+DEFAULT_CONCURRENCY = 256
+# What one board holds open at worst: its serial port (the tty and pyserial's two abort pipes); a DPS or hub
+# connection (a TLS socket and paho's wake-up socket pair); an HTTPS connection to The Things Stack; a file.
+FDS_PER_BOARD = 10
+FDS_SPARE = 64  # the ledger, its -wal/-shm, stdio, the SDK's and Python's own
+SELECT_LIMIT = 1024  # paho waits with select(), which takes descriptors below this only
+
+
+def fds_needed(boards: int) -> int:
+    """The open files ``boards`` at once need. Past select()'s range, the serial ports move above it
+    (see flasher.at) so the SDK's sockets keep the numbers below: the limit must leave room up there."""
+    need = boards * FDS_PER_BOARD + FDS_SPARE
+    return need if need <= SELECT_LIMIT else SELECT_LIMIT + need
+
+
+def ensure_fd_limit(boards: int) -> None:
+    """Raise this process's soft limit on open files (up to its hard limit) so ``boards`` can run at once.
+
+    Many systems start processes with a soft limit of 1024, which 256 boards outgrow;
+    the hard limit is usually far higher and needs no privilege to reach. If even
+    that is too low, say so in one line before any board is touched."""
+    import resource
+
+    need = fds_needed(boards)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        most = max((n for n in range(1, boards) if fds_needed(n) <= hard), default=1)
+        raise FlasherError(f"{boards} boards at once need about {need} open files, and this process may open at "
+                           f"most {hard} (ulimit -Hn): raise that limit, or pass --concurrency {most}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    log.info("open files limit raised from %d to %d for %d boards at once", soft, need, boards)
+
+
 def provision_boards(ports: list[str], settings: Settings, ledger: Ledger, reporter: Reporter | None = None,
-                     *, concurrency: int = 16, stop: threading.Event | None = None) -> Iterator[BoardResult]:
-    """Provision ``ports`` concurrently; yields each board's result as it finishes.
+                     *, concurrency: int = DEFAULT_CONCURRENCY,
+                     stop: threading.Event | None = None) -> Iterator[BoardResult]:
+    """Provision ``ports`` concurrently, at most ``concurrency`` at once; yields each board's result as it finishes.
 
     Closing the generator early (Ctrl-C in the caller) sets ``stop``: boards finish
     their current step, record where they are, and the rest never start.
@@ -401,7 +441,9 @@ def provision_boards(ports: list[str], settings: Settings, ledger: Ledger, repor
     reporter = reporter or NullReporter()
     if not ports:
         return
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(ports))), thread_name_prefix="board") as pool:
+    workers = max(1, min(concurrency, len(ports)))
+    ensure_fd_limit(workers)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="board") as pool:
         futures = [pool.submit(provision_board, p, settings, ledger, reporter, stop) for p in ports]
         try:
             for fut in as_completed(futures):

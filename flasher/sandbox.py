@@ -449,6 +449,13 @@ class HeaderSandbox(ImmutableSandboxedEnvironment):
         self.filters = {name: _wrap_filter(name, self.filters[name]) for name in ALLOWED_FILTERS}
         self.filters.update(C_FILTERS)
         self._own = (_iter_guard, _concat, _text, _range, dict, Namespace, Cycler, Joiner)
+        self._loading = threading.RLock()
+
+    def _load_template(self, name, globals):  # type: ignore[no-untyped-def]
+        """Jinja's cache lookup, or load and compile, one thread at a time: 256 boards rendering their first
+        header at once would otherwise each compile the same template before any of them cached it."""
+        with self._loading:
+            return super()._load_template(name, globals)
 
     # Every template compiled here goes through the guard.
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:

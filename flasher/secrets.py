@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 from flasher.errors import SecretError
@@ -81,16 +82,23 @@ class Redactor:
     subclass of ``logging.Filter``: commands that never log do not import logging for it.
     """
 
-    _secrets: set[str] = set()
+    # Replaced, never changed in place: boards add their keys while other boards' threads scrub (iterating a set
+    # that another thread grows raises "Set changed size during iteration").
+    _secrets: frozenset[str] = frozenset()
+    _adding = threading.Lock()
 
     @classmethod
     def add(cls, *values: str | bytes | None) -> None:
+        new: set[str] = set()
         for v in values:
             if isinstance(v, bytes):
                 v = v.hex()
-                cls._secrets.update({v, v.upper()})
+                new.update({v, v.upper()})
             elif v and len(v) >= 8:
-                cls._secrets.add(v)
+                new.add(v)
+        if not new <= cls._secrets:
+            with cls._adding:
+                cls._secrets = cls._secrets | new
 
     @classmethod
     def known(cls) -> frozenset[str]:

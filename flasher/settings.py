@@ -279,7 +279,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             parse=_seconds(1.0), toml_type=(int, float)),
     Setting("at_timeout", "seconds to wait for each AT answer", default=2.0, option="--timeout",
             parse=_seconds(0.05, 600.0), toml_type=(int, float)),
-    Setting("concurrency", "boards (or registrations) at once", default=16, parse=_count(1, 256), toml_type=int),
+    # Every attached board at once (= pipeline.DEFAULT_CONCURRENCY). No more: the SDK's MQTT client (paho) waits
+    # with select(), which takes descriptors below 1024 only, and each board in DPS holds three of them.
+    Setting("concurrency", "boards (or registrations) at once, at most", default=256, parse=_count(1, 256),
+            toml_type=int),
     Setting("dps_rate", "DPS registrations allowed per second, minute or hour (the quota of your DPS units); "
             "a 429 slows the run, success speeds it back up", default="1000/min", env="FLASHER_DPS_RATE",
             parse=_quota),

@@ -192,7 +192,9 @@ def register_cmd(deveuis, key_source, as_json, **_options):
             raise
     failed = 0
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(s.concurrency, len(boards) or 1)),
+        # the API answers 429 to bursts: a few requests at once unless --concurrency says otherwise
+        width = s.concurrency if s.source("concurrency") != "default" else 16
+        with ThreadPoolExecutor(max_workers=max(1, min(width, len(boards) or 1)),
                                 thread_name_prefix="tts") as pool:
             futures = [pool.submit(_register_one, target, b, ledger) for b in boards]
             for fut in as_completed(futures):

@@ -64,7 +64,7 @@ BOOT_NOISE = b"\x00\xf0\xff\r\nRisingHF RHF76-052 LoRaWAN modem\r\n+INFO: Input 
 PORTS_FILE = "ports.json"
 CONTROL_FILE = "control.sock"
 CONTROL_COMMANDS = ("plug", "unplug", "list")
-MAX_BOARDS = 64
+MAX_BOARDS = 256  # a fleet benchmark's worth; the loop polls (select() stops at descriptor 1024)
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path, less its NUL
 BOOTLOADER_PID = 0x000C
 FIRMWARES = ("at_passthrough", "flasher_otaa")
@@ -517,6 +517,22 @@ class _Plug:
     out: list = field(default_factory=list)
 
 
+def _wait(read: list[int], write: list[int], timeout: float | None) -> tuple[list[int], list[int]]:
+    """select() for any number of descriptors: select.select refuses one numbered 1024 or more, which a
+    process with a few hundred ptys and sockets open soon has. A hang-up or error counts as readable."""
+    poller = select.poll()
+    events: dict[int, int] = {}
+    for fd in read:
+        events[fd] = events.get(fd, 0) | select.POLLIN
+    for fd in write:
+        events[fd] = events.get(fd, 0) | select.POLLOUT
+    for fd, mask in events.items():
+        poller.register(fd, mask)
+    ready = poller.poll(None if timeout is None else timeout * 1000)
+    gone = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
+    return [fd for fd, ev in ready if ev & gone], [fd for fd, ev in ready if ev & select.POLLOUT]
+
+
 class BoardSimulator:
     """N simulated boards. A context manager; the pty loop runs in one background thread.
 
@@ -570,6 +586,7 @@ class BoardSimulator:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._next_touch_look = 0.0
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -779,8 +796,7 @@ class BoardSimulator:
                 self._nag(now)
                 fds = {p.master: i for i, p in self._plugs.items()}
                 control = [self._control.fileno()] if self._control is not None else []
-                readable, writable, _ = select.select([self._wake_r, *fds, *control, *self._clients], ready, [],
-                                                      timeout)
+                readable, writable = _wait([self._wake_r, *fds, *control, *self._clients], ready, timeout)
                 if self._wake_r in readable:
                     try:
                         os.read(self._wake_r, 512)
@@ -794,7 +810,9 @@ class BoardSimulator:
                     elif fd in self._clients:
                         self._serve_client(fd)
                 self._flush(time.monotonic(), set(writable))
-                self._look_for_touches()
+                if time.monotonic() >= self._next_touch_look:  # a tcgetattr per board: not on every wake-up
+                    self._look_for_touches()
+                    self._next_touch_look = time.monotonic() + TOUCH_POLL
         except BaseException as exc:  # a simulator bug must not look like a silent board
             self._error = exc
             log.exception("board simulator loop died")

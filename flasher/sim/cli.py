@@ -33,7 +33,7 @@ def simulate():
 
 
 @simulate.command("boards")
-@click.option("--count", type=click.IntRange(1, 64), default=1, show_default=True, help="How many boards.")
+@click.option("--count", type=click.IntRange(1, 256), default=1, show_default=True, help="How many boards.")
 @click.option("--state", "state_dir", type=click.Path(file_okay=False),
               help="EEPROM directory (board-N.json, ports.json), kept across runs. Default: a temporary one.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for serial numbers and DevEUIs.")

@@ -245,8 +245,10 @@ class MqttServer:
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
+        # backlog: a fleet's boards connect all at once; asyncio's default of 100 overflows at a few hundred, and
+        # the dropped handshakes come back seconds later (SYN retries), as a real DPS or hub would not make them
         self._server = await asyncio.start_server(self._accept, self.host, self.port, ssl=self.ssl,
-                                                  ssl_handshake_timeout=10, reuse_address=True)
+                                                  ssl_handshake_timeout=10, reuse_address=True, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
