@@ -317,6 +317,9 @@ class _Attempt:
                 phase("throttled")
                 slot = None
                 continue
+            except BaseException:   # not an answer from DPS (a bad argument, Ctrl-C): free the place
+                slot.refused()
+                raise
             slot.answered()
             governor.succeeded()
             return result

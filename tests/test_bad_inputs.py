@@ -178,7 +178,7 @@ CASES = [
     ("status-default-ledger-missing", ["status"], {}, 2, "no such file"),
     # --- simulate / demo
     ("simulate-boards-count-zero", ["simulate", "boards", "--count", "0"], {}, 2, "--count"),
-    ("simulate-boards-count-huge", ["simulate", "boards", "--count", "65"], {}, 2, "--count"),
+    ("simulate-boards-count-huge", ["simulate", "boards", "--count", "257"], {}, 2, "--count"),
     ("simulate-boards-count-text", ["simulate", "boards", "--count", "many"], {}, 2, "many"),
     ("simulate-boards-unplug-negative", ["simulate", "boards", "--unplug-after", "-1"], {}, 2, "--unplug-after"),
     ("simulate-dps-enrollments-missing", ["simulate", "dps", "--enrollments", "{in}/nope.json"], {}, 2,
