@@ -150,8 +150,9 @@ def register(ids, input_file, column, enrollment, no_test_message, as_json, **_o
     if input_file is not None and not as_json:
         err(run.summary(time.monotonic() - started, governor))
     if run.stopped_by is not None:
-        err(f"error: stopped by {signal.Signals(run.stopped_by).name}; the ledger has every id that finished, "
-            f"a rerun goes on with the rest")
+        resume = "the ledger has every id that finished, a rerun goes on with the rest" if ledger is not None else \
+            "the ids that finished are listed above"
+        err(f"error: stopped by {signal.Signals(run.stopped_by).name}; {resume}")
         sys.exit(128 + run.stopped_by)
     return EXIT_FAILURE if run.failed else 0
 
