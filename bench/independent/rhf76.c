@@ -5,7 +5,8 @@
  *   gcc -O2 -o rhf76 rhf76.c && ./rhf76 N [LATENCY_MS]
  *
  * Prints each module's pty path on its own line, then serves until stdin closes or SIGTERM.
- * Every module has its own DevEUI (2C:F7:F1:20:AA:xx:xx:xx by index), answers after LATENCY_MS,
+ * Every module has its own DevEUI (2C:F7:F1:20:AA:xx:xx:xx by index), answers after LATENCY_MS (each on its own
+ * clock: one process serves them all without one module's wait holding another's answer),
  * and keeps JoinEUI, AppKey (write-only), mode and band in memory. Commands it does not know get
  * "+CMD: ERROR(-1)". It counts the commands it answered and prints the count to stderr at exit.
  */
@@ -33,7 +34,15 @@ typedef struct {
     unsigned char deveui[8], appeui[8];
     char mode[8], band[16];
     int dr;
+    char pending[LINE];   /* a command waiting for its answer's due time (the module's latency) */
+    int has_pending;
+    double due;
 } Module;
+
+static double now_ms(void) {
+    struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6;
+}
 
 static volatile sig_atomic_t stopping = 0;
 static void on_term(int sig) { (void)sig; stopping = 1; }
@@ -138,9 +147,14 @@ int main(int argc, char **argv) {
     fflush(stdout);
     struct pollfd fds[MAXB + 1];
     while (!stopping) {
-        for (int i = 0; i < n; i++) { fds[i].fd = mods[i].fd; fds[i].events = POLLIN; }
+        double next = now_ms() + 500;
+        for (int i = 0; i < n; i++) {
+            fds[i].fd = mods[i].fd; fds[i].events = POLLIN;
+            if (mods[i].has_pending && mods[i].due < next) next = mods[i].due;
+        }
         fds[n].fd = 0; fds[n].events = POLLIN;
-        int r = poll(fds, (nfds_t)n + 1, 500);
+        double wait = next - now_ms();
+        int r = poll(fds, (nfds_t)n + 1, wait > 0 ? (int)wait + 1 : 0);
         if (r < 0) { if (errno == EINTR) continue; perror("poll"); break; }
         if (fds[n].revents & (POLLIN | POLLHUP)) { char b[64]; if (read(0, b, sizeof b) <= 0) break; }
         for (int i = 0; i < n; i++) {
@@ -150,11 +164,14 @@ int main(int argc, char **argv) {
             for (ssize_t k = 0; k < got; k++) {
                 if (buf[k] == '\n') {
                     m->in[m->n] = 0; m->n = 0;
-                    if (latency_ms) { struct timespec ts = {latency_ms / 1000, (latency_ms % 1000) * 1000000L}; nanosleep(&ts, NULL); }
-                    answer(m, m->in);
+                    if (latency_ms == 0) { answer(m, m->in); continue; }
+                    memcpy(m->pending, m->in, LINE); m->has_pending = 1; m->due = now_ms() + (double)latency_ms;
                 } else if (m->n < LINE - 1) m->in[m->n++] = buf[k];
             }
         }
+        double t = now_ms();   /* every module answers when its own latency is up: one slow answer never holds another */
+        for (int i = 0; i < n; i++)
+            if (mods[i].has_pending && mods[i].due <= t) { mods[i].has_pending = 0; answer(&mods[i], mods[i].pending); }
     }
     fprintf(stderr, "rhf76: %ld commands answered\n", answered);
     return 0;
