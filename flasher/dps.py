@@ -53,7 +53,7 @@ ERROR_KINDS = frozenset({"unauthorized", "not_found", "disabled", "throttled", "
 MQTT_PORT, WEBSOCKET_PORT = 8883, 443  # both fixed by the SDK
 PHASES = ("register", "assigning", "throttled", "connect", "message")
 _GRACE = 10.0  # how long cleanup may take after the deadline before we stop waiting for the SDK
-_SELECT_LIMIT = 1024  # paho waits with select(), which takes descriptors below this only
+SELECT_LIMIT = 1024  # paho waits with select(), which takes descriptors below this only
 
 
 class DpsError(FlasherError):
@@ -541,7 +541,7 @@ def _free_below_select() -> int:
         names = os.listdir("/proc/self/fd")
     except OSError:
         return 0
-    return _SELECT_LIMIT - sum(1 for n in names if n.isdigit() and int(n) < _SELECT_LIMIT)
+    return SELECT_LIMIT - sum(1 for n in names if n.isdigit() and int(n) < SELECT_LIMIT)
 
 
 _SDK_GARBAGE = _SdkGarbage()

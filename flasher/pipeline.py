@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flasher.dps import DIRECT, CaCert, Transport
+from flasher.dps import DIRECT, SELECT_LIMIT, CaCert, Transport
 from flasher.errors import FlasherError
 from flasher.eui import EUI64
 from flasher.governor import RateGovernor
@@ -50,7 +50,6 @@ from flasher.steps.render import Render
 from flasher.steps.upload import Upload as UploadStep
 
 if TYPE_CHECKING:
-    from flasher.governor import RateGovernor
     from flasher.tts import TtsTarget
 
 log = logging.getLogger("flasher.pipeline")
@@ -399,7 +398,6 @@ DEFAULT_CONCURRENCY = 256
 # connection (a TLS socket and paho's wake-up socket pair); an HTTPS connection to The Things Stack; a file.
 FDS_PER_BOARD = 10
 FDS_SPARE = 64  # the ledger, its -wal/-shm, stdio, the SDK's and Python's own
-SELECT_LIMIT = 1024  # paho waits with select(), which takes descriptors below this only
 
 
 def fds_needed(boards: int) -> int:
