@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from flasher.errors import FlasherError, InputError
-from flasher.governor import RateGovernor, Slot
+from flasher.governor import RateGovernor, Slot, Stopped
 from flasher.identity import validate_host, validate_id_scope
 from flasher.proxy import Proxy
 
@@ -270,8 +270,6 @@ class _Attempt:
     def _paced(self, key: str, deadline: float, phase: Callable[[str], None], governor: RateGovernor,
                slot: Slot | None):
         """Each request in a slot of the run's quota; a 429 slows the run down, and this id waits its turn again."""
-        from flasher.governor import Stopped
-
         retries, throttled = 0, ""
         while True:
             if slot is None:
@@ -362,8 +360,6 @@ def register_many(keys: Mapping[str, str] | Iterable[tuple[str, str, str | None]
     :func:`register_device` (``governor``: the run's pace).
     """
     from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-
-    from flasher.governor import Stopped
 
     if isinstance(keys, Mapping):
         items: Iterator[tuple[str, str, str | None]] = (

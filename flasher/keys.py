@@ -44,6 +44,13 @@ def derive_device_key(group_key: bytes, registration_id: str) -> str:
     return DeviceKeyDeriver(group_key)(registration_id)
 
 
+def key_check(device_key: Secret | str) -> str:
+    """A short one-way tag of a device key, so a resumed board (or a pre-registered id) notices the group key
+    changed, without the ledger holding the key."""
+    text = device_key.reveal() if isinstance(device_key, Secret) else device_key
+    return hashlib.sha256(b"flasher-device-key-check\0" + text.encode()).hexdigest()[:16]
+
+
 class DeviceKeyDeriver:
     """The same derivation for many ids, on the one-shot C path of :func:`hmac.digest`."""
 

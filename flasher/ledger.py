@@ -920,7 +920,7 @@ class Ledger:
         One query per call; the caller asks a page of ids at a time.
         """
         keys = list(dict.fromkeys(r.lower() for r in registration_ids))
-        if not keys or self._version_now() < 6:
+        if not keys or self._schema < 6:   # a read-only ledger from before pre-registrations has none
             return {}
         marks = ", ".join("?" * len(keys))
         with self._read() as db:
@@ -954,10 +954,6 @@ class Ledger:
                            (error, self.station, now, status, key, id_scope, host))
 
         self._write(record)
-
-    def _version_now(self) -> int:
-        """The schema of the ledger as opened (a read-only one may be older than this flasher)."""
-        return self._schema
 
     # --- reads --------------------------------------------------------------------
     @contextmanager

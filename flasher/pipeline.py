@@ -15,7 +15,6 @@ take seconds each and overlap.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -32,7 +31,7 @@ from flasher.errors import FlasherError
 from flasher.eui import EUI64
 from flasher.governor import RateGovernor
 from flasher.identity import RegistrationIdPolicy
-from flasher.keys import AppKeyPlan, AppKeySource
+from flasher.keys import AppKeyPlan, AppKeySource, key_check
 from flasher.labels import LabelPlan
 from flasher.ledger import BoardClaimed, BoardRecord, Ledger, LedgerError
 from flasher.progress import DONE, BoardEvent, NullReporter, Reporter, StepState
@@ -200,12 +199,6 @@ class Board:
 
     def done_earlier(self, step: str) -> bool:
         return self.record is not None and self.record.done(step)
-
-
-def key_check(device_key: Secret | str) -> str:
-    """A short one-way tag of a device key, so a resumed board notices the group key changed."""
-    text = device_key.reveal() if isinstance(device_key, Secret) else device_key
-    return hashlib.sha256(b"flasher-device-key-check\0" + text.encode()).hexdigest()[:16]
 
 
 class _Stopped(FlasherError):

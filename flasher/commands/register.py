@@ -168,8 +168,6 @@ def _check_input(stream, column: str | None, policy, counted: int | None) -> int
 
     Stdin and pipes cannot be read twice: their ids are checked as they come (None: no total).
     """
-    from flasher.idlist import read_ids
-
     name = getattr(stream, "name", "-")
     try:
         seekable = stream.seekable() and os.path.isfile(name)
@@ -177,12 +175,7 @@ def _check_input(stream, column: str | None, policy, counted: int | None) -> int
         seekable = False
     if not seekable:
         return None
-    for where, text in read_ids(stream, name, column):
-        try:
-            policy.resolve(text)
-        except InputError as exc:
-            raise InputError(f"--input {name}: {where}: {exc}") from None
-        counted = (counted or 0) + 1
+    counted = (counted or 0) + sum(1 for _ in _input_ids(stream, column, policy))
     stream.seek(0)
     return counted
 
@@ -190,14 +183,19 @@ def _check_input(stream, column: str | None, policy, counted: int | None) -> int
 def _ids(arg_ids: list[str], stream, column: str | None, policy) -> Iterator[str]:
     yield from arg_ids
     if stream is not None:
-        from flasher.idlist import read_ids
+        yield from _input_ids(stream, column, policy)
 
-        name = getattr(stream, "name", "-")
-        for where, text in read_ids(stream, name, column):
-            try:
-                yield policy.resolve(text)[0]
-            except InputError as exc:
-                raise InputError(f"--input {name}: {where}: {exc}") from None
+
+def _input_ids(stream, column: str | None, policy) -> Iterator[str]:
+    """The registration ids of ``--input``, each line's error naming the file and the line."""
+    from flasher.idlist import read_ids
+
+    name = getattr(stream, "name", "-")
+    for where, text in read_ids(stream, name, column):
+        try:
+            yield policy.resolve(text)[0]
+        except InputError as exc:
+            raise InputError(f"--input {name}: {where}: {exc}") from None
 
 
 class _Run:
@@ -219,7 +217,7 @@ class _Run:
 
     def pending(self, reg_ids: Iterator[str], derive, derive_other) -> Iterator[tuple[str, str, str | None]]:
         """``(id, device key, other key)`` for each id the ledger does not have done, a page of lookups at a time."""
-        from flasher.pipeline import key_check
+        from flasher.keys import key_check
 
         for page in _pages(reg_ids, self.PAGE):
             done = self.ledger.registered(page, self.id_scope, self.dps_host) if self.ledger is not None else {}
@@ -237,7 +235,7 @@ class _Run:
     def record(self, reg_id: str, key: str, reg) -> None:
         """In the worker, before the result is reported: an id reported done is in the ledger."""
         from flasher.dps import DpsError
-        from flasher.pipeline import key_check
+        from flasher.keys import key_check
 
         if isinstance(reg, DpsError):
             self.ledger.record_registration(reg_id, id_scope=self.id_scope, dps_host=self.dps_host, status="failed",
