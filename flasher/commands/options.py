@@ -33,6 +33,7 @@ def setting_option(*decls: str, name: str, **kwargs):
     """
     s = SETTINGS[name]
     shown = s.default if s.default is not None and not callable(s.default) else None
+    shown = kwargs.pop("shown_default", shown)   # a command whose default is worked out, not the setting's
     extra = []
     if s.env:
         extra.append(f"env {s.env}")

@@ -49,8 +49,8 @@ if TYPE_CHECKING:
 @setting_option("--ca-cert", name="ca_cert", type=click.Path(dir_okay=False))
 @setting_option("--timeout", name="timeout", metavar="S", help="Seconds allowed per device, all phases")
 @click.option("--no-test-message", is_flag=True, help="Register only; do not connect to the hub and send 'TestMessage'.")
-@setting_option("--concurrency", name="concurrency", metavar="N",
-                help="Registrations in flight at once [default: enough for --dps-rate, 8 to 256]")
+@setting_option("--concurrency", name="concurrency", metavar="N", help="Registrations in flight at once",
+                shown_default="enough for --dps-rate, 8 to 256")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per device on stdout.")
 @ledger_options
 @azure_options
