@@ -65,27 +65,34 @@ CPU_GOAL_MS = 15.0
 
 
 class StepClock:
-    """A progress reporter (flasher.progress.Reporter) that times each (board, step) from 'running' to its outcome."""
+    """A progress reporter (flasher.progress.Reporter) that times each (board, step) from 'running' to its outcome,
+    and each step's span over the run: from the first board's start to the last board's finish."""
 
     def __init__(self):
         self._lock = threading.Lock()
+        self._t0 = time.perf_counter()
         self._started: dict[tuple[str, str], float] = {}
         self.durations: dict[str, list[float]] = defaultdict(list)
+        self.spans: dict[str, list[float]] = {}
 
     def emit(self, event) -> None:
         now = time.perf_counter()
         key = (event.port, event.step)
         with self._lock:
             if event.state == "running":
-                self._started[key] = now
+                self._started.setdefault(key, now)   # a step's phases (assigning, connect...) come as 'running' too
+                span = self.spans.setdefault(event.step, [now - self._t0, now - self._t0])
+                span[0] = min(span[0], now - self._t0)
             elif key in self._started:
                 self.durations[event.step].append(now - self._started.pop(key))
+                self.spans[event.step][1] = now - self._t0
 
     def close(self) -> None:
         pass
 
-    def summary(self) -> dict[str, tuple[float, float]]:
-        return {s: (statistics.mean(d), max(d)) for s, d in self.durations.items() if d}
+    def summary(self) -> dict[str, tuple[float, float, float, float]]:
+        """step -> (mean, max seconds per board, first start, last finish in the run)."""
+        return {s: (statistics.mean(d), max(d), *self.spans[s]) for s, d in self.durations.items() if d}
 
 
 # --- the child: provisions, and measures only itself ------------------------------------
@@ -124,8 +131,8 @@ def serve() -> int:
             print(json.dumps({**sdk_only(settings, run["sdk"]), "warnings": warnings.take()}), flush=True)
             continue
         s = Settings(**{**settings.__dict__, "out_dir": Path(run["dir"]) / "headers"})
-        clock = StepClock()
         wall0, t0 = time.perf_counter(), os.times()
+        clock = StepClock()
         with Ledger(run["ledger"] or Path(run["dir"]) / "ledger.sqlite3") as ledger:
             results = list(provision_boards(run["ports"], s, ledger, clock))
         wall, t1 = time.perf_counter() - wall0, os.times()
@@ -260,6 +267,8 @@ def fresh(work: Path, name: str) -> Path:
 def profile(label: str, steps: dict, wall: float) -> None:
     parts = [f"{s} {steps[s][0]:.2f}/{steps[s][1]:.2f}" for s in STEPS if s in steps]
     print(f"  profile {label} (wall {wall:.2f} s), seconds per board mean/max: " + ", ".join(parts))
+    spans = [f"{s} {steps[s][2]:.2f}-{steps[s][3]:.2f}" for s in STEPS if s in steps and len(steps[s]) > 2]
+    print("    each step from the first board's start to the last one's finish (s into the run): " + ", ".join(spans))
 
 
 def load() -> str:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from flasher.errors import FlasherError, InputError
-from flasher.governor import RateGovernor, Slot, Stopped
+from flasher.governor import RateGovernor, Slot, Stopped, Turnstile
 from flasher.identity import validate_host, validate_id_scope
 from flasher.proxy import Proxy
 
@@ -54,6 +54,12 @@ MQTT_PORT, WEBSOCKET_PORT = 8883, 443  # both fixed by the SDK
 PHASES = ("register", "assigning", "throttled", "connect", "message")
 _GRACE = 10.0  # how long cleanup may take after the deadline before we stop waiting for the SDK
 SELECT_LIMIT = 1024  # paho waits with select(), which takes descriptors below this only
+# SDK clients setting up a connection at once (see governor.Turnstile): a few per core keep the CPU busy while
+# each waits on its round trips, without sharing it so thinly that every set-up finishes late.
+CONNECTING_PER_CPU = 4
+# Failures that never reached the service, or give no telling: they hold no place in its quota.
+_NOT_REACHED = frozenset({"unreachable", "tls", "proxy", "timeout"})
+_CONNECTING = Turnstile(CONNECTING_PER_CPU * (os.cpu_count() or 1))
 
 
 class DpsError(FlasherError):
@@ -175,7 +181,7 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
                     throttle_retries: int = DEFAULT_THROTTLE_RETRIES, transport: Transport = DIRECT,
                     payload: Any = None, model_id: str | None = None, other_key: str | None = None,
                     key_names: tuple[str, str] = ("primary", "secondary"), governor: RateGovernor | None = None,
-                    stop: threading.Event | None = None) -> Registration:
+                    stop: threading.Event | None = None, hub_governor: RateGovernor | None = None) -> Registration:
     """Register ``registration_id`` with DPS, then (unless ``test_message`` is None) send it from the hub.
 
     ``device_key`` is the device's base64 key (group-derived or the individual
@@ -188,7 +194,8 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
     tried once if DPS refuses ``device_key`` with 401, so the error can say whether it works.
     ``governor`` (shared by a run) paces every request to the DPS quota: each attempt
     waits for a slot, and a 429 slows the whole run instead of being retried blind;
-    ``stop`` ends that wait (raising :class:`~flasher.governor.Stopped`).
+    ``stop`` ends that wait (raising :class:`~flasher.governor.Stopped`). ``hub_governor`` paces
+    the test messages' connections to the hub's limit on new device connections the same way.
     Raises :class:`DpsError` (one-line message naming the id and host) or
     :class:`InputError` for bad arguments. Every SDK client is closed on every path.
     """
@@ -230,7 +237,7 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
     log.info("registration %r: assigned to %s as %r (%s)", reg_id, hub, device_id, substatus)
     if test_message is not None:
         _prove(reg_id, device_key, device_id, hub, pem, test_message, deadline, timeout, phase, timings, transport,
-               model_id)
+               model_id, hub_governor, stop)
     return Registration(reg_id, device_id, hub, result.status, substatus, timings, returned)
 
 
@@ -264,7 +271,7 @@ class _Attempt:
     def provision(self, key: str, deadline: float, phase: Callable[[str], None], slot: Slot | None = None):
         if self.governor is None:   # the SDK retries 429s itself, honouring retry-after
             return _provision(self.reg_id, key, self.scope, self.host, self.pem, deadline, self.timeout, phase,
-                              self.throttle_retries, self.transport, self.payload)
+                              self.throttle_retries, self.transport, self.payload, stop=self.stop)
         return self._paced(key, deadline, phase, self.governor, slot)
 
     def _paced(self, key: str, deadline: float, phase: Callable[[str], None], governor: RateGovernor,
@@ -286,10 +293,10 @@ class _Attempt:
 
             try:
                 result = _provision(self.reg_id, key, self.scope, self.host, self.pem, deadline, self.timeout,
-                                    phase, 0, self.transport, self.payload, answered)
+                                    phase, 0, self.transport, self.payload, answered, self.stop)
             except DpsError as exc:
                 if exc.kind != "throttled" or exc.status is None:
-                    if exc.kind in ("unreachable", "tls", "proxy", "timeout"):
+                    if exc.kind in _NOT_REACHED:
                         slot.refused()   # never reached DPS, or no telling: do not hold a place for it
                     else:
                         slot.answered()
@@ -426,7 +433,19 @@ def _stages(root):
 
 
 def _provision(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle_retries, transport=DIRECT,
-               payload=None, on_answer: Callable[[int], None] | None = None):
+               payload=None, on_answer: Callable[[int], None] | None = None, stop: threading.Event | None = None):
+    """One registration through the SDK. Its connection set-up takes a place in :data:`_CONNECTING`, left at DPS's
+    first answer to the register request (the wait for the assignment costs no CPU) or on any way out."""
+    entry = _CONNECTING.enter(stop)
+    try:
+        return _provision_entered(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle_retries,
+                                  transport, payload, on_answer, entry.leave)
+    finally:
+        entry.leave()
+
+
+def _provision_entered(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle_retries, transport,
+                       payload, on_answer: Callable[[int], None] | None, answered: Callable[[], None]):
     from azure.iot.device import ProvisioningDeviceClient
     from azure.iot.device.common.pipeline import pipeline_ops_base as ops_base
     from azure.iot.device.provisioning.pipeline import pipeline_ops_provisioning as ops_provisioning
@@ -474,6 +493,8 @@ def _provision(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle
             if isinstance(op, ops_base.RequestAndResponseOperation):
                 op.add_callback(_integral_retry_after)  # runs before the stage's own response handler
                 op.add_callback(lambda op, error: _keep_service_error(op, service_errors))
+                if op.request_type == "register":
+                    op.add_callback(lambda op, error: answered())
                 if on_answer is not None and op.request_type == "register":
                     op.add_callback(lambda op, error: on_answer(op.status_code) if op.status_code else None)
             return send_op_down(op)
@@ -827,11 +848,14 @@ def _classify_proxy(chain: list[BaseException], where: str, transport: Transport
 def send_test_message(device_id: str, assigned_hub: str, device_key: str, *, ca_cert: CaCert | str | Path | None = None,
                       timeout: float = DEFAULT_TIMEOUT, message: str = "TestMessage",
                       on_phase: Callable[[str], None] | None = None, transport: Transport = DIRECT,
-                      model_id: str | None = None) -> dict[str, float]:
+                      model_id: str | None = None, governor: RateGovernor | None = None,
+                      stop: threading.Event | None = None) -> dict[str, float]:
     """Connect to the hub as ``device_id`` (after a registration) and send ``message``.
 
     ``transport`` is the same as the registration's; ``model_id`` is announced in the
-    connection, as IoT Plug and Play devices do. Returns the timings of the "connect" and
+    connection, as IoT Plug and Play devices do. ``governor`` paces new hub connections
+    (``--hub-rate``; waiting for it is not counted against ``timeout``), and ``stop`` ends
+    that wait. Returns the timings of the "connect" and
     "message" phases; raises :class:`DpsError` ("hub_refused", "unreachable", "tls",
     "proxy", "timeout", "failed") or :class:`InputError`.
     """
@@ -847,27 +871,46 @@ def send_test_message(device_id: str, assigned_hub: str, device_key: str, *, ca_
     pem = _pem(ca_cert)
     timings: dict[str, float] = {}
     _prove(device_id, device_key, device_id, assigned_hub, pem, message, time.monotonic() + timeout, timeout,
-           on_phase or (lambda _p: None), timings, transport, model_id)
+           on_phase or (lambda _p: None), timings, transport, model_id, governor, stop)
     return timings
 
 
 def _prove(reg_id, key, device_id, hub, pem, text, deadline, timeout, phase, timings, transport=DIRECT,
-           model_id=None) -> None:
+           model_id=None, governor: RateGovernor | None = None, stop: threading.Event | None = None) -> None:
     from azure.iot.device import IoTHubDeviceClient, Message
 
     where = f"device {device_id!r} at hub {hub}"
+    slot = None
+    if governor is not None:   # the hub's limit on new connections; the wait for it is not the device's time
+        queued = time.monotonic()
+        slot = governor.acquire(None, stop)
+        deadline += time.monotonic() - queued
     kwargs = {"server_verification_cert": pem} if pem else {}
     if model_id:
         kwargs["product_info"] = model_id  # the SDK announces a "dtmi:..." product_info as the PnP model-id
-    client = IoTHubDeviceClient.create_from_symmetric_key(symmetric_key=key, hostname=hub, device_id=device_id,
-                                                          connection_retry=False, **transport.sdk_kwargs(hub),
-                                                          **kwargs)
+    entry = _CONNECTING.enter()   # until the message is sent: see _provision
+    try:
+        client = IoTHubDeviceClient.create_from_symmetric_key(symmetric_key=key, hostname=hub, device_id=device_id,
+                                                              connection_retry=False, **transport.sdk_kwargs(hub),
+                                                              **kwargs)
+    except BaseException:
+        entry.leave()
+        if slot is not None:
+            slot.refused()
+        raise
     threads = _track_paho_threads(client._mqtt_pipeline._pipeline)
     try:
         t0 = time.monotonic()
         phase("connect")
         outcome = _run_until(client.connect, deadline, f"flasher-hub-{device_id}", threads)
-        _raise_for(outcome, where, timeout, transport, hub)
+        try:
+            _raise_for(outcome, where, timeout, transport, hub)
+        except DpsError as exc:
+            if slot is not None and exc.kind not in _NOT_REACHED:
+                slot.answered()   # the hub answered: it counts against its limit, as at DPS
+            raise
+        if slot is not None:
+            slot.answered()
         timings["connect"] = time.monotonic() - t0
         t0 = time.monotonic()
         phase("message")
@@ -877,6 +920,9 @@ def _prove(reg_id, key, device_id, hub, pem, text, deadline, timeout, phase, tim
         _raise_for(outcome, where, timeout, transport, hub)
         timings["message"] = time.monotonic() - t0
     finally:
+        entry.leave()
+        if slot is not None:
+            slot.refused()   # no answer came (a deadline): no place held; after an answer, this does nothing
         _dispose_hub(client, where)
         _SDK_GARBAGE.client_ended()
         _join_all(threads, where)

@@ -109,6 +109,7 @@ class Settings:
     other_group_key: Secret | None = None   # the group's other key, tried once after a 401 (--check-other-key)
     key_names: tuple[str, str] = ("primary", "secondary")  # what group_key and other_group_key are
     governor: RateGovernor | None = field(default=None, compare=False)  # the run's DPS pace (--dps-rate); shared
+    hub_governor: RateGovernor | None = field(default=None, compare=False)  # its hub connections' (--hub-rate)
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_key, Secret):

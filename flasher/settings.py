@@ -286,6 +286,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("dps_rate", "DPS registrations allowed per second, minute or hour (the quota of your DPS units); "
             "a 429 slows the run, success speeds it back up", default="1000/min", env="FLASHER_DPS_RATE",
             parse=_quota),
+    Setting("hub_rate", "new IoT Hub device connections allowed per second (the hub's throttle for your tier "
+            "and units), for the test messages", default="100/s", env="FLASHER_HUB_RATE", parse=_quota),
     Setting("test_message", "the proof message sent from the hub", default="TestMessage"),
     Setting("fqbn", "board FQBN for --upload", default="Seeeduino:samd:rolawan"),
     Setting("sketch", "sketch folder for --upload (default: the shipped flasher_otaa)", path=True),

@@ -22,6 +22,7 @@ from fixtures_dps import (
     wait_for,
 )
 
+from flasher import dps
 from flasher.dps import DpsError, Registration, register_device, validate_id_scope
 from flasher.errors import InputError
 from flasher.sim import certs
@@ -167,6 +168,56 @@ def test_failures_leave_no_thread_or_connection_behind(dps_target, dps_emulator,
     # a joined thread may take a moment to leave threading.enumerate(); a leaked one never does
     assert wait_for(lambda: not leftover_threads(baseline)), leftover_threads(baseline)
     assert wait_for(lambda: not dps_emulator.connections()), dps_emulator.connections()
+    assert dps._CONNECTING.inside == 0 and not dps._CONNECTING._queue   # every failure left its place
+
+
+def test_connection_set_ups_take_turns(dps_target, dps_emulator, monkeypatch):
+    """Eight registrations and messages at once through a turnstile two wide: never more than two SDK clients
+    setting up a connection together, and each place is left (at DPS's first answer, after the message)."""
+    from flasher.governor import Turnstile
+
+    seen: list[int] = []
+
+    class Watched(Turnstile):
+        def enter(self, stop=None):
+            entry = super().enter(stop)
+            seen.append(self.inside)
+            return entry
+
+    gate = Watched(2)
+    monkeypatch.setattr(dps, "_CONNECTING", gate)
+    ids = [f"2cf7f1202490{i:04x}" for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        regs = list(pool.map(lambda r: register_device(r, group_device_key(r), **dps_target), ids))
+    assert [r.registration_id for r in regs] == ids
+    assert len(seen) == 16 and max(seen) <= 2   # a provisioning and a hub client per id
+    assert gate.inside == 0 and not gate._queue
+
+
+def test_hub_connections_are_paced_to_the_hub_rate(dps_target, dps_emulator):
+    """--hub-rate: five test messages with a hub limit of 2 new connections per second, all registered at once."""
+    from flasher.dps import register_many
+    from flasher.governor import RateGovernor
+
+    starts: list[float] = []
+
+    class Watched(RateGovernor):
+        def _settle(self, slot, counted):
+            super()._settle(slot, counted)
+            if counted:
+                starts.append(slot.at)
+
+    hub = Watched(2, 1.0)
+    ids = [f"2cf7f1202491{i:04x}" for i in range(5)]
+    before = dps_emulator.state()["stats"]["hub_connections"]
+    results = dict(register_many({r: group_device_key(r) for r in ids}, concurrency=5, hub_governor=hub,
+                                 **dps_target))
+    assert all(isinstance(r, Registration) for r in results.values()), results
+    assert dps_emulator.state()["stats"]["hub_connections"] - before == 5
+    starts.sort()
+    assert len(starts) == 5   # each connection counted once, from the hub's answer
+    for i, t0 in enumerate(starts):
+        assert sum(1 for t in starts[i:] if t < t0 + 1.0) <= 2
 
 
 # --- inputs ---------------------------------------------------------------------------

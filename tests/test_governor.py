@@ -8,7 +8,7 @@ import time
 import pytest
 
 from flasher.errors import InputError
-from flasher.governor import RateGovernor, Stopped, in_flight_for, parse_quota
+from flasher.governor import RateGovernor, Stopped, Turnstile, in_flight_for, parse_quota
 
 
 class Clock:
@@ -142,3 +142,117 @@ def test_in_flight_follows_the_quota():
     assert in_flight_for(RateGovernor(1000, 60)) == 67        # 16.7/s x 4 s
     assert in_flight_for(RateGovernor(10, 60)) == 8           # never below 8
     assert in_flight_for(RateGovernor(100_000, 60)) == 256    # never above 256
+
+
+# --- the turnstile: connection set-ups a few at a time, first come first served ---------
+
+def _queue_up(gate: Turnstile, n: int, order: list[int], inside: list[int], release: threading.Event,
+              stop: threading.Event | None = None) -> list[threading.Thread]:
+    """``n`` threads that line up one after another (each is waiting before the next starts) and, once in,
+    note their number and how many are inside, then wait for ``release``."""
+    lock = threading.Lock()
+    threads = []
+
+    def worker(i: int) -> None:
+        try:
+            entry = gate.enter(stop)
+        except Stopped:
+            with lock:
+                order.append(-i)
+            return
+        with lock:
+            order.append(i)
+            inside.append(gate.inside)
+        release.wait(10)
+        entry.leave()
+
+    for i in range(n):
+        t = threading.Thread(target=worker, args=(i,))
+        t.start()
+        threads.append(t)
+        deadline = time.monotonic() + 5
+        while len(gate._queue) + gate.inside < i + 1 and time.monotonic() < deadline:
+            time.sleep(0.001)   # in line (or inside) before the next one comes
+    return threads
+
+
+def test_the_turnstile_lets_in_at_most_its_width():
+    gate = Turnstile(3)
+    order: list[int] = []
+    inside: list[int] = []
+    release = threading.Event()
+    threads = _queue_up(gate, 12, order, inside, release)
+    time.sleep(0.05)
+    assert order == [0, 1, 2]   # the rest wait in line
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert sorted(order) == list(range(12))
+    assert max(inside) <= 3
+    assert gate.inside == 0 and not gate._queue
+
+
+def test_the_turnstile_lets_them_in_in_the_order_they_came():
+    gate = Turnstile(1)
+    order: list[int] = []
+    release = threading.Event()
+    threads = _queue_up(gate, 12, order, [], release)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert order == list(range(12))   # each left before the next was let in: the order is the turnstile's
+
+
+def test_a_stop_takes_the_waiting_out_of_line_and_holds_nothing():
+    gate = Turnstile(1)
+    held = gate.enter()
+    stop = threading.Event()
+    order: list[int] = []
+    threads = _queue_up(gate, 3, order, [], threading.Event(), stop)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert sorted(order) == [-2, -1, 0]   # all three stopped in line (0 is -0)
+    held.leave()
+    assert gate.inside == 0 and not gate._queue
+    gate.enter().leave()   # the place is free again
+
+
+def test_a_place_handed_over_as_the_waiter_stops_is_passed_on():
+    """The race: the place is handed to a waiter in the same moment its stop is set. It must not be lost."""
+    for _ in range(50):
+        gate = Turnstile(1)
+        held = gate.enter()
+        stop = threading.Event()
+        outcome: list[str] = []
+
+        def waiter(gate=gate, stop=stop, outcome=outcome):
+            try:
+                gate.enter(stop).leave()
+                outcome.append("in")
+            except Stopped:
+                outcome.append("stopped")
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        while not gate._queue:
+            time.sleep(0.0005)
+        stop.set()
+        held.leave()
+        t.join(10)
+        assert outcome in (["in"], ["stopped"])
+        assert gate.inside == 0 and not gate._queue
+
+
+def test_leaving_twice_frees_one_place():
+    gate = Turnstile(2)
+    a = gate.enter()
+    gate.enter()
+    a.leave()
+    a.leave()
+    assert gate.inside == 1
+
+
+def test_a_turnstile_needs_a_width():
+    with pytest.raises(ValueError):
+        Turnstile(0)

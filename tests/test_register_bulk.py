@@ -113,6 +113,7 @@ def test_a_csv_column_from_stdin(dps_emulator, tmp_path):
     (["--input", "fleet.txt"], "port,serial\n/dev/ttyACM0,1\n", "name the column with --column"),
     (["--input", "fleet.txt"], "2CF7F1202498AAAD\n\0\n", "NUL byte"),
     (["--input", "fleet.txt", "--dps-rate", "fast"], "2CF7F1202498AAAE\n", "--dps-rate 'fast'"),
+    (["--input", "fleet.txt", "--hub-rate", "0/s"], "2CF7F1202498AAAE\n", "--hub-rate '0/s'"),
     (["--input", "fleet.txt", "--enrollment", "individual"], "2CF7F1202498AAAF\n", "takes one id"),
     (["2CF7F1202498AAB0", "--column", "deveui"], "", "--column is for --input"),
 ])

@@ -139,7 +139,8 @@ def tts_options(f):
 
 # --- Azure: IoT Central model id, WebSockets, proxies, key rotation ------------------------------
 
-AZURE_SETTINGS = ["model_id", "payload_json", "websockets", "proxy", "use_secondary_key", "check_other_key", "dps_rate"]
+AZURE_SETTINGS = ["model_id", "payload_json", "websockets", "proxy", "use_secondary_key", "check_other_key", "dps_rate",
+                  "hub_rate"]
 
 
 def azure_options(f):
@@ -157,6 +158,7 @@ def azure_options(f):
         setting_option("--use-secondary-key", name="use_secondary_key", is_flag=True),
         setting_option("--check-other-key", name="check_other_key", is_flag=True),
         setting_option("--dps-rate", name="dps_rate", metavar="N/min"),
+        setting_option("--hub-rate", name="hub_rate", metavar="N/s"),
     ]
     for decorate in reversed(decorators):
         f = decorate(f)

@@ -84,7 +84,8 @@ def build_settings(s, *, upload: bool, no_test_message: bool, force: bool, extra
                     test_message=None if no_test_message else s.test_message, upload=up, tts=tts, force=force,
                     extras=parse_sets(extras), labels=labels, transport=transport, dps_payload=payload,
                     model_id=s.model_id, other_group_key=other_key, key_names=key_names,
-                    governor=RateGovernor.from_text(s.dps_rate, "--dps-rate"))
+                    governor=RateGovernor.from_text(s.dps_rate, "--dps-rate"),
+                    hub_governor=RateGovernor.from_text(s.hub_rate, "--hub-rate"))
 
 
 class _Terminated(BaseException):

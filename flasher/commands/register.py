@@ -100,6 +100,7 @@ def register(ids, input_file, column, enrollment, no_test_message, as_json, **_o
     payload = registration_payload_from(s)
     transport = transport_from(s)
     governor = RateGovernor.from_text(s.dps_rate, "--dps-rate")
+    hub_governor = RateGovernor.from_text(s.hub_rate, "--hub-rate")
     in_flight = s.concurrency if s.source("concurrency") != "default" else in_flight_for(governor)
     policy = s.registration_id_format
     arg_ids = list(dict.fromkeys(policy.resolve(a)[0] for a in ids))
@@ -136,6 +137,7 @@ def register(ids, input_file, column, enrollment, no_test_message, as_json, **_o
         for reg_id, reg in register_many(items, concurrency=in_flight, on_phase=live.phase, stop=stop,
                                          record=run.record if ledger is not None else None,
                                          governor=governor, id_scope=s.id_scope, dps_host=s.dps_host,
+                                         hub_governor=hub_governor,
                                          ca_cert=s.ca_cert, timeout=s.timeout,
                                          test_message=None if no_test_message else s.test_message,
                                          transport=transport, payload=payload, model_id=s.model_id,
