@@ -154,6 +154,10 @@ JSON_FIELDS = frozenset({"dps_payload", "registration_payload"})  # JSON text in
 
 # A step row, whole (what `flasher ledger copy` moves).
 STEP_FIELDS = ("deveui", "step", "outcome", "started_at", "finished_at", "detail", "station")
+# A pre-registration row, whole (`flasher register --input`; also moved by `flasher ledger copy`).
+REGISTRATION_FIELDS = ("registration_key", "id_scope", "dps_host", "registration_id", "status", "device_key_check",
+                       "assigned_hub", "device_id", "message_sent", "attempts", "last_error", "station", "created_at",
+                       "updated_at")
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -1112,6 +1116,10 @@ class CopyReport:
     copied: int = 0      # boards the destination did not have
     same: int = 0        # boards it already had, identical
     replaced: int = 0    # boards it had otherwise, replaced (--force)
+    registrations: int = 0             # pre-registrations in the source
+    registrations_copied: int = 0      # ... the destination did not have
+    registrations_same: int = 0        # ... it had already (or had assigned where the source had only failed)
+    registrations_updated: int = 0     # ... it had failed and the source assigned, or replaced (--force)
 
 
 def copy_ledger(src: Ledger, dest: Ledger, *, force: bool = False, batch: int = 500) -> CopyReport:
@@ -1122,6 +1130,11 @@ def copy_ledger(src: Ledger, dest: Ledger, *, force: bool = False, batch: int = 
     written and the error names the boards; with ``force`` its row and steps are
     replaced by ``src``'s. A board some live run is working on in ``dest`` is never
     replaced. Claims are not copied: they belong to the runs of the ledger they are in.
+
+    Pre-registrations (``flasher register --input``) go along, merged as DPS would see them:
+    one assigned beats one that failed (a failure never undoes a success), and two that
+    failed keep the later. Two assigned differently (another hub, device id or key) are a
+    conflict like a board's.
     """
     if src._backend.same_as(dest._backend):
         raise InputError(f"{src._where}: source and destination are the same ledger")
@@ -1167,15 +1180,75 @@ def copy_ledger(src: Ledger, dest: Ledger, *, force: bool = False, batch: int = 
                 for step in theirs:
                     db.execute(f"INSERT INTO steps ({step_cols}) VALUES ({', '.join('?' * len(STEP_FIELDS))})", step)
                 report.steps += len(theirs)
-        if conflicts or busy:
+        reg_conflicts = _copy_registrations(src, db, report, force, batch)
+        if conflicts or busy or reg_conflicts:
             what = []
             if conflicts:
                 what.append(f"{len(conflicts)} board(s) differ from {src._backend.name!r} ({_some(conflicts)}); "
                             f"--force replaces them")
+            if reg_conflicts:
+                what.append(f"{len(reg_conflicts)} pre-registration(s) were assigned otherwise in "
+                            f"{src._backend.name!r} ({_some(reg_conflicts)}); --force replaces them")
             if busy:
                 what.append(f"{len(busy)} board(s) are in progress in a run using it ({_some(busy)})")
             raise LedgerError(f"{dest._where}: nothing copied: " + "; ".join(what))
     return report
+
+
+def _copy_registrations(src: Ledger, db, report: CopyReport, force: bool, batch: int) -> list[str]:
+    """Merge ``src``'s pre-registrations into the destination's open transaction ``db``; the conflicting ids."""
+    if src._schema < 6:   # a ledger from before pre-registrations
+        return []
+    cols = ", ".join(REGISTRATION_FIELDS)
+    key = "registration_key, id_scope, dps_host"
+    insert = f"INSERT INTO registrations ({cols}) VALUES ({', '.join('?' * len(REGISTRATION_FIELDS))})"
+    conflicts: list[str] = []
+    after: tuple = ()
+    while True:
+        with src._read() as sdb:
+            rows = [tuple(r) for r in sdb.execute(
+                f"SELECT {cols} FROM registrations {f'WHERE ({key}) > (?, ?, ?) ' if after else ''}"
+                f"ORDER BY {key} LIMIT ?", (*after, batch))]
+        for row in rows:
+            report.registrations += 1
+            have = db.execute(f"SELECT {cols} FROM registrations WHERE ({key}) = (?, ?, ?)", row[:3]).fetchone()
+            if have is None:
+                db.execute(insert, row)
+                report.registrations_copied += 1
+                continue
+            verdict = _merge_registration(tuple(have), row, force)
+            if verdict == "same":
+                report.registrations_same += 1
+                continue
+            if verdict == "conflict":
+                conflicts.append(row[_REG["registration_id"]])
+                continue
+            db.execute(f"DELETE FROM registrations WHERE ({key}) = (?, ?, ?)", row[:3])
+            db.execute(insert, row)
+            report.registrations_updated += 1
+        if len(rows) < batch:
+            return conflicts
+        after = rows[-1][:3]
+
+
+_REG = {f: i for i, f in enumerate(REGISTRATION_FIELDS)}
+
+
+def _merge_registration(ours: tuple, theirs: tuple, force: bool) -> str:
+    """What copying pre-registration ``theirs`` onto ``ours`` (same id and DPS) does: "same", "update" or "conflict"."""
+    if ours == theirs:
+        return "same"
+    if force:
+        return "update"
+    status, when, sent = _REG["status"], _REG["updated_at"], _REG["message_sent"]
+    if ours[status] != "assigned":   # a failure here: an assignment there is news, a failure only if later
+        return "update" if theirs[status] == "assigned" or theirs[when] > ours[when] else "same"
+    if theirs[status] != "assigned":   # a failure never undoes a success
+        return "same"
+    assignment = [_REG[f] for f in ("assigned_hub", "device_id", "device_key_check")]
+    if [ours[i] for i in assignment] != [theirs[i] for i in assignment]:
+        return "conflict"
+    return "update" if theirs[sent] > ours[sent] else "same"   # the test message went there only
 
 
 def _some(euis: list[str], n: int = 3) -> str:

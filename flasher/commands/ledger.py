@@ -46,5 +46,8 @@ def copy(src, dest, force, **_options):
             Ledger(dest, password=password) as target:
         report = copy_ledger(source, target, force=force)
         err(f"copied {report.boards} board(s) from {source.path!s} to {target.path!s}: {report.copied} new, "
-            f"{report.same} already there, {report.replaced} replaced ({report.steps} step rows written)")
+            f"{report.same} already there, {report.replaced} replaced ({report.steps} step rows written)"
+            + (f"; {report.registrations} pre-registration(s): {report.registrations_copied} new, "
+               f"{report.registrations_same} already there, {report.registrations_updated} updated"
+               if report.registrations else ""))
     return 0
