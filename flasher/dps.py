@@ -181,7 +181,8 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
                     throttle_retries: int = DEFAULT_THROTTLE_RETRIES, transport: Transport = DIRECT,
                     payload: Any = None, model_id: str | None = None, other_key: str | None = None,
                     key_names: tuple[str, str] = ("primary", "secondary"), governor: RateGovernor | None = None,
-                    stop: threading.Event | None = None, hub_governor: RateGovernor | None = None) -> Registration:
+                    stop: threading.Event | None = None, hub_governor: RateGovernor | None = None,
+                    look_up_first: bool = False, before_send: Callable[[], None] | None = None) -> Registration:
     """Register ``registration_id`` with DPS, then (unless ``test_message`` is None) send it from the hub.
 
     ``device_key`` is the device's base64 key (group-derived or the individual
@@ -196,6 +197,9 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
     waits for a slot, and a 429 slows the whole run instead of being retried blind;
     ``stop`` ends that wait (raising :class:`~flasher.governor.Stopped`). ``hub_governor`` paces
     the test messages' connections to the hub's limit on new device connections the same way.
+    ``look_up_first`` (an id whose registration a killed run may have sent) asks DPS's
+    registration status lookup first, and registers only if DPS has no assignment for it.
+    ``before_send`` runs once this id's turn in the quota has come, just before it is sent.
     Raises :class:`DpsError` (one-line message naming the id and host) or
     :class:`InputError` for bad arguments. Every SDK client is closed on every path.
     """
@@ -215,9 +219,29 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
         raise InputError(f"timeout {timeout}: must be a positive number of seconds")
     pem = _pem(ca_cert)
     phase = on_phase or (lambda _p: None)
-    first_slot = governor.acquire(None, stop) if governor is not None else None   # the queue is not the device's time
-    deadline = time.monotonic() + timeout
     timings: dict[str, float] = {}
+    if look_up_first:   # not a registration: it waits for no place in the quota
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        found = look_up_registration(reg_id, device_key, id_scope=scope, dps_host=host, pem=pem, deadline=deadline,
+                                     transport=transport)
+        if found is not None:
+            timings["lookup"] = time.monotonic() - t0
+            log.info("registration %r: DPS has it assigned to %s already (status lookup)", reg_id, found.assigned_hub)
+            if test_message is not None:
+                _prove(reg_id, device_key, found.device_id, found.assigned_hub, pem, test_message, deadline, timeout,
+                       phase, timings, transport, model_id, hub_governor, stop)
+            return Registration(reg_id, found.device_id, found.assigned_hub, "assigned", found.substatus, timings,
+                                found.payload)
+    first_slot = governor.acquire(None, stop) if governor is not None else None   # the queue is not the device's time
+    if before_send is not None:
+        try:
+            before_send()
+        except BaseException:
+            if first_slot is not None:
+                first_slot.refused()
+            raise
+    deadline = time.monotonic() + timeout
     attempt = _Attempt(reg_id, scope, host, pem, timeout, throttle_retries, transport, payload, governor, stop)
 
     t0 = time.monotonic()
@@ -239,6 +263,73 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
         _prove(reg_id, device_key, device_id, hub, pem, test_message, deadline, timeout, phase, timings, transport,
                model_id, hub_governor, stop)
     return Registration(reg_id, device_id, hub, result.status, substatus, timings, returned)
+
+
+LOOKUP_API_VERSION = "2021-10-01"
+
+
+@dataclass(frozen=True)
+class _Found:
+    assigned_hub: str
+    device_id: str
+    substatus: str | None
+    payload: Any
+
+
+def look_up_registration(reg_id: str, device_key: str, *, id_scope: str, dps_host: str, pem: str | None,
+                         deadline: float, transport: Transport = DIRECT) -> _Found | None:
+    """DPS's device registration status lookup (``POST /{idScope}/registrations/{id}``, HTTPS on 443, signed
+    with the device key): the assignment DPS holds for ``reg_id``, or None if it has none (never registered,
+    failed, disabled) or cannot say (no answer, a proxy: this lookup goes direct only). None means "register";
+    it never fails a registration that would otherwise go through."""
+    import http.client
+    import json
+    import ssl
+    import urllib.parse
+
+    if transport.proxy_for(dps_host) is not None:
+        return None
+    path = (f"/{urllib.parse.quote(id_scope, safe='')}/registrations/{urllib.parse.quote(reg_id, safe='')}"
+            f"?api-version={LOOKUP_API_VERSION}")
+    headers = {"Authorization": sas_token(f"{id_scope}/registrations/{reg_id}", device_key),
+               "Content-Type": "application/json", "Accept": "application/json"}
+    context = ssl.create_default_context(cadata=pem) if pem else ssl.create_default_context()
+    conn = http.client.HTTPSConnection(dps_host, WEBSOCKET_PORT, context=context,
+                                       timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+    try:
+        conn.request("POST", path, body=json.dumps({"registrationId": reg_id}), headers=headers)
+        response = conn.getresponse()
+        body = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        log.info("registration %r: status lookup at %s failed (%s); registering", reg_id, dps_host, exc)
+        return None
+    finally:
+        conn.close()
+    if response.status != 200:
+        log.info("registration %r: status lookup answered %d; registering", reg_id, response.status)
+        return None
+    try:
+        state = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(state, dict) or state.get("status") != "assigned" or not state.get("assignedHub") \
+            or not state.get("deviceId"):
+        return None
+    return _Found(state["assignedHub"], state["deviceId"], state.get("substatus"), state.get("payload"))
+
+
+def sas_token(resource: str, key: str, ttl: int = 3600, key_name: str | None = "registration") -> str:
+    """A shared access signature for ``resource`` signed with the base64 ``key``, as DPS's device API expects it."""
+    import base64
+    import hashlib
+    import hmac
+    import urllib.parse
+
+    expiry = int(time.time()) + ttl
+    sr = urllib.parse.quote(resource, safe="")
+    sig = base64.b64encode(hmac.new(base64.b64decode(key), f"{sr}\n{expiry}".encode(), hashlib.sha256).digest())
+    token = f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote(sig.decode(), safe='')}&se={expiry}"
+    return token + (f"&skn={key_name}" if key_name else "")
 
 
 def _returned_payload(state) -> Any:
@@ -353,6 +444,7 @@ def register_many(keys: Mapping[str, str] | Iterable[tuple[str, str, str | None]
                   on_phase: Callable[[str, str], None] | None = None, other_keys: Mapping[str, str] | None = None,
                   stop: threading.Event | None = None,
                   record: Callable[[str, str, Registration | DpsError], None] | None = None,
+                  look_up: Callable[[str], bool] | None = None, sending: Callable[[str], None] | None = None,
                   **kwargs) -> Iterator[tuple[str, Registration | DpsError]]:
     """Register ids at once, at most ``concurrency`` in flight, each reported as it finishes.
 
@@ -362,7 +454,9 @@ def register_many(keys: Mapping[str, str] | Iterable[tuple[str, str, str | None]
     Yields ``(registration_id, Registration or DpsError)``, so one refusal never hides
     the others; ``other_keys`` are for the 401 check. ``record(id, key, outcome)`` runs on
     the worker before the outcome is yielded, so what finishes while the caller is gone
-    (Ctrl-C) is still recorded. Once ``stop`` is set, nothing new starts, what is in flight
+    (Ctrl-C) is still recorded. ``look_up(id)`` says whether to ask DPS's status lookup
+    before registering the id (a killed run had sent it); ``sending(id)`` runs on the worker
+    once its turn in the quota has come, just before it is sent. Once ``stop`` is set, nothing new starts, what is in flight
     finishes and is yielded, and ids waiting for the quota are dropped. ``kwargs`` go to
     :func:`register_device` (``governor``: the run's pace).
     """
@@ -378,7 +472,9 @@ def register_many(keys: Mapping[str, str] | Iterable[tuple[str, str, str | None]
         phase = (lambda p: on_phase(reg_id, p)) if on_phase else None
         outcome: Registration | DpsError
         try:
-            outcome = register_device(reg_id, key, on_phase=phase, other_key=other, stop=stop, **kwargs)
+            outcome = register_device(reg_id, key, on_phase=phase, other_key=other, stop=stop,
+                                      look_up_first=look_up(reg_id) if look_up is not None else False,
+                                      before_send=(lambda: sending(reg_id)) if sending is not None else None, **kwargs)
         except DpsError as exc:
             outcome = exc
         if record is not None:

@@ -114,7 +114,7 @@ CREATE TABLE registrations (
     id_scope         TEXT NOT NULL,
     dps_host         TEXT NOT NULL,
     registration_id  TEXT NOT NULL,       -- as given
-    status           TEXT NOT NULL,       -- assigned | failed
+    status           TEXT NOT NULL,       -- assigned | failed | registering (sent by a run that did not finish)
     device_key_check TEXT,
     assigned_hub     TEXT,
     device_id        TEXT,
@@ -932,6 +932,33 @@ class Ledger:
                               f"WHERE id_scope = ? AND dps_host = ? AND status = 'assigned' AND registration_key IN ({marks})",
                               (id_scope, dps_host.lower(), *keys)).fetchall()
         return {k: (check, bool(sent)) for k, check, sent in rows}
+
+    def interrupted(self, registration_ids: Iterable[str], id_scope: str, dps_host: str) -> set[str]:
+        """Which of these ids (lower case) a run was registering when it was killed: DPS may have them or not."""
+        keys = list(dict.fromkeys(r.lower() for r in registration_ids))
+        if not keys or self._schema < 6:
+            return set()
+        marks = ", ".join("?" * len(keys))
+        with self._read() as db:
+            rows = db.execute(f"SELECT registration_key FROM registrations WHERE id_scope = ? AND dps_host = ? "
+                              f"AND status = 'registering' AND registration_key IN ({marks})",
+                              (id_scope, dps_host.lower(), *keys)).fetchall()
+        return {r[0] for r in rows}
+
+    def registering(self, registration_id: str, *, id_scope: str, dps_host: str) -> None:
+        """Noted, durably, before the id's registration is sent: a run killed from here on leaves it 'registering',
+        and the next run asks DPS about it before registering it again. An assignment stays as it is."""
+        def note(db) -> None:
+            now = self._backend.now()
+            key, host = registration_id.lower(), dps_host.lower()
+            db.execute("INSERT INTO registrations (registration_key, id_scope, dps_host, registration_id, status, "
+                       "attempts, station, created_at, updated_at) VALUES (?, ?, ?, ?, 'registering', 0, ?, ?, ?) "
+                       "ON CONFLICT (registration_key, id_scope, dps_host) DO UPDATE SET status = 'registering', "
+                       "station = excluded.station, updated_at = excluded.updated_at "
+                       "WHERE registrations.status <> 'assigned'",
+                       (key, id_scope, host, registration_id, self.station, now, now))
+
+        self._write(note)
 
     def record_registration(self, registration_id: str, *, id_scope: str, dps_host: str, status: str,
                             device_key_check: str | None = None, assigned_hub: str | None = None,

@@ -220,6 +220,34 @@ def test_hub_connections_are_paced_to_the_hub_rate(dps_target, dps_emulator):
         assert sum(1 for t in starts[i:] if t < t0 + 1.0) <= 2
 
 
+def test_the_status_lookup_finds_an_assignment_and_only_that(make_dps_emulator):
+    """DPS's device registration status lookup (HTTPS, signed with the device key), as a resumed run uses it."""
+    from flasher.dps import look_up_registration, read_ca_cert
+
+    emu = make_dps_emulator(websocket_port=443)
+    target = {"id_scope": ID_SCOPE, "dps_host": emu.host, "ca_cert": str(emu.ca_cert_path)}
+    pem = read_ca_cert(emu.ca_cert_path)
+    done, never = "2cf7f12024920001", "2cf7f12024920002"
+    reg = register_device(done, group_device_key(done), test_message=None, **target)
+
+    def look(reg_id, key):
+        return look_up_registration(reg_id, key, id_scope=ID_SCOPE, dps_host=emu.host, pem=pem,
+                                    deadline=time.monotonic() + 10)
+
+    found = look(done, group_device_key(done))
+    assert (found.assigned_hub, found.device_id) == (reg.assigned_hub, reg.device_id)
+    assert look(never, group_device_key(never)) is None             # 404: never registered
+    assert look(done, group_device_key(never)) is None              # 401: another device's key
+    assert emu.state()["stats"]["status_lookups"] == 3
+    registers = emu.state()["stats"]["register_requests"]
+    again = register_device(done, group_device_key(done), look_up_first=True, **target)   # found: not registered again
+    assert "lookup" in again.timings and "register" not in again.timings and "message" in again.timings
+    fresh = register_device(never, group_device_key(never), look_up_first=True, test_message=None, **target)
+    assert fresh.status == "assigned" and "register" in fresh.timings
+    assert emu.state()["stats"]["register_requests"] == registers + 1
+    assert {r["registrationId"]: r["attempts"] for r in emu.state()["registrations"]} == {done: 1, never: 1}
+
+
 # --- inputs ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, fragment", [

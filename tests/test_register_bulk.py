@@ -172,3 +172,36 @@ def test_sigterm_halfway_then_a_rerun_registers_each_id_exactly_once(make_dps_em
     assert f"150 ids: {150 - len(first)} registered, {len(first)} already were (ledger), 0 failed" in p.stderr
     assert len(ledger_rows(ledger)) == 150
     assert attempts(emu, ids) == {i.lower(): 1 for i in ids}
+
+
+def test_sigkill_halfway_then_a_rerun_asks_dps_about_the_ids_in_flight_and_registers_each_once(make_dps_emulator,
+                                                                                                  tmp_path):
+    """No chance to finish anything: the ids the killed run had sent are left 'registering' in the ledger, and the
+    rerun asks DPS's status lookup about each before registering it, so none is registered twice."""
+    emu = make_dps_emulator(assign_delay=0.5, websocket_port=443)   # DPS's HTTPS API, where the lookup is
+    ids = euis("2CF7F120249B", 120)
+    (tmp_path / "fleet.txt").write_text("\n".join(ids))
+    ledger = tmp_path / "flasher-ledger.sqlite3"
+    args = ["register", "--input", "fleet.txt", *target(emu), "--no-test-message", "--dps-rate", "20/s"]
+    proc = subprocess.Popen(FLASHER + args, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            if sum(1 for r in ledger_rows(ledger) if r[1] == "assigned") >= 30 if recorded(ledger) else False:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None
+    finally:
+        proc.kill()   # SIGKILL
+        proc.wait()
+    killed = ledger_rows(ledger)
+    in_flight = {r[0] for r in killed if r[1] == "registering"}
+    assert in_flight and len(killed) < 120, killed
+    before = emu.state()["stats"]
+    p = run(args, tmp_path)
+    assert p.returncode == 0, p.stderr
+    after = emu.state()["stats"]
+    assert after["status_lookups"] - before["status_lookups"] == len(in_flight)
+    assert attempts(emu, ids) == {i.lower(): 1 for i in ids}   # each id assigned once, the killed run's included
+    assert all(r[1] == "assigned" for r in ledger_rows(ledger)) and len(ledger_rows(ledger)) == 120

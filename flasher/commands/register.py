@@ -136,6 +136,8 @@ def register(ids, input_file, column, enrollment, no_test_message, as_json, **_o
         items = run.pending(_ids(arg_ids, input_file, column, policy), derive, derive_other)
         for reg_id, reg in register_many(items, concurrency=in_flight, on_phase=live.phase, stop=stop,
                                          record=run.record if ledger is not None else None,
+                                         look_up=run.interrupted if ledger is not None else None,
+                                         sending=run.sending if ledger is not None else None,
                                          governor=governor, id_scope=s.id_scope, dps_host=s.dps_host,
                                          hub_governor=hub_governor,
                                          ca_cert=s.ca_cert, timeout=s.timeout,
@@ -211,6 +213,7 @@ class _Run:
         self.registered = self.failed = self.already = 0
         self.stopped_by: int | None = None
         self.live: LiveLine
+        self._interrupted: set[str] = set()   # ids a killed run was registering: ask DPS before registering again
 
     def stopping(self, signum: int, stop: threading.Event) -> None:
         """SIGTERM, SIGHUP: start nothing new, let what is in flight finish and be recorded."""
@@ -223,6 +226,8 @@ class _Run:
 
         for page in _pages(reg_ids, self.PAGE):
             done = self.ledger.registered(page, self.id_scope, self.dps_host) if self.ledger is not None else {}
+            if self.ledger is not None:
+                self._interrupted |= self.ledger.interrupted(page, self.id_scope, self.dps_host)
             for reg_id in page:
                 key = derive(reg_id)
                 earlier = done.get(reg_id.lower())
@@ -233,6 +238,14 @@ class _Run:
                         json_line({"registration_id": reg_id, "ok": True, "status": "already_registered"})
                     continue
                 yield reg_id, key, derive_other(reg_id) if derive_other else None
+
+    def interrupted(self, reg_id: str) -> bool:
+        """Whether a killed run had sent this id (DPS may have assigned it): then DPS is asked before registering."""
+        return reg_id.lower() in self._interrupted
+
+    def sending(self, reg_id: str) -> None:
+        """In the worker, just before the id is sent: noted durably, so a run killed from here on asks DPS first."""
+        self.ledger.registering(reg_id, id_scope=self.id_scope, dps_host=self.dps_host)
 
     def record(self, reg_id: str, key: str, reg) -> None:
         """In the worker, before the result is reported: an id reported done is in the ledger."""

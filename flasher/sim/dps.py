@@ -369,7 +369,8 @@ class DpsEmulator(MqttApplication):
         self._operations: dict[str, _Operation] = {}
         self._stats = {"register_requests": 0, "status_requests": 0, "throttled": 0, "quota_throttled": 0,
                        "unauthorized": 0, "bad_requests": 0, "invalid_registration_ids": 0, "hub_connections": 0,
-                       "hub_refused": 0, "websocket_connections": 0, "https_requests": 0, "twin_requests": 0}
+                       "hub_refused": 0, "websocket_connections": 0, "https_requests": 0, "twin_requests": 0,
+                       "status_lookups": 0}
         self._twins: dict[str, dict] = {}  # device id -> {"reported": {...}, "version": n}
         self._throttle: dict[str | None, list[int]] = {}  # registration id (None: any) -> [remaining, retry_after, status]
         self._refused: set[str] = set()
@@ -668,13 +669,16 @@ class DpsEmulator(MqttApplication):
         ``{"registrationId", "payload"}``) and ``GET /{idScope}/registrations/{registrationId}/operations/
         {operationId}?api-version=...``, each with the SAS token in ``Authorization``. The same checks, knobs,
         operations and records as MQTT (:meth:`_register_request`, :meth:`_status_request`); ``Retry-After``
-        where MQTT has ``retry-after`` in the topic.
+        where MQTT has ``retry-after`` in the topic. Also the device's registration status lookup, ``POST
+        /{idScope}/registrations/{registrationId}?api-version=...`` (:meth:`_lookup_request`).
         """
         parts = request.path.split("/")
-        if len(parts) < 5 or parts[0] != "" or parts[2] != "registrations":
+        if len(parts) < 4 or parts[0] != "" or parts[2] != "registrations":
             return await not_found(request)
         scope = urllib.parse.unquote(parts[1])
-        if parts[-1] == "register":
+        if len(parts) == 4:
+            kind, reg_id, op_id = "lookup", parts[3], ""
+        elif parts[-1] == "register":
             kind, reg_id, op_id = "register", "/".join(parts[3:-1]), ""
         elif len(parts) >= 6 and parts[-2] == "operations":
             kind, reg_id, op_id = "status", "/".join(parts[3:-2]), urllib.parse.unquote(parts[-1])
@@ -683,7 +687,7 @@ class DpsEmulator(MqttApplication):
         reg_id = urllib.parse.unquote(reg_id)
         with self._lock:
             self._stats["https_requests"] += 1
-        wanted = "PUT" if kind == "register" else "GET"
+        wanted = {"register": "PUT", "status": "GET", "lookup": "POST"}[kind]
         if request.method != wanted:
             self._write_state()
             return HttpResponse.json(405, self._error(405000, f"The requested resource does not support http method "
@@ -702,6 +706,8 @@ class DpsEmulator(MqttApplication):
                 log.info("DPS HTTPS %r: authentication failed (%s); answering 401", reg_id, why)
         if kind == "register":
             answer = self._register_request(reg_id, auth, "https", request.body)
+        elif kind == "lookup":
+            answer = self._lookup_request(reg_id, auth)
         else:
             answer = self._status_request(reg_id, auth, op_id)
         headers = [("Retry-After", str(answer.retry_after))] if answer.retry_after is not None else []
@@ -913,6 +919,24 @@ class DpsEmulator(MqttApplication):
                                        max(1, min(3, math.ceil(remaining))))
                     op.result = self._assign(op)
                 return _Answer(200, op.result)
+        finally:
+            self._write_state()
+
+    def _lookup_request(self, reg_id: str, auth: _Auth) -> _Answer:
+        """The device's registration status lookup: 200 with its DeviceRegistrationResult (the registration state),
+        404 if it never registered. Not a registration: no quota, no record; state written before the answer."""
+        try:
+            with self._lock:
+                self._stats["status_lookups"] += 1
+                if not valid_registration_id(reg_id):
+                    return self._invalid_id(reg_id)
+                if auth.error:
+                    self._stats["unauthorized"] += 1
+                    return self._unauthorized()
+                rec = self._registrations.get(reg_id.lower())
+                if rec is None:
+                    return _Answer(404, self._error(404201, "Device registration not found."))
+                return _Answer(200, self._registration_state(rec))
         finally:
             self._write_state()
 
