@@ -26,9 +26,11 @@ documentation (bench/independent/dps.py; it does not check keys).
 Resume (``--resume N``, 0 to skip): N ids at a quota that does not bind (to keep the
 run short), stopped when half are in the ledger, then run again to the end. Once with
 SIGTERM (in-flight ids finish and are recorded: each id must be assigned exactly once,
-by the emulator's own count) and once with SIGKILL (nothing is recorded after the kill:
-at most the ids in flight then are registered a second time; DPS answers a repeated
-registration of the same id and key with the same assignment).
+by the emulator's own count) and once with SIGKILL (nothing is finished after the kill:
+the ids in flight are left 'registering' in the ledger, and the rerun asks DPS's
+registration status lookup about them before registering them, so each id must again be
+assigned exactly once; the independent DPS has no lookup, so there at most the ids in
+flight are registered a second time, which DPS answers with the same assignment).
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ class Flashers:
     def attempts(self, ids: set[str]) -> list[int]:
         return [r["attempts"] for r in self.emu.state()["registrations"] if r["registrationId"] in ids]
 
+    def lookups(self) -> int | None:
+        return self.emu.state()["stats"]["status_lookups"]
+
 
 class Independent:
     name = "the independent DPS (mosquitto)"
@@ -109,6 +114,9 @@ class Independent:
 
     def attempts(self, ids: set[str]) -> list[int]:
         return [n for reg_id, n in self.dps.registered.items() if reg_id in ids]
+
+    def lookups(self) -> int | None:
+        return None   # no HTTPS API: a rerun registers the ids in flight at a kill again
 
 
 def throughput(args, emu, work: Path, env: dict) -> bool:
@@ -167,6 +175,7 @@ def resume(args, emu, work: Path, env: dict, how: signal.Signals) -> bool:
             proc.kill()
             proc.communicate()
     first = recorded(ledger)
+    looked = emu.lookups()
     second = subprocess.run(cmd, cwd=run_dir, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     want = {f"{prefix}{i:06X}".lower() for i in range(n)}
@@ -176,7 +185,9 @@ def resume(args, emu, work: Path, env: dict, how: signal.Signals) -> bool:
     print(f"resume {n} ids, {emu.name}, {how.name} at {at_kill} recorded (exit {proc.returncode}), {first} recorded after it; "
           f"rerun exit {second.returncode}: {summary[0]}; total {wall:.1f} s")
     ok = second.returncode == 0 and len(counts) == n and recorded(ledger) == n
-    if how == signal.SIGTERM:
+    if looked is not None:
+        print(f"  the rerun asked DPS's status lookup about {emu.lookups() - looked} id(s) left 'registering'")
+    if how == signal.SIGTERM or looked is not None:
         ok = ok and twice == 0
         print(f"  each id assigned exactly once by the emulator's count: {'yes' if twice == 0 else f'NO ({twice} twice)'}"
               f" — {'meets' if ok else 'MISSES'}")
@@ -209,9 +220,9 @@ def main() -> int:
             if args.independent:
                 return Independent(stack.enter_context(IndependentDps(
                     free_loopback(), quota=parse_quota(quota, "--quota") if quota else None)))
-            return Flashers(stack.enter_context(DpsEmulator(enrollments, host=free_loopback(),
+            return Flashers(stack.enter_context(DpsEmulator(enrollments, host=free_loopback((8883, 443)),
                                                             cert_dir=tempfile.mkdtemp(dir=work),
-                                                            registration_quota=quota)))
+                                                            registration_quota=quota, websocket_port=443)))
 
         if args.ids:
             ok &= throughput(args, target(args.quota), work, env)

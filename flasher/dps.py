@@ -230,7 +230,7 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
             log.info("registration %r: DPS has it assigned to %s already (status lookup)", reg_id, found.assigned_hub)
             if test_message is not None:
                 _prove(reg_id, device_key, found.device_id, found.assigned_hub, pem, test_message, deadline, timeout,
-                       phase, timings, transport, model_id, hub_governor, stop)
+                       phase, timings, transport, model_id, hub_governor)
             return Registration(reg_id, found.device_id, found.assigned_hub, "assigned", found.substatus, timings,
                                 found.payload)
     first_slot = governor.acquire(None, stop) if governor is not None else None   # the queue is not the device's time
@@ -261,7 +261,7 @@ def register_device(registration_id: str, device_key: str, *, id_scope: str, dps
     log.info("registration %r: assigned to %s as %r (%s)", reg_id, hub, device_id, substatus)
     if test_message is not None:
         _prove(reg_id, device_key, device_id, hub, pem, test_message, deadline, timeout, phase, timings, transport,
-               model_id, hub_governor, stop)
+               model_id, hub_governor)
     return Registration(reg_id, device_id, hub, result.status, substatus, timings, returned)
 
 
@@ -362,7 +362,7 @@ class _Attempt:
     def provision(self, key: str, deadline: float, phase: Callable[[str], None], slot: Slot | None = None):
         if self.governor is None:   # the SDK retries 429s itself, honouring retry-after
             return _provision(self.reg_id, key, self.scope, self.host, self.pem, deadline, self.timeout, phase,
-                              self.throttle_retries, self.transport, self.payload, stop=self.stop)
+                              self.throttle_retries, self.transport, self.payload)
         return self._paced(key, deadline, phase, self.governor, slot)
 
     def _paced(self, key: str, deadline: float, phase: Callable[[str], None], governor: RateGovernor,
@@ -384,7 +384,7 @@ class _Attempt:
 
             try:
                 result = _provision(self.reg_id, key, self.scope, self.host, self.pem, deadline, self.timeout,
-                                    phase, 0, self.transport, self.payload, answered, self.stop)
+                                    phase, 0, self.transport, self.payload, answered)
             except DpsError as exc:
                 if exc.kind != "throttled" or exc.status is None:
                     if exc.kind in _NOT_REACHED:
@@ -456,8 +456,9 @@ def register_many(keys: Mapping[str, str] | Iterable[tuple[str, str, str | None]
     the worker before the outcome is yielded, so what finishes while the caller is gone
     (Ctrl-C) is still recorded. ``look_up(id)`` says whether to ask DPS's status lookup
     before registering the id (a killed run had sent it); ``sending(id)`` runs on the worker
-    once its turn in the quota has come, just before it is sent. Once ``stop`` is set, nothing new starts, what is in flight
-    finishes and is yielded, and ids waiting for the quota are dropped. ``kwargs`` go to
+    once its turn in the quota has come, just before it is sent. Once ``stop`` is set,
+    nothing new starts, what is in flight finishes and is yielded, and ids waiting for the
+    quota are dropped. ``kwargs`` go to
     :func:`register_device` (``governor``: the run's pace).
     """
     from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -529,10 +530,11 @@ def _stages(root):
 
 
 def _provision(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle_retries, transport=DIRECT,
-               payload=None, on_answer: Callable[[int], None] | None = None, stop: threading.Event | None = None):
+               payload=None, on_answer: Callable[[int], None] | None = None):
     """One registration through the SDK. Its connection set-up takes a place in :data:`_CONNECTING`, left at DPS's
-    first answer to the register request (the wait for the assignment costs no CPU) or on any way out."""
-    entry = _CONNECTING.enter(stop)
+    first answer to the register request (the wait for the assignment costs no CPU) or on any way out. That wait
+    is short and ignores a stop: an id given its turn in the quota is sent, and a stopping run lets it finish."""
+    entry = _CONNECTING.enter()
     try:
         return _provision_entered(reg_id, key, scope, host, pem, deadline, timeout, phase, throttle_retries,
                                   transport, payload, on_answer, entry.leave)
@@ -944,15 +946,13 @@ def _classify_proxy(chain: list[BaseException], where: str, transport: Transport
 def send_test_message(device_id: str, assigned_hub: str, device_key: str, *, ca_cert: CaCert | str | Path | None = None,
                       timeout: float = DEFAULT_TIMEOUT, message: str = "TestMessage",
                       on_phase: Callable[[str], None] | None = None, transport: Transport = DIRECT,
-                      model_id: str | None = None, governor: RateGovernor | None = None,
-                      stop: threading.Event | None = None) -> dict[str, float]:
+                      model_id: str | None = None, governor: RateGovernor | None = None) -> dict[str, float]:
     """Connect to the hub as ``device_id`` (after a registration) and send ``message``.
 
     ``transport`` is the same as the registration's; ``model_id`` is announced in the
     connection, as IoT Plug and Play devices do. ``governor`` paces new hub connections
-    (``--hub-rate``; waiting for it is not counted against ``timeout``), and ``stop`` ends
-    that wait. Returns the timings of the "connect" and
-    "message" phases; raises :class:`DpsError` ("hub_refused", "unreachable", "tls",
+    (``--hub-rate``; waiting for it is not counted against ``timeout``). Returns the
+    timings of the "connect" and "message" phases; raises :class:`DpsError` ("hub_refused", "unreachable", "tls",
     "proxy", "timeout", "failed") or :class:`InputError`.
     """
     from flasher.keys import decode_symmetric_key
@@ -967,19 +967,19 @@ def send_test_message(device_id: str, assigned_hub: str, device_key: str, *, ca_
     pem = _pem(ca_cert)
     timings: dict[str, float] = {}
     _prove(device_id, device_key, device_id, assigned_hub, pem, message, time.monotonic() + timeout, timeout,
-           on_phase or (lambda _p: None), timings, transport, model_id, governor, stop)
+           on_phase or (lambda _p: None), timings, transport, model_id, governor)
     return timings
 
 
 def _prove(reg_id, key, device_id, hub, pem, text, deadline, timeout, phase, timings, transport=DIRECT,
-           model_id=None, governor: RateGovernor | None = None, stop: threading.Event | None = None) -> None:
+           model_id=None, governor: RateGovernor | None = None) -> None:
     from azure.iot.device import IoTHubDeviceClient, Message
 
     where = f"device {device_id!r} at hub {hub}"
     slot = None
     if governor is not None:   # the hub's limit on new connections; the wait for it is not the device's time
-        queued = time.monotonic()
-        slot = governor.acquire(None, stop)
+        queued = time.monotonic()   # no stop: this device is registered, and a stopping run lets it finish
+        slot = governor.acquire()
         deadline += time.monotonic() - queued
     kwargs = {"server_verification_cert": pem} if pem else {}
     if model_id:

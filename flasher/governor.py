@@ -205,22 +205,15 @@ class Turnstile:
         self._inside = 0
         self._queue: deque[threading.Event] = deque()
 
-    def enter(self, stop: threading.Event | None = None) -> Pass:
-        """Wait for a place; raise :class:`Stopped` if ``stop`` is set first (in line, nothing is held)."""
+    def enter(self) -> Pass:
+        """Wait for a place (as long as it takes: the places ahead are each left within a connection set-up)."""
         with self._lock:
             if self._inside < self.width and not self._queue:
                 self._inside += 1
                 return Pass(self)
             turn = threading.Event()
             self._queue.append(turn)
-        while not turn.wait(0.25 if stop is not None else None):
-            if stop is not None and stop.is_set():
-                with self._lock:
-                    if not turn.is_set():   # still in line: step out of it
-                        self._queue.remove(turn)
-                        raise Stopped("stopping")
-                Pass(self).leave()   # handed a place as we were stopping: hand it on
-                raise Stopped("stopping")
+        turn.wait()   # set by _leave, which hands its place over
         return Pass(self)
 
     def _leave(self) -> None:

@@ -179,8 +179,8 @@ def test_connection_set_ups_take_turns(dps_target, dps_emulator, monkeypatch):
     seen: list[int] = []
 
     class Watched(Turnstile):
-        def enter(self, stop=None):
-            entry = super().enter(stop)
+        def enter(self):
+            entry = super().enter()
             seen.append(self.inside)
             return entry
 

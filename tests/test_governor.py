@@ -146,20 +146,15 @@ def test_in_flight_follows_the_quota():
 
 # --- the turnstile: connection set-ups a few at a time, first come first served ---------
 
-def _queue_up(gate: Turnstile, n: int, order: list[int], inside: list[int], release: threading.Event,
-              stop: threading.Event | None = None) -> list[threading.Thread]:
+def _queue_up(gate: Turnstile, n: int, order: list[int], inside: list[int],
+              release: threading.Event) -> list[threading.Thread]:
     """``n`` threads that line up one after another (each is waiting before the next starts) and, once in,
     note their number and how many are inside, then wait for ``release``."""
     lock = threading.Lock()
     threads = []
 
     def worker(i: int) -> None:
-        try:
-            entry = gate.enter(stop)
-        except Stopped:
-            with lock:
-                order.append(-i)
-            return
+        entry = gate.enter()
         with lock:
             order.append(i)
             inside.append(gate.inside)
@@ -201,47 +196,6 @@ def test_the_turnstile_lets_them_in_in_the_order_they_came():
     for t in threads:
         t.join(10)
     assert order == list(range(12))   # each left before the next was let in: the order is the turnstile's
-
-
-def test_a_stop_takes_the_waiting_out_of_line_and_holds_nothing():
-    gate = Turnstile(1)
-    held = gate.enter()
-    stop = threading.Event()
-    order: list[int] = []
-    threads = _queue_up(gate, 3, order, [], threading.Event(), stop)
-    stop.set()
-    for t in threads:
-        t.join(10)
-    assert sorted(order) == [-2, -1, 0]   # all three stopped in line (0 is -0)
-    held.leave()
-    assert gate.inside == 0 and not gate._queue
-    gate.enter().leave()   # the place is free again
-
-
-def test_a_place_handed_over_as_the_waiter_stops_is_passed_on():
-    """The race: the place is handed to a waiter in the same moment its stop is set. It must not be lost."""
-    for _ in range(50):
-        gate = Turnstile(1)
-        held = gate.enter()
-        stop = threading.Event()
-        outcome: list[str] = []
-
-        def waiter(gate=gate, stop=stop, outcome=outcome):
-            try:
-                gate.enter(stop).leave()
-                outcome.append("in")
-            except Stopped:
-                outcome.append("stopped")
-
-        t = threading.Thread(target=waiter)
-        t.start()
-        while not gate._queue:
-            time.sleep(0.0005)
-        stop.set()
-        held.leave()
-        t.join(10)
-        assert outcome in (["in"], ["stopped"])
-        assert gate.inside == 0 and not gate._queue
 
 
 def test_leaving_twice_frees_one_place():

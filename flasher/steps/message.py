@@ -20,5 +20,5 @@ class Message(Step):
         s = board.settings
         dps.send_test_message(board.device_id, board.assigned_hub, board.device_key.reveal(), ca_cert=s.ca_cert,
                               timeout=s.timeout, message=s.test_message, on_phase=board.phase, transport=s.transport,
-                              model_id=s.model_id, governor=s.hub_governor, stop=board.stop)
+                              model_id=s.model_id, governor=s.hub_governor)
         return Done()
