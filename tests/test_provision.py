@@ -384,7 +384,9 @@ def test_progress_is_a_live_table_on_a_terminal_and_plain_lines_on_a_pipe(sim_bo
 def test_a_signal_stops_boards_at_the_next_step_and_the_rerun_resumes(sim_boards, make_dps_emulator, ledger_place,
                                                                       tmp_path, sig, code, said):
     """Ctrl-C, SIGTERM (a service manager) and SIGHUP (a closed terminal) all stop cleanly and resumably."""
-    emu = make_dps_emulator(assign_delay=2.0)
+    # Assigning takes 4 s (two of the SDK's 2 s polls): the signal, sent as the second board's request arrives,
+    # must reach the child's main thread before either board finishes registering, even on a loaded machine.
+    emu = make_dps_emulator(assign_delay=4.0)
     sim = sim_boards(2, seed=131)
     args = [sys.executable, "-m", "flasher", "provision", *[a for p in sim.ports for a in ("--port", p)],
             "--id-scope", ID_SCOPE, "--dps-host", emu.host, "--ca-cert", str(emu.ca_cert_path),
@@ -394,7 +396,7 @@ def test_a_signal_stops_boards_at_the_next_step_and_the_rerun_resumes(sim_boards
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and emu.state()["stats"]["register_requests"] < 2:
-            time.sleep(0.05)  # both boards are registering (DPS is "assigning" for 2 s)
+            time.sleep(0.05)  # both boards are registering (DPS is "assigning" for 4 s)
         proc.send_signal(sig)
         out, errs = proc.communicate(timeout=60)
     finally:
