@@ -904,11 +904,9 @@ class DpsEmulator(MqttApplication):
         try:
             with self._lock:
                 self._stats["status_requests"] += 1
-                if not valid_registration_id(reg_id):
-                    return self._invalid_id(reg_id)
-                if auth.error:
-                    self._stats["unauthorized"] += 1
-                    return self._unauthorized()
+                refused = self._refused_request(reg_id, auth)
+                if refused is not None:
+                    return refused
                 op = self._operations.get(op_id)
                 if op is None or op.registration_id.lower() != reg_id.lower():
                     return _Answer(404, self._error(404201, "Operation not found."))
@@ -928,17 +926,24 @@ class DpsEmulator(MqttApplication):
         try:
             with self._lock:
                 self._stats["status_lookups"] += 1
-                if not valid_registration_id(reg_id):
-                    return self._invalid_id(reg_id)
-                if auth.error:
-                    self._stats["unauthorized"] += 1
-                    return self._unauthorized()
+                refused = self._refused_request(reg_id, auth)
+                if refused is not None:
+                    return refused
                 rec = self._registrations.get(reg_id.lower())
                 if rec is None:
                     return _Answer(404, self._error(404201, "Device registration not found."))
                 return _Answer(200, self._registration_state(rec))
         finally:
             self._write_state()
+
+    def _refused_request(self, reg_id: str, auth: _Auth) -> _Answer | None:
+        """An invalid id's 400 or a bad token's 401 (in that order, as DPS checks them), or None. Lock held."""
+        if not valid_registration_id(reg_id):
+            return self._invalid_id(reg_id)
+        if auth.error:
+            self._stats["unauthorized"] += 1
+            return self._unauthorized()
+        return None
 
     def _invalid_id(self, reg_id: str) -> _Answer:
         self._stats["invalid_registration_ids"] += 1
