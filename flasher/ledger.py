@@ -158,6 +158,8 @@ STEP_FIELDS = ("deveui", "step", "outcome", "started_at", "finished_at", "detail
 REGISTRATION_FIELDS = ("registration_key", "id_scope", "dps_host", "registration_id", "status", "device_key_check",
                        "assigned_hub", "device_id", "message_sent", "attempts", "last_error", "station", "created_at",
                        "updated_at")
+# What `flasher status --registrations` shows of one (the lower-case key is the registration id's own business).
+REGISTRATION_LIST = REGISTRATION_FIELDS[1:]
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -1026,6 +1028,18 @@ class Ledger:
         for rows, steps in self._pages(batch, station, self._select, "deveui, step, outcome"):
             for row in rows:
                 yield _record(row, {s: o for _, s, o in steps.get(row[0], [])})
+
+    def iter_registrations(self, batch: int = 5000, station: str | None = None) -> Iterator[list[tuple]]:
+        """Pages of pre-registrations (tuples in REGISTRATION_LIST order), oldest first, from one query read as it
+        goes (one read transaction, constant memory). A ledger from before pre-registrations has none."""
+        if batch < 1:
+            raise InputError(f"{self._where}: batch must be at least 1, not {batch}")
+        if self._schema < 6:
+            return
+        where, args = (" WHERE station = ?", (station,)) if station is not None else ("", ())
+        with self._read() as db:
+            yield from self._backend.stream(db, f"SELECT {', '.join(REGISTRATION_LIST)} FROM registrations{where} "
+                                                f"ORDER BY created_at, registration_key, id_scope, dps_host", args, batch)
 
     def iter_rows(self, batch: int = 5000, station: str | None = None) -> Iterator[list[tuple]]:
         """Pages of board rows (tuples in EXPORT_FIELDS order) without their steps: what a CSV export needs.

@@ -205,3 +205,45 @@ def test_sigkill_halfway_then_a_rerun_asks_dps_about_the_ids_in_flight_and_regis
     assert after["status_lookups"] - before["status_lookups"] == len(in_flight)
     assert attempts(emu, ids) == {i.lower(): 1 for i in ids}   # each id assigned once, the killed run's included
     assert all(r[1] == "assigned" for r in ledger_rows(ledger)) and len(ledger_rows(ledger)) == 120
+
+
+def test_status_lists_the_pre_registrations(cli, tmp_path):
+    """`status --registrations`: what `register --input` recorded, as a table, JSON lines or CSV; never a key."""
+    import csv
+    import io
+    import shutil
+    from pathlib import Path
+
+    from flasher.ledger import REGISTRATION_LIST, Ledger
+
+    scope, host = "0ne0001A2B3", "global.azure-devices-provisioning.net"
+    target = tmp_path / "bench.sqlite3"
+    with Ledger(target, station="bench-1") as led:
+        led.record_registration("2cf7f1202490b001", id_scope=scope, dps_host=host, status="assigned",
+                                device_key_check="c0ffee", assigned_hub="hub-1", device_id="2cf7f1202490b001",
+                                message_sent=True)
+        led.record_registration("2cf7f1202490b002", id_scope=scope, dps_host=host, status="failed",
+                                error="DPS answered 401")
+        led.registering("2cf7f1202490b003", id_scope=scope, dps_host=host)
+    code, out, err = cli("status", "--ledger", target, "--registrations")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["REGISTRATION", "ID", "STATUS"] and len(lines) == 4
+    assert lines[1].split()[:5] == ["2cf7f1202490b001", "assigned", scope, "hub-1", "2cf7f1202490b001"]
+    assert lines[2].split()[:2] == ["2cf7f1202490b002", "failed"] and lines[2].endswith("DPS answered 401")
+    assert lines[3].split()[:2] == ["2cf7f1202490b003", "registering"]
+    code, out, _ = cli("status", "--ledger", target, "--registrations", "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["registration_id"], r["status"], r["message_sent"]) for r in rows] == [
+        ("2cf7f1202490b001", "assigned", True), ("2cf7f1202490b002", "failed", False),
+        ("2cf7f1202490b003", "registering", False)]
+    assert set(rows[0]) == set(REGISTRATION_LIST) and rows[0]["station"] == "bench-1"
+    code, out, _ = cli("status", "--ledger", target, "--registrations", "--csv", "--station", "bench-2")
+    assert out == ",".join(REGISTRATION_LIST) + "\n"   # another station's: none
+    code, out, _ = cli("status", "--ledger", target, "--registrations", "--csv")
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert [r["status"] for r in table] == ["assigned", "failed", "registering"] and table[0]["attempts"] == "1"
+    old = tmp_path / "v1.sqlite3"
+    shutil.copyfile(Path(__file__).parent / "data" / "ledger-v1.sqlite3", old)   # as flasher 0.1.0 wrote it
+    code, out, _ = cli("status", "--ledger", old, "--registrations", "--json")
+    assert (code, out) == (0, "")   # from before pre-registrations: none, and the file is not migrated

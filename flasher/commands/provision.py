@@ -196,6 +196,35 @@ def provision(targets, no_test_message, upload, extras, force, as_json, quiet, *
     return EXIT_FAILURE if failures else 0
 
 
+def _list_registrations(ledger, station: str | None, as_json: bool, as_csv: bool, out) -> None:
+    """`status --registrations`: the registrations table as a table, JSON lines or CSV, a page at a time."""
+    import csv
+    import json
+
+    from flasher.ledger import REGISTRATION_LIST
+
+    pages = ledger.iter_registrations(station=station)
+    if as_csv:
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(REGISTRATION_LIST)
+        for rows in pages:
+            w.writerows(rows)
+        return
+    at = {f: i for i, f in enumerate(REGISTRATION_LIST)}
+    if as_json:
+        for rows in pages:
+            out.write("".join(json.dumps({**dict(zip(REGISTRATION_LIST, row, strict=True)),
+                                          "message_sent": bool(row[at["message_sent"]])}) + "\n" for row in rows))
+        return
+    out.write(f"{'REGISTRATION ID':<24} {'STATUS':<12} {'ID SCOPE':<12} {'HUB':<28} {'DEVICE':<24} MESSAGE  "
+              f"ATTEMPTS  {'STATION':<16} LAST ERROR\n")
+    for rows in pages:
+        out.write("".join(f"{r[at['registration_id']]:<24} {r[at['status']]:<12} {r[at['id_scope']]:<12} "
+                          f"{r[at['assigned_hub']] or '-':<28} {r[at['device_id']] or '-':<24} "
+                          f"{'sent' if r[at['message_sent']] else '-':<7}  {r[at['attempts']]:>8}  "
+                          f"{r[at['station']] or '-':<16} {r[at['last_error']] or ''}\n" for r in rows))
+
+
 def _network(record) -> str:
     """The network step at a glance: ok, skipped, failed, or the servers that hold the device so far (is,js)."""
     outcome = record.steps.get("network")
@@ -209,8 +238,10 @@ def _network(record) -> str:
 @click.option("--station", metavar="NAME", help="Only the boards this station last worked on (a shared ledger).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per board.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV (doubles as an onboarding list for the network server).")
+@click.option("--registrations", is_flag=True,
+              help="The ids pre-registered with `flasher register` instead of the boards (with --json or --csv too).")
 @config_option
-def status(station, as_json, as_csv, **_options):
+def status(station, as_json, as_csv, registrations, **_options):
     """List the boards in the ledger and where each one stands.
 
     NETWORK is The Things Stack step (ok, skipped, or failed/started with the servers that
@@ -218,6 +249,10 @@ def status(station, as_json, as_csv, **_options):
     shared ledger (postgresql://…) that is every station's boards; STATION says which one
     last worked on each. --json and --csv add tts_app, tts_device_id, tts_servers and station
     (and --json each step's outcome).
+
+    --registrations lists the ids `flasher register` has recorded instead: assigned,
+    failed (a rerun retries them), or registering (a run was killed with it in flight: a
+    rerun asks DPS about it first).
     """
     from flasher.ledger import write_json
     from flasher.settings import from_click
@@ -227,6 +262,9 @@ def status(station, as_json, as_csv, **_options):
     s = from_click(["ledger"])
     out = sys.stdout
     with open_ledger(s, create=False, readonly=True) as ledger:    # reading never writes, nor migrates
+        if registrations:
+            _list_registrations(ledger, station, as_json, as_csv, out)
+            return 0
         records = ledger.iter_records(station=station)             # streamed: any number of boards
         if as_json:
             write_json(records, out)
