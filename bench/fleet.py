@@ -267,7 +267,7 @@ def fresh(work: Path, name: str) -> Path:
 def profile(label: str, steps: dict, wall: float) -> None:
     parts = [f"{s} {steps[s][0]:.2f}/{steps[s][1]:.2f}" for s in STEPS if s in steps]
     print(f"  profile {label} (wall {wall:.2f} s), seconds per board mean/max: " + ", ".join(parts))
-    spans = [f"{s} {steps[s][2]:.2f}-{steps[s][3]:.2f}" for s in STEPS if s in steps and len(steps[s]) > 2]
+    spans = [f"{s} {steps[s][2]:.2f}-{steps[s][3]:.2f}" for s in STEPS if s in steps]
     print("    each step from the first board's start to the last one's finish (s into the run): " + ", ".join(spans))
 
 
