@@ -122,6 +122,11 @@ def serve() -> int:
     for noisy in ("azure", "paho"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     conf = json.loads(sys.stdin.readline())
+    if conf.get("connecting"):   # --connecting: another turnstile width than flasher's own, to compare
+        from flasher import dps
+        from flasher.governor import Turnstile
+
+        dps._CONNECTING = Turnstile(conf["connecting"])
     settings = Settings(id_scope=conf["id_scope"], group_key=base64.b64decode(conf["group_key"]),
                         dps_host=conf["dps_host"], ca_cert=conf["ca_cert"], join_eui=EUI64.parse(conf["join_eui"]),
                         timeout=60.0)
@@ -334,6 +339,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="print the time per step")
     ap.add_argument("--postgres", action="store_true", help="PostgreSQL ledger vs SQLite, 16 boards (see above)")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="board counts (1 and 256 give the goals)")
+    ap.add_argument("--connecting", type=int, metavar="N",
+                    help="SDK connection set-ups at once (default: flasher's, 4 per core; 256: as if unlimited)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--boards", nargs=2, metavar=("COUNT", "STATE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -360,6 +367,7 @@ def main() -> int:
         eeproms = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-fleet-boards-", dir=shm)))
         ports = stack.enter_context(Boards(count, eeproms)).ports
         conf = {"id_scope": ID_SCOPE, "group_key": base64.b64encode(group_key).decode(), "dps_host": emu.host,
+                "connecting": args.connecting,
                 "ca_cert": str(emu.ca_cert_path), "join_eui": "70B3D57ED003F06A"}
         pg = None
         if args.postgres:
