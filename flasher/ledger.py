@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, NamedTuple, TextIO, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from flasher.errors import FlasherError, InputError
@@ -160,6 +160,14 @@ REGISTRATION_FIELDS = ("registration_key", "id_scope", "dps_host", "registration
                        "updated_at")
 # What `flasher status --registrations` shows of one (the lower-case key is the registration id's own business).
 REGISTRATION_LIST = REGISTRATION_FIELDS[1:]
+
+
+class PreRegistration(NamedTuple):
+    """One id's state in the ledger's registrations table, as a rerun of `flasher register` needs it."""
+
+    status: str                      # assigned | failed | registering
+    device_key_check: str | None     # the one-way tag of the key it was registered with
+    message_sent: bool
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -920,32 +928,20 @@ class Ledger:
         db.execute(f"UPDATE boards SET {cols}, updated_at = ? WHERE deveui = ?", (*fields.values(), now, deveui))
 
     # --- pre-registrations (flasher register --input) ---------------------------
-    def registered(self, registration_ids: Iterable[str], id_scope: str, dps_host: str) -> dict[str, tuple[str | None, bool]]:
-        """Which of these ids are assigned at this DPS already: ``lower-case id -> (device key check, message sent)``.
-
-        One query per call; the caller asks a page of ids at a time.
-        """
+    def pre_registrations(self, registration_ids: Iterable[str], id_scope: str,
+                          dps_host: str) -> dict[str, PreRegistration]:
+        """What this ledger has of these ids at this DPS, by lower-case id: assigned, failed, or registering (a run
+        was killed with it in flight, so DPS may have it or not). One query per call; the caller asks a page of
+        ids at a time."""
         keys = list(dict.fromkeys(r.lower() for r in registration_ids))
         if not keys or self._schema < 6:   # a read-only ledger from before pre-registrations has none
             return {}
         marks = ", ".join("?" * len(keys))
         with self._read() as db:
-            rows = db.execute(f"SELECT registration_key, device_key_check, message_sent FROM registrations "
-                              f"WHERE id_scope = ? AND dps_host = ? AND status = 'assigned' AND registration_key IN ({marks})",
+            rows = db.execute(f"SELECT registration_key, status, device_key_check, message_sent FROM registrations "
+                              f"WHERE id_scope = ? AND dps_host = ? AND registration_key IN ({marks})",
                               (id_scope, dps_host.lower(), *keys)).fetchall()
-        return {k: (check, bool(sent)) for k, check, sent in rows}
-
-    def interrupted(self, registration_ids: Iterable[str], id_scope: str, dps_host: str) -> set[str]:
-        """Which of these ids (lower case) a run was registering when it was killed: DPS may have them or not."""
-        keys = list(dict.fromkeys(r.lower() for r in registration_ids))
-        if not keys or self._schema < 6:
-            return set()
-        marks = ", ".join("?" * len(keys))
-        with self._read() as db:
-            rows = db.execute(f"SELECT registration_key FROM registrations WHERE id_scope = ? AND dps_host = ? "
-                              f"AND status = 'registering' AND registration_key IN ({marks})",
-                              (id_scope, dps_host.lower(), *keys)).fetchall()
-        return {r[0] for r in rows}
+        return {k: PreRegistration(status, check, bool(sent)) for k, status, check, sent in rows}
 
     def registering(self, registration_id: str, *, id_scope: str, dps_host: str) -> None:
         """Noted, durably, before the id's registration is sent: a run killed from here on leaves it 'registering',

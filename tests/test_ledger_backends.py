@@ -376,16 +376,20 @@ def test_an_id_in_flight_is_noted_and_an_assignment_is_never_undone(ledger_place
     scope, host = "0ne0001A2B3", "Global.Azure-Devices-Provisioning.net"
     ids = ["2cf7f1202490c001", "2CF7F1202490C002", "2cf7f1202490c003"]
     with ledger_place.open(station="bench-1") as led:
+        def in_state(state, scope=scope):
+            return {k: r for k, r in led.pre_registrations(ids, scope, host).items() if r.status == state}
+
+
         for r in ids:
             led.registering(r, id_scope=scope, dps_host=host)
-        assert led.interrupted(ids, scope, host) == {r.lower() for r in ids}
+        assert set(in_state("registering")) == {r.lower() for r in ids}
         led.record_registration(ids[0], id_scope=scope, dps_host=host, status="assigned", device_key_check="k",
                                 assigned_hub="hub-1", device_id=ids[0], message_sent=True)
         led.record_registration(ids[1], id_scope=scope, dps_host=host, status="failed", error="timeout")
         led.registering(ids[0], id_scope=scope, dps_host=host)     # sent again (say, for its test message)
         led.record_registration(ids[0], id_scope=scope, dps_host=host, status="failed", error="401")
-        assert led.interrupted(ids, scope, host) == {ids[2]}
-        assert led.interrupted(ids, "0ne0009Z9Z9", host) == set()   # another DPS: nothing of ours
-        assert led.registered(ids, scope, host) == {ids[0]: ("k", True)}
+        assert set(in_state("registering")) == {ids[2]}
+        assert set(in_state("registering", "0ne0009Z9Z9")) == set()   # another DPS: nothing of ours
+        assert {k: (r.device_key_check, r.message_sent) for k, r in in_state("assigned").items()} == {ids[0]: ("k", True)}
         led.registering(ids[1], id_scope=scope, dps_host=host)     # a failed one is retried
-        assert led.interrupted(ids, scope, host) == {ids[1].lower(), ids[2]}
+        assert set(in_state("registering")) == {ids[1].lower(), ids[2]}

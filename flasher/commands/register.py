@@ -225,13 +225,13 @@ class _Run:
         from flasher.keys import key_check
 
         for page in _pages(reg_ids, self.PAGE):
-            done = self.ledger.registered(page, self.id_scope, self.dps_host) if self.ledger is not None else {}
-            if self.ledger is not None:
-                self._interrupted |= self.ledger.interrupted(page, self.id_scope, self.dps_host)
+            known = self.ledger.pre_registrations(page, self.id_scope, self.dps_host) if self.ledger is not None else {}
+            self._interrupted |= {k for k, r in known.items() if r.status == "registering"}
             for reg_id in page:
                 key = derive(reg_id)
-                earlier = done.get(reg_id.lower())
-                if earlier is not None and earlier[0] == key_check(key) and (earlier[1] or not self.message):
+                earlier = known.get(reg_id.lower())
+                if earlier is not None and earlier.status == "assigned" and earlier.device_key_check == key_check(key) \
+                        and (earlier.message_sent or not self.message):
                     self.already += 1
                     self.live.skipped()
                     if self.as_json:
