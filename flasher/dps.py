@@ -291,7 +291,7 @@ def look_up_registration(reg_id: str, device_key: str, *, id_scope: str, dps_hos
         return None
     path = (f"/{urllib.parse.quote(id_scope, safe='')}/registrations/{urllib.parse.quote(reg_id, safe='')}"
             f"?api-version={LOOKUP_API_VERSION}")
-    headers = {"Authorization": sas_token(f"{id_scope}/registrations/{reg_id}", device_key),
+    headers = {"Authorization": sas_token(f"{id_scope}/registrations/{reg_id}", device_key, key_name="registration"),
                "Content-Type": "application/json", "Accept": "application/json"}
     context = ssl.create_default_context(cadata=pem) if pem else ssl.create_default_context()
     conn = http.client.HTTPSConnection(dps_host, WEBSOCKET_PORT, context=context,
@@ -318,8 +318,9 @@ def look_up_registration(reg_id: str, device_key: str, *, id_scope: str, dps_hos
     return _Found(state["assignedHub"], state["deviceId"], state.get("substatus"), state.get("payload"))
 
 
-def sas_token(resource: str, key: str, ttl: int = 3600, key_name: str | None = "registration") -> str:
-    """A shared access signature for ``resource`` signed with the base64 ``key``, as DPS's device API expects it."""
+def sas_token(resource: str, key: str, ttl: int = 3600, key_name: str | None = None) -> str:
+    """A shared access signature for ``resource`` signed with the base64 ``key``, as the SDKs build it: ``sr``
+    URL-encoded, HMAC-SHA256 over ``sr + "\\n" + se``; ``skn`` only if ``key_name`` is given (DPS's "registration")."""
     import base64
     import hashlib
     import hmac

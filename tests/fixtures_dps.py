@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from flasher.dps import sas_token  # the plain clients here and the tests sign with flasher's own signer
 from flasher.keys import derive_device_key
 from flasher.sim.dps import free_loopback  # noqa: F401  (tests import it from here)
 
@@ -112,18 +113,6 @@ def dps_target(dps_emulator):
 
 
 # --- plain clients: what a developer without the Python SDK points at the emulator -------
-
-def sas_token(resource: str, key_b64: str, ttl: int = 3600) -> str:
-    """A SAS token as the SDKs build it: ``sr`` URL-encoded, HMAC-SHA256 over ``sr + "\\n" + se``."""
-    import hmac
-    import time
-    import urllib.parse
-
-    expiry = int(time.time()) + ttl
-    sr = urllib.parse.quote(resource, safe="")
-    sig = base64.b64encode(hmac.new(base64.b64decode(key_b64), f"{sr}\n{expiry}".encode(), hashlib.sha256).digest())
-    return f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote(sig.decode(), safe='')}&se={expiry}"
-
 
 class DpsHttps:
     """DPS's HTTPS runtime API with http.client, as curl would use it: one request a connection, the
