@@ -592,10 +592,10 @@ def _provision_entered(reg_id, key, scope, host, pem, deadline, timeout, phase, 
             if isinstance(op, ops_base.RequestAndResponseOperation):
                 op.add_callback(_integral_retry_after)  # runs before the stage's own response handler
                 op.add_callback(lambda op, error: _keep_service_error(op, service_errors))
-                if op.request_type == "register":
+                if op.request_type == "register":   # DPS's first answer: the set-up is over, the slot counts
                     op.add_callback(lambda op, error: answered())
-                if on_answer is not None and op.request_type == "register":
-                    op.add_callback(lambda op, error: on_answer(op.status_code) if op.status_code else None)
+                    if on_answer is not None:
+                        op.add_callback(lambda op, error: on_answer(op.status_code) if op.status_code else None)
             return send_op_down(op)
 
         send_op_down = stage.send_op_down

@@ -122,11 +122,12 @@ class RateGovernor:
 
     def try_acquire(self) -> Slot | None:
         with self._cond:
-            if self._wait(self._clock()) != 0:
-                return None
-            slot = Slot(self)
-            self._open.add(slot)
-            return slot
+            return self._take() if self._wait(self._clock()) == 0 else None
+
+    def _take(self) -> Slot:
+        slot = Slot(self)
+        self._open.add(slot)
+        return slot
 
     def acquire(self, deadline: float | None = None, stop: threading.Event | None = None) -> Slot:
         """Wait for a slot; raises :class:`Stopped` when ``stop`` is set or ``deadline`` passes first."""
@@ -137,9 +138,7 @@ class RateGovernor:
                 now = self._clock()
                 wait = self._wait(now)
                 if wait == 0:
-                    slot = Slot(self)
-                    self._open.add(slot)
-                    return slot
+                    return self._take()
                 if deadline is not None and (now >= deadline or (wait is not None and now + wait > deadline)):
                     raise Stopped(f"the DPS quota ({self.limit} per {self.window:g} s after throttling) leaves no "
                                   f"slot before the deadline")
